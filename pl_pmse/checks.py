@@ -1,0 +1,170 @@
+"""Every input check of pl-pmse and its error message, in one place.
+
+Checks only read their inputs; callers run them before touching any state, so a rejected call changes
+nothing. Messages name the argument and say what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+NAN_STRATEGIES = ("error", "ignore", "warn")
+RESERVED_COMPONENT_NAMES = ("total", "psnr", "skipped")
+
+
+def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ValueError naming ``argument``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argument}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_data_range(data_range: Any) -> tuple[float, float] | None:
+    """Normalise ``data_range`` (None, a positive span ``d`` meaning ``[0, d]``, or ``(min, max)``)."""
+    if data_range is None:
+        return None
+    if isinstance(data_range, Tensor) and data_range.numel() == 1:
+        data_range = data_range.item()
+    if isinstance(data_range, (int, float)) and not isinstance(data_range, bool):
+        low, high = 0.0, float(data_range)
+    elif isinstance(data_range, Sequence) and not isinstance(data_range, str) and len(data_range) == 2:
+        low, high = (float(v) for v in data_range)
+    else:
+        raise TypeError(
+            f"data_range: expected None, a positive number (values in [0, data_range]) or a (min, max) pair, "
+            f"got {data_range!r}"
+        )
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"data_range: expected finite bounds with max > min, got ({low}, {high})")
+    return low, high
+
+
+def check_weights(weights: Mapping[str, float] | None, defaults: Mapping[str, float]) -> dict[str, float]:
+    """Merge per-component ``weights`` over ``defaults``; keys must be component names, values finite >= 0."""
+    merged = dict(defaults)
+    if weights is None:
+        return merged
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights: expected a mapping of component name to weight, got {type(weights).__name__}")
+    for name, weight in weights.items():
+        if name not in merged:
+            raise ValueError(f"weights: unknown component {name!r}; the components are {list(merged)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == math.inf:
+            raise ValueError(f"weights[{name!r}]: expected a finite number >= 0, got {weight!r}")
+        merged[name] = float(weight)
+    return merged
+
+
+def check_component_names(names: Sequence[str]) -> None:
+    """Component names must be unique, non-empty strings that do not clash with the summary keys."""
+    for name in names:
+        if not isinstance(name, str) or not name or name in RESERVED_COMPONENT_NAMES:
+            raise ValueError(
+                f"component name {name!r}: expected a non-empty string other than {RESERVED_COMPONENT_NAMES}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"component names must be unique, got {list(names)}")
+
+
+def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] | None) -> None:
+    """Types, dtypes, devices and shapes that every space requires."""
+    for argument, value in (("preds", preds), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(value).__name__}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{argument}: expected a real floating point or integer tensor, got {value.dtype}")
+        if not value.is_floating_point() and data_range is None:
+            raise TypeError(
+                f"{argument}: integer input ({value.dtype}) needs an explicit data_range, e.g. data_range=255 "
+                f"for 8-bit images or data_range=(-32768, 32767) for 16-bit audio"
+            )
+        if value.dim() == 0:
+            raise ValueError(f"{argument}: expected a batch [N, ...] with at least 1 dimension, got a 0-dim tensor")
+    if preds.device != target.device:
+        raise ValueError(f"preds and target: expected the same device, got {preds.device} and {target.device}")
+    if preds.shape != target.shape:
+        raise ValueError(
+            f"preds and target: expected the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
+        )
+    if preds.shape[0] > 0 and preds[0].numel() == 0:
+        raise ValueError(f"preds and target: every sample needs at least one element, got shape {tuple(preds.shape)}")
+
+
+def check_ndim(x: Tensor, allowed: Sequence[int], layout: str, space: str) -> None:
+    """The batch must have one of the ``allowed`` numbers of dimensions (``layout`` describes them)."""
+    if x.dim() not in allowed:
+        raise ValueError(f"preds and target: space {space!r} expects {layout}, got shape {tuple(x.shape)}")
+
+
+def check_min_size(x: Tensor, minimum: int, dims: str, space: str, dim: int = -1) -> None:
+    """Sizes below what a space needs (too-small images, too-short audio)."""
+    size = x.shape[dim]
+    if size < minimum:
+        raise ValueError(
+            f"preds and target: space {space!r} needs {dims} of at least {minimum}, got {size} (shape {tuple(x.shape)})"
+        )
+
+
+def check_device(x: Tensor, module: torch.nn.Module, space: str) -> None:
+    """Inputs must live where the space's network lives."""
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    if tensor is not None and tensor.device != x.device:
+        raise ValueError(
+            f"preds and target: are on {x.device} but the network of space {space!r} is on {tensor.device}; "
+            f"move the metric (metric.to(device)) or the space to the inputs' device"
+        )
+
+
+def check_value_range(x: Tensor, bounds: tuple[float, float], space: str, data_range: Any) -> None:
+    """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
+
+    Values may overshoot the range a little (an unconstrained model output); more than half the span off
+    is a convention mismatch and raises.
+    """
+    low, high = bounds
+    slack = 0.5 * (high - low)
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if lo < low - slack or hi > high + slack:
+        raise ValueError(
+            f"preds and target: space {space!r} expects values in [{low:g}, {high:g}] (data_range={data_range!r}), "
+            f"found values in [{lo:g}, {hi:g}]; pass the data_range your data uses, e.g. data_range=255 or "
+            f"data_range=(-1, 1)"
+        )
+
+
+def report_nonfinite(
+    preds: Tensor, target: Tensor, bad: Tensor, nan_strategy: str, component: str | None = None
+) -> None:
+    """Explain non-finite per-sample results: raise (``"error"``) or warn (``"warn"``) naming the argument.
+
+    ``bad`` holds the indices of samples whose squared error is not finite. When the inputs themselves are
+    finite the squared error overflowed (or a feature network produced NaN/Inf): that is always an error.
+    """
+    indices = bad.tolist()
+    shown = f"{indices[:8]}{' ...' if len(indices) > 8 else ''}"
+    culprits = [
+        argument
+        for argument, value in (("preds", preds), ("target", target))
+        if not bool(torch.isfinite(value[bad]).all())
+    ]
+    if not culprits:
+        where = f"component {component!r}" if component else "the squared error"
+        raise ValueError(
+            f"preds and target: are finite but {where} is not finite for samples {shown}: the values overflow "
+            f"float32 (pass float64 inputs) or the feature network produced NaN/Inf"
+        )
+    message = f"{' and '.join(culprits)}: contains NaN or Inf in samples {shown}"
+    if nan_strategy == "error":
+        raise ValueError(f"{message}; clean the inputs or pass nan_strategy='ignore' or 'warn' to skip such samples")
+    if nan_strategy == "warn":
+        warnings.warn(f"{message}; these samples are skipped (nan_strategy='warn')", UserWarning, stacklevel=4)

@@ -1,0 +1,215 @@
+"""Functional Perception MSE: pure, differentiable, per-sample and per-component."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import checks
+from .reduction import compute_dtype, squared_error_sums
+from .spaces import Space, get_space
+
+
+@dataclass(frozen=True)
+class SampleStats:
+    """Per-sample squared-error sums of one batch, one column per component.
+
+    Attributes:
+        names: component names, the raw component first.
+        sums: ``[N, K]`` float64 sums of squared differences; rows of skipped samples are NaN.
+        sizes: elements per sample of each component (the MSE divisors).
+        valid: ``[N]`` bool, False for samples skipped under ``nan_strategy="ignore"`` or ``"warn"``.
+    """
+
+    names: tuple[str, ...]
+    sums: Tensor
+    sizes: tuple[int, ...]
+    valid: Tensor
+
+    def mse(self) -> Tensor:
+        """``[N, K]`` per-sample, per-component mean squared error."""
+        return self.sums / torch.tensor(self.sizes, dtype=self.sums.dtype, device=self.sums.device)
+
+    def total(self, weights: Mapping[str, float]) -> Tensor:
+        """``[N]`` per-sample Perception MSE: the weighted sum of the component MSEs."""
+        w = torch.tensor([weights[n] for n in self.names], dtype=self.sums.dtype, device=self.sums.device)
+        return self.mse() @ w
+
+
+def sample_stats(
+    preds: Tensor,
+    target: Tensor,
+    space: Space,
+    data_range: tuple[float, float] | None = None,
+    nan_strategy: str = "error",
+) -> SampleStats:
+    """Check the inputs and compute per-sample squared-error sums in every component of ``space``.
+
+    Samples with NaN/Inf are handled per ``nan_strategy``: ``"error"`` raises, ``"warn"`` warns and skips
+    them, ``"ignore"`` skips them. Gradients flow when autograd records and an input requires grad.
+    """
+    checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+    checks.check_tensor_pair(preds, target, data_range)
+    space.check_input(preds)
+    n = preds.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, len(space.component_names), dtype=torch.float64, device=preds.device)
+        return SampleStats(space.component_names, empty, (0,) * len(space.component_names), empty[:, 0] > 0)
+    sums, sizes = _component_sums(space, preds, target, data_range)
+    valid = torch.isfinite(sums.detach()).all(1)
+    if not bool(valid.all()):
+        sums = _drop_nonfinite(space, preds, target, data_range, nan_strategy, sums, valid)
+    return SampleStats(space.component_names, sums, sizes, valid)
+
+
+def _component_sums(
+    space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None
+) -> tuple[Tensor, tuple[int, ...]]:
+    pairs = space.pairs(preds, target, data_range)
+    if tuple(pairs) != space.component_names:
+        raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
+    columns = [squared_error_sums(p, t).to(torch.float64) for p, t in pairs.values()]
+    return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values())
+
+
+def _drop_nonfinite(
+    space: Space,
+    preds: Tensor,
+    target: Tensor,
+    data_range: tuple[float, float] | None,
+    nan_strategy: str,
+    sums: Tensor,
+    valid: Tensor,
+) -> Tensor:
+    """Report samples whose squared error is not finite, then blank their rows with NaN.
+
+    Under autograd the kept samples are recomputed without the bad ones so that no NaN reaches a gradient.
+    """
+    bad = (~valid).nonzero().flatten()
+    column = int((~torch.isfinite(sums[bad].detach())).any(0).nonzero()[0])
+    checks.report_nonfinite(preds, target, bad, nan_strategy, space.component_names[column])
+    keep = valid.nonzero().flatten()
+    kept = sums[keep]
+    if sums.requires_grad and keep.numel():
+        kept = _component_sums(space, preds[keep], target[keep], data_range)[0]
+    return torch.full_like(sums.detach(), math.nan).index_put((keep,), kept)
+
+
+def reduce_samples(values: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Reduce per-sample ``values`` over the valid samples: ``"mean"``, ``"sum"`` or ``"none"``."""
+    if reduction == "none":
+        return values
+    kept = values[valid]
+    return kept.sum(0) if reduction == "sum" else kept.mean(0)
+
+
+def perception_mse(
+    preds: Tensor,
+    target: Tensor,
+    space: str | nn.Module = "pixel",
+    reduction: str = "mean",
+    data_range: float | tuple[float, float] | None = None,
+    nan_strategy: str = "error",
+    **space_options: Any,
+) -> Tensor:
+    """Perception MSE between ``preds`` and ``target``: ``sum_c w_c * mean((phi_c(preds) - phi_c(target))**2)``.
+
+    Differentiable, so it serves as a training loss. For a network space, build the space once and pass it
+    (``space=get_space("vgg16", weights=...).to(device)``); names are resolved through a small cache.
+
+    Args:
+        preds: predictions ``[N, ...]`` (images ``[N, C, H, W]``, audio ``[N, T]`` or ``[N, C, T]``).
+        target: ground truth, same shape, dtype kind and device as ``preds``.
+        space: a space name (see :func:`pl_pmse.spaces.available_spaces`), a Space or an ``nn.Module``.
+        reduction: ``"mean"`` over samples, ``"sum"`` over samples, or ``"none"`` (one value per sample, ``[N]``).
+        data_range: value range of the inputs, ``d`` for ``[0, d]`` or ``(min, max)``; required for integer
+            inputs; feature spaces map it onto the range their network expects.
+        nan_strategy: ``"error"`` (default), ``"warn"`` or ``"ignore"`` samples containing NaN/Inf; skipped
+            samples are NaN under ``reduction="none"`` and left out of ``"mean"`` and ``"sum"``.
+        space_options: options of a named space (e.g. ``weights=``, ``layers=``, ``sample_rate=``).
+
+    Returns:
+        float32 (float64 for float64 inputs): a scalar, or ``[N]`` for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> preds, target = torch.full((2, 3, 8, 8), 0.5), torch.zeros(2, 3, 8, 8)
+        >>> perception_mse(preds, target)
+        tensor(0.2500)
+        >>> perception_mse(preds, target, reduction="none")
+        tensor([0.2500, 0.2500])
+    """
+    space, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, space_options)
+    total = reduce_samples(stats.total(space.weights), stats.valid, reduction)
+    return total.to(compute_dtype(preds, target))
+
+
+def perception_mse_components(
+    preds: Tensor,
+    target: Tensor,
+    space: str | nn.Module = "pixel",
+    reduction: str = "mean",
+    data_range: float | tuple[float, float] | None = None,
+    nan_strategy: str = "error",
+    **space_options: Any,
+) -> dict[str, Tensor]:
+    """Per-component MSE, ``{component: value}``; arguments as in :func:`perception_mse`.
+
+    Example:
+        >>> import torch
+        >>> perception_mse_components(torch.ones(2, 4), torch.zeros(2, 4), reduction="none")
+        {'pixel': tensor([1., 1.])}
+    """
+    _, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, space_options)
+    mse = reduce_samples(stats.mse(), stats.valid, reduction).to(compute_dtype(preds, target))
+    return {name: mse[..., k] for k, name in enumerate(stats.names)}
+
+
+def _stats(
+    preds: Tensor,
+    target: Tensor,
+    space: str | nn.Module,
+    reduction: str,
+    data_range: Any,
+    nan_strategy: str,
+    options: dict[str, Any],
+) -> tuple[Space, SampleStats]:
+    checks.check_choice("reduction", reduction, checks.REDUCTIONS)
+    bounds = checks.check_data_range(data_range)
+    resolved = _resolve_space(space, options, preds.device if isinstance(preds, Tensor) else None)
+    return resolved, sample_stats(preds, target, resolved, bounds, nan_strategy)
+
+
+def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torch.device | None) -> Space:
+    """Named spaces are built once per (name, options, device) and kept in a small LRU cache."""
+    if not isinstance(space, str):
+        return get_space(space, **options)
+    try:
+        key = (space, _hashable(options), device)
+        cached = _SPACE_CACHE.pop(key, None)
+    except TypeError:  # unhashable options: build every call
+        return get_space(space, **options).to(device)
+    if cached is None:
+        cached = get_space(space, **options).to(device)
+    _SPACE_CACHE[key] = cached
+    while len(_SPACE_CACHE) > _SPACE_CACHE_SIZE:
+        _SPACE_CACHE.popitem(last=False)
+    return cached
+
+
+_SPACE_CACHE: OrderedDict[tuple, Space] = OrderedDict()
+_SPACE_CACHE_SIZE = 8
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value

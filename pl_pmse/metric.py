@@ -1,0 +1,223 @@
+"""PerceptionMSE: a torchmetrics Metric with exact state and one all-reduce per compute."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from . import checks
+from .exact import NUM_BINS, exact_bins, exact_ratio
+from .functional import SampleStats, reduce_samples, sample_stats
+from .spaces import Space, get_space
+from .spaces.base import split_options
+
+_TORCHMETRICS_OPTIONS = (
+    "compute_on_cpu",
+    "dist_sync_on_step",
+    "process_group",
+    "dist_sync_fn",
+    "distributed_available_fn",
+    "sync_on_compute",
+    "compute_with_cache",
+)
+
+
+class PerceptionMSE(Metric):
+    r"""Perception MSE: the weighted sum of mean squared errors in the components of a perception space.
+
+    .. math::
+        \mathrm{PMSE} = \sum_c w_c \,
+        \frac{\sum_i \lVert \phi_c(\hat y_i) - \phi_c(y_i) \rVert^2}{\sum_i |\phi_c(y_i)|}
+
+    The state is ONE int64 tensor of exact accumulators (see :mod:`pl_pmse.exact`): per component the sum of
+    squared errors and the element count, plus the sample and skipped-sample counts. Any batch split, any
+    update order and any number of processes give the same bits; syncing is one ``all_reduce``.
+
+    Args:
+        space: a space name (``"pixel"``, ``"vgg16"``, ``"mel"``, ... see ``pl_pmse.spaces.available_spaces()``),
+            a :class:`~pl_pmse.spaces.Space`, or an ``nn.Module`` (wrapped in a Backbone, pass ``layers=``).
+        data_range: value range of the inputs: ``d`` for ``[0, d]`` or ``(min, max)``. Enables ``psnr`` of the raw
+            component, is required for integer inputs, and tells feature spaces how to scale their input.
+        nan_strategy: ``"error"`` (default) raises on NaN/Inf; ``"warn"`` and ``"ignore"`` skip such samples
+            (counted in ``compute_summary()["skipped"]``).
+        kwargs: options of the space (``weights=``, ``layers=``, ``sample_rate=``, ...) and of
+            ``torchmetrics.Metric`` (``sync_on_compute``, ``process_group``, ...).
+
+    Example:
+        >>> import torch
+        >>> metric = PerceptionMSE(data_range=1.0)
+        >>> metric.update(torch.full((4, 3, 8, 8), 0.5), torch.zeros(4, 3, 8, 8))
+        >>> metric.compute()
+        tensor(0.2500, dtype=torch.float64)
+        >>> metric.compute_summary()["psnr"]
+        tensor(6.0206, dtype=torch.float64)
+    """
+
+    higher_is_better = False
+    is_differentiable = True
+    full_state_update = False
+    plot_lower_bound = 0.0
+
+    totals: Tensor
+
+    def __init__(
+        self,
+        space: str | nn.Module = "pixel",
+        data_range: float | tuple[float, float] | None = None,
+        nan_strategy: str = "error",
+        **kwargs: Any,
+    ) -> None:
+        metric_options, space_options = split_options(kwargs, _TORCHMETRICS_OPTIONS)
+        super().__init__(**metric_options)
+        self.data_range = checks.check_data_range(data_range)
+        self.nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+        # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
+        self.__dict__["_space"] = get_space(space, **space_options)
+        k = len(self.space.component_names)
+        self._checked_groups: set[tuple[int, int]] = set()
+        self.add_state("totals", torch.zeros(k * NUM_BINS + k + 2, dtype=torch.int64), dist_reduce_fx="sum")
+
+    @property
+    def space(self) -> Space:
+        """The perception space (frozen, eval mode, not part of the state_dict)."""
+        return self.__dict__["_space"]
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch; a rejected batch raises and leaves the state untouched."""
+        self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy))
+
+    def forward(self, preds: Tensor, target: Tensor) -> Tensor:
+        """Accumulate the batch and return its Perception MSE, differentiable when ``preds`` requires grad."""
+        if self.dist_sync_on_step:
+            return super().forward(preds, target)
+        if self._is_synced:
+            raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
+        stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy)
+        self._accumulate(stats)
+        self._update_count += 1
+        self._computed = None
+        self._forward_cache = reduce_samples(stats.total(self.space.weights), stats.valid, "mean")
+        return self._forward_cache
+
+    def compute(self) -> Tensor:
+        """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
+        return self._summary()["total"]
+
+    def compute_components(self) -> dict[str, Tensor]:
+        """Per-component MSE, ``{component: 0-dim tensor}``, synced across processes."""
+        summary = self.compute_summary()
+        return {name: summary[name] for name in self.space.component_names}
+
+    def compute_summary(self) -> dict[str, Tensor]:
+        """``total``, every component, ``psnr`` (with ``data_range``) and ``skipped``, with ONE sync."""
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            return self._summary()
+
+    def check_configuration(self) -> None:
+        """Check that every process built the same metric (a collective: call it on every rank).
+
+        Runs by itself before the first sync; calling it early (e.g. in a Lightning ``setup`` hook) makes
+        every later ``compute`` exactly one ``all_reduce``. A no-op outside distributed runs.
+        """
+        if self.distributed_available_fn():
+            self._check_same_configuration(self.process_group)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _accumulate(self, stats: SampleStats) -> None:
+        sums = stats.sums.detach()[stats.valid]
+        kept = sums.shape[0]
+        skipped = stats.valid.numel() - kept
+        counts = torch.tensor([*(size * kept for size in stats.sizes), kept, skipped], dtype=torch.int64)
+        packed = torch.cat([exact_bins(sums.T).flatten(), counts.to(sums.device)])
+        self.totals = self.totals + packed.to(self.totals.device)
+
+    def _summary(self) -> dict[str, Tensor]:
+        names, weights = self.space.component_names, self.space.weights
+        k = len(names)
+        totals = self.totals.cpu()
+        bins, counts = totals[: k * NUM_BINS].view(k, NUM_BINS), totals[k * NUM_BINS :].tolist()
+        samples, skipped = counts[k], counts[k + 1]
+        if samples == 0:
+            warnings.warn(
+                "PerceptionMSE: no sample accumulated (compute before update, only empty batches, or every "
+                "sample skipped by nan_strategy); returning NaN",
+                UserWarning,
+                stacklevel=3,
+            )
+        mse = {name: exact_ratio(bins[i], counts[i]) for i, name in enumerate(names)}
+        total = math.fsum(weights[name] * value for name, value in mse.items() if weights[name])
+        values = {"total": total if samples else math.nan, **mse, "skipped": float(skipped)}
+        if self.data_range is not None:
+            span = self.data_range[1] - self.data_range[0]
+            raw = mse[self.space.raw_name]
+            values["psnr"] = 10 * math.log10(span**2 / raw) if raw > 0 else (math.inf if raw == 0 else math.nan)
+        return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        """ONE all_reduce of the packed state (after a one-time configuration check, see below)."""
+        if dist_sync_fn is not gather_all_tensors:  # a custom gather function: torchmetrics' generic path
+            return super()._sync_dist(dist_sync_fn, process_group)
+        group = process_group or self.process_group
+        self._check_same_configuration(group)
+        totals = self.totals.clone()
+        dist.all_reduce(totals, group=group)
+        self.totals = totals
+
+    def _check_same_configuration(self, group: Any) -> None:
+        """Once per metric and process group: all ranks must hold the same configuration.
+
+        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce; this
+        fixed-size check (component count and a configuration hash, with their squares: all values agree
+        iff ``world * sum(x**2) == sum(x)**2``) turns that into a clear error on every rank.
+        """
+        key = (os.getpid(), id(group))
+        if key in self._checked_groups:
+            return
+        description = f"{self.space!r}|{self.space.component_names}|{self.data_range}"
+        values = [len(self.space.component_names), zlib.crc32(description.encode()) & 0xFFFFF]
+        check = torch.tensor([v for value in values for v in (value, value * value)], device=self.totals.device)
+        dist.all_reduce(check, group=group)
+        world, sums = dist.get_world_size(group), check.tolist()
+        if any(world * squares != total * total for total, squares in zip(sums[::2], sums[1::2], strict=True)):
+            raise RuntimeError(
+                "PerceptionMSE: the metric configuration differs between processes (space, components or "
+                f"data_range; this rank has {description!r}); every rank must build the same metric"
+            )
+        self._checked_groups.add(key)
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        """torchmetrics counts an update before running it; undo that when the update is rejected."""
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            count, computed = self._update_count, self._computed
+            try:
+                wrapped(*args, **kwargs)
+            except Exception:
+                self._update_count, self._computed = count, computed
+                raise
+
+        return guarded
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        this = super()._apply(fn, *args, **kwargs)
+        this.space._apply(fn)
+        return this
+
+    def extra_repr(self) -> str:
+        return f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}"

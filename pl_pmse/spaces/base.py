@@ -1,0 +1,171 @@
+"""The Space protocol and the registry of space names.
+
+A space maps a batch to named components. The raw component (``"pixel"`` or ``"waveform"``) is the input
+itself; derived components (network layers, pyramid bands, spectrograms) come from ``features``, run ONCE on
+``cat([preds, target])``. Perception MSE is ``sum_c weight_c * MSE_c`` over the components.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import checks
+
+
+class Space(nn.Module):
+    """Base class of perception spaces.
+
+    Subclasses set the class attributes below, pass the default weights of their derived components to
+    ``__init__`` and implement :meth:`features`. The network of a space is frozen and always in eval mode.
+
+    Args:
+        feature_weights: default weight of each derived component, in order.
+        raw_weight: default weight of the raw component.
+        weights: user overrides, ``{component name: weight >= 0}``; a weight of 0 keeps the component in
+            the breakdown but out of the total.
+
+    Example:
+        >>> class Gradient(Space):
+        ...     name = "gradient"
+        ...     def __init__(self):
+        ...         super().__init__({"dx": 1.0})
+        ...     def features(self, x):
+        ...         return {"dx": x.diff(dim=-1)}
+        >>> Gradient().component_names
+        ('pixel', 'dx')
+    """
+
+    name: str = "custom"
+    raw_name: str = "pixel"
+    expected_range: tuple[float, float] = (0.0, 1.0)
+    layout: str = "a batch [N, ...]"
+    allowed_ndim: tuple[int, ...] | None = None
+
+    def __init__(
+        self,
+        feature_weights: Mapping[str, float] | None = None,
+        raw_weight: float = 1.0,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        defaults = {self.raw_name: raw_weight, **(feature_weights or {})}
+        checks.check_component_names(list(defaults))
+        self.weights: dict[str, float] = checks.check_weights(weights, defaults)
+        self.train(False)
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """All component names, the raw component first."""
+        return tuple(self.weights)
+
+    def train(self, mode: bool = True) -> Space:
+        """A space is always in eval mode (its network is a fixed measuring instrument)."""
+        return super().train(False)
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        """Derived components of a batch ``x`` already mapped to ``expected_range``: ``{name: [N, ...]}``."""
+        return {}
+
+    def check_input(self, x: Tensor) -> None:
+        """Space-specific shape checks on ``preds`` (which has the same shape as ``target``)."""
+        if self.allowed_ndim is not None:
+            checks.check_ndim(x, self.allowed_ndim, self.layout, self.name)
+        if len(self.weights) > 1:
+            checks.check_device(x, self, self.name)
+
+    def feature_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype features are computed in: the network's, else the input's (at least float32)."""
+        for tensor in self.parameters():
+            return tensor.dtype
+        return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+    def to_expected_range(self, x: Tensor, data_range: tuple[float, float] | None) -> Tensor:
+        """Cast to the feature dtype and map ``data_range`` linearly onto ``expected_range``."""
+        x = x.to(self.feature_dtype(x))
+        if data_range is None or data_range == self.expected_range:
+            return x
+        (low, high), (to_low, to_high) = data_range, self.expected_range
+        return (x - low) * ((to_high - to_low) / (high - low)) + to_low
+
+    def pairs(
+        self, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{component: (preds_component, target_component)}`` with ONE batched call of :meth:`features`."""
+        out = {self.raw_name: (preds, target)}
+        if len(self.weights) > 1:
+            n = preds.shape[0]
+            both = self.to_expected_range(torch.cat([preds, target]), data_range)
+            checks.check_value_range(both, self.expected_range, self.name, data_range)
+            for name, value in self.features(both).items():
+                out[name] = (value[:n], value[n:])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"
+
+
+_FACTORIES: dict[str, Callable[..., Space]] = {}
+
+
+def register_space(name: str) -> Callable[[Callable[..., Space]], Callable[..., Space]]:
+    """Register a factory (a Space subclass or a function returning a Space) under ``name``.
+
+    Example:
+        >>> @register_space("my-pixel")
+        ... class MyPixel(Space):
+        ...     name = "my-pixel"
+        >>> get_space("my-pixel").component_names
+        ('pixel',)
+    """
+
+    def decorator(factory: Callable[..., Space]) -> Callable[..., Space]:
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_spaces() -> tuple[str, ...]:
+    """The registered space names."""
+    return tuple(_FACTORIES)
+
+
+def get_space(space: str | nn.Module = "pixel", **options: object) -> Space:
+    """Resolve ``space`` (a registered name, a :class:`Space`, or any ``nn.Module``) to a Space.
+
+    ``options`` go to the space's constructor; an ``nn.Module`` becomes a
+    :class:`~pl_pmse.spaces.backbones.Backbone` (pass ``layers=[...]``).
+    """
+    if isinstance(space, Space):
+        if options:
+            raise ValueError(f"space options {sorted(options)} only apply when space is given by name")
+        return space
+    if isinstance(space, nn.Module):
+        from .backbones import Backbone
+
+        return Backbone(space, **options)  # type: ignore[arg-type]
+    if not isinstance(space, str) or space not in _FACTORIES:
+        raise ValueError(f"space: expected one of {list(_FACTORIES)}, a Space or an nn.Module, got {space!r}")
+    factory = _FACTORIES[space]
+    _check_options(space, factory, options)
+    return factory(**options)
+
+
+def _check_options(name: str, factory: Callable[..., Space], options: Mapping[str, object]) -> None:
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        accepted = [p for p in parameters if p != "self"]
+        raise TypeError(f"space {name!r}: unknown option(s) {unknown}; it accepts {accepted}")
+
+
+def split_options(options: Mapping[str, object], names: Sequence[str]) -> tuple[dict, dict]:
+    """Split keyword options into those named in ``names`` and the rest."""
+    chosen = {k: v for k, v in options.items() if k in names}
+    return chosen, {k: v for k, v in options.items() if k not in names}

@@ -1,0 +1,38 @@
+"""Shared fixtures: a reusable 2-process gloo pool, offline W&B in a temp dir, deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed import DistributedPool
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_CODE", "true")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def _pools() -> dict:
+    holder: dict = {}
+    yield holder
+    if "pool" in holder:
+        holder["pool"].close()
+
+
+@pytest.fixture
+def ddp(_pools: dict) -> DistributedPool:
+    """Two real processes on gloo; started once per session, restarted after a failed task."""
+    pool = _pools.get("pool")
+    if pool is None or pool.broken:
+        if pool is not None:
+            pool.close()
+        pool = _pools["pool"] = DistributedPool(world_size=2)
+    return pool

@@ -1,0 +1,201 @@
+"""The bad-input matrix: every rejected call names the argument, says what was expected, changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pl_pmse import PerceptionMSE, perception_mse
+
+
+def image(n: int = 2, *shape: int) -> torch.Tensor:
+    return torch.rand(n, *(shape or (3, 8, 8)))
+
+
+def with_value(x: torch.Tensor, value: float, index: tuple = (1, 0, 0, 0)) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+# (id, metric options, preds, target, error type, message pattern)
+UPDATE_CASES = [
+    ("preds not a tensor", {}, [[0.0, 1.0]], image(), TypeError, r"preds: expected a torch.Tensor, got list"),
+    ("target not a tensor", {}, image(), 3.0, TypeError, r"target: expected a torch.Tensor, got float"),
+    ("shape mismatch", {}, image(2), image(3), ValueError, r"expected the same shape, got \(2, 3, 8, 8\) and \(3"),
+    ("0-dim", {}, torch.tensor(1.0), torch.tensor(1.0), ValueError, r"preds: expected a batch \[N, ...\]"),
+    ("bool", {}, image() > 0.5, image() > 0.5, TypeError, r"preds: expected a real floating point or integer"),
+    (
+        "complex",
+        {},
+        torch.ones(2, 3, dtype=torch.complex64),
+        torch.ones(2, 3, dtype=torch.complex64),
+        TypeError,
+        r"preds: expected a real floating point",
+    ),
+    (
+        "integer without data_range",
+        {},
+        torch.ones(2, 3, dtype=torch.uint8),
+        torch.ones(2, 3, dtype=torch.uint8),
+        TypeError,
+        r"preds: integer input \(torch.uint8\) needs an explicit data_range",
+    ),
+    (
+        "integer target without data_range",
+        {},
+        image(),
+        torch.ones(2, 3, 8, 8, dtype=torch.int16),
+        TypeError,
+        r"target: integer input \(torch.int16\) needs an explicit data_range",
+    ),
+    (
+        "NaN in preds",
+        {},
+        with_value(image(), float("nan")),
+        image(),
+        ValueError,
+        r"preds: contains NaN or Inf in samples \[1\]; .*nan_strategy='ignore' or 'warn'",
+    ),
+    (
+        "Inf in target",
+        {},
+        image(),
+        with_value(image(), float("inf"), (0, 2, 7, 7)),
+        ValueError,
+        r"target: contains NaN or Inf in samples \[0\]",
+    ),
+    (
+        "NaN in both",
+        {},
+        with_value(image(), float("nan")),
+        with_value(image(), float("-inf")),
+        ValueError,
+        r"preds and target: contains NaN or Inf in samples \[1\]",
+    ),
+    ("overflow", {}, image() * 1e30, -image() * 1e30, ValueError, r"overflow float32 \(pass float64 inputs\)"),
+    (
+        "different devices",
+        {},
+        image(),
+        image().to("meta"),
+        ValueError,
+        r"preds and target: expected the same device, got cpu and meta",
+    ),
+    ("empty samples", {}, torch.zeros(2, 0), torch.zeros(2, 0), ValueError, r"every sample needs at least one"),
+    (
+        "audio rank",
+        {"space": "waveform"},
+        image(),
+        image(),
+        ValueError,
+        r"space 'waveform' expects audio \[N, T\] or \[N, C, T\], got shape \(2, 3, 8, 8\)",
+    ),
+    ("audio 1-d", {"space": "waveform"}, torch.rand(5), torch.rand(5), ValueError, r"expects audio \[N, T\]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "preds", "target", "error", "pattern"),
+    [case[1:] for case in UPDATE_CASES],
+    ids=[case[0] for case in UPDATE_CASES],
+)
+def test_rejected_update_leaves_state_unchanged(options, preds, target, error, pattern) -> None:
+    metric = PerceptionMSE(**options)
+    good = torch.rand(2, 3, 8, 8) if options.get("space") != "waveform" else torch.rand(2, 100)
+    metric.update(good, good * 0.5)
+    before, count = metric.totals.clone(), metric.update_count
+    with pytest.raises(error, match=pattern):
+        metric.update(preds, target)
+    with pytest.raises(error, match=pattern):
+        metric(preds, target)  # forward takes the same checks
+    assert torch.equal(metric.totals, before) and metric.update_count == count
+    with pytest.raises(error, match=pattern):
+        perception_mse(preds, target, **options)
+
+
+CONSTRUCTOR_CASES = [
+    (
+        "unknown space",
+        {"space": "vgg19"},
+        ValueError,
+        r"space: expected one of \[.*'pixel'.*\], a Space or an nn.Module, got 'vgg19'",
+    ),
+    ("space of wrong type", {"space": 3}, ValueError, r"space: expected one of"),
+    (
+        "unknown space option",
+        {"space": "pixel", "layers": ["a"]},
+        TypeError,
+        r"space 'pixel': unknown option\(s\) \['layers'\]; it accepts \['weights'\]",
+    ),
+    (
+        "bad nan_strategy",
+        {"nan_strategy": "skip"},
+        ValueError,
+        r"nan_strategy: expected one of 'error', 'ignore', 'warn', got 'skip'",
+    ),
+    ("negative data_range", {"data_range": -1.0}, ValueError, r"data_range: expected finite bounds with max > min"),
+    ("reversed data_range", {"data_range": (1, 0)}, ValueError, r"data_range: expected finite bounds"),
+    ("string data_range", {"data_range": "255"}, TypeError, r"data_range: expected None, a positive number"),
+    (
+        "unknown weight",
+        {"weights": {"relu1_2": 1.0}},
+        ValueError,
+        r"weights: unknown component 'relu1_2'; the components are \['pixel'\]",
+    ),
+    ("negative weight", {"weights": {"pixel": -1}}, ValueError, r"weights\['pixel'\]: expected a finite number >= 0"),
+    ("NaN weight", {"weights": {"pixel": float("nan")}}, ValueError, r"weights\['pixel'\]"),
+    ("weights not a mapping", {"weights": [1.0]}, TypeError, r"weights: expected a mapping"),
+    (
+        "options with a Space object",
+        {"space": PerceptionMSE().space, "weights": {}},
+        ValueError,
+        r"space options \['weights'\] only apply when space is given by name",
+    ),
+    ("unknown torchmetrics option", {"compute_on_cpu": "yes"}, ValueError, r"compute_on_cpu"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [case[1:] for case in CONSTRUCTOR_CASES],
+    ids=[case[0] for case in CONSTRUCTOR_CASES],
+)
+def test_bad_constructor_arguments(options, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        PerceptionMSE(**options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"reduction": "avg"}, r"reduction: expected one of 'mean', 'sum', 'none', got 'avg'"),
+        ({"nan_strategy": None}, r"nan_strategy: expected one of"),
+    ],
+)
+def test_bad_functional_arguments(kwargs, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        perception_mse(image(), image(), **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["warn", "ignore"])
+def test_nan_strategies_skip_and_count(strategy: str) -> None:
+    metric = PerceptionMSE(nan_strategy=strategy)
+    preds, target = image(4), image(4)
+    poisoned = with_value(preds, float("nan"), (2, 1, 1, 1))
+    if strategy == "warn":
+        with pytest.warns(UserWarning, match=r"preds: contains NaN or Inf in samples \[2\]; these samples are skipped"):
+            metric.update(poisoned, target)
+    else:
+        metric.update(poisoned, target)
+    clean = PerceptionMSE()
+    clean.update(preds[[0, 1, 3]], target[[0, 1, 3]])
+    summary = metric.compute_summary()
+    assert torch.equal(summary["total"], clean.compute()) and summary["skipped"].item() == 1
+
+
+def test_every_sample_skipped_gives_nan_with_a_warning() -> None:
+    metric = PerceptionMSE(nan_strategy="ignore")
+    metric.update(torch.full((2, 3), float("nan")), torch.zeros(2, 3))
+    with pytest.warns(UserWarning, match="every sample skipped"):
+        assert metric.compute().isnan()

@@ -1,0 +1,140 @@
+"""Exactness across 2 real gloo processes: uneven batches, empty ranks, one collective per compute."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torchmetrics import MeanSquaredError
+
+from pl_pmse import PerceptionMSE
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "all_gather_into_tensor",
+    "broadcast",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
+    "reduce_scatter",
+    "all_to_all",
+)
+
+
+def dataset(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(23, 3, 12, 12, generator=generator), torch.rand(23, 3, 12, 12, generator=generator)
+
+
+# Each split gives the batches of rank 0 and rank 1 as (start, stop) slices of the dataset.
+SPLITS = {
+    "uneven": ([(0, 2), (2, 7), (7, 8), (8, 20)], [(20, 23)]),
+    "rank 1 sees nothing": ([(0, 23)], []),
+    "rank 0 sees nothing": ([], [(0, 4), (4, 23)]),
+    "interleaved": ([(0, 1), (5, 9), (20, 23)], [(1, 5), (9, 20)]),
+}
+
+
+class CollectiveCounter:
+    """Counts calls of every torch.distributed collective while active."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._originals: dict = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+            self._originals[name] = original
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def exactness_task(rank: int, world_size: int, space: str, options: dict) -> dict:
+    preds, target = dataset()
+    results = {}
+    for name, per_rank in SPLITS.items():
+        metric = PerceptionMSE(space, data_range=1.0, **options)
+        for start, stop in per_rank[rank]:
+            metric.update(preds[start:stop], target[start:stop])
+        metric.check_configuration()
+        with CollectiveCounter() as counter:
+            summary = metric.compute_summary()
+        results[name] = (summary, counter.calls)
+    return results
+
+
+def test_exact_across_ranks_for_every_split(ddp) -> None:
+    preds, target = dataset()
+    single = PerceptionMSE(data_range=1.0)
+    single.update(preds, target)
+    expected = single.compute_summary()
+    for rank_results in ddp.run(exactness_task, "pixel", {}):
+        for name, (summary, calls) in rank_results.items():
+            assert calls == ["all_reduce"], (name, calls)
+            for key, value in expected.items():
+                assert torch.equal(summary[key], value), (name, key, summary[key], value)
+
+
+def counting_task(rank: int, world_size: int) -> dict:
+    preds, target = dataset()
+    ours, theirs = PerceptionMSE(), MeanSquaredError()
+    if rank == 0:
+        ours.update(preds, target)
+        theirs.update(preds, target)
+    counts = {}
+    for label, call in (
+        ("first compute", ours.compute),
+        ("compute", ours.compute),
+        ("components", ours.compute_components),
+        ("torchmetrics MSE", theirs.compute),
+    ):
+        ours._computed = None  # no cached value: every call syncs
+        with CollectiveCounter() as counter:
+            call()
+        counts[label] = counter.calls
+    return counts
+
+
+def test_one_collective_per_compute(ddp) -> None:
+    for counts in ddp.run(counting_task):
+        assert counts["first compute"] == ["all_reduce", "all_reduce"]  # one-time configuration check + state
+        assert counts["compute"] == ["all_reduce"]
+        assert counts["components"] == ["all_reduce"]
+        assert len(counts["torchmetrics MSE"]) > 1  # barrier + all_gathers per state
+        print("collectives per compute: pl-pmse", counts["compute"], "torchmetrics", counts["torchmetrics MSE"])
+
+
+def mismatch_task(rank: int, world_size: int, options: tuple[dict, dict]) -> str:
+    metric = PerceptionMSE(**options[rank])
+    metric.update(torch.rand(2, 4), torch.rand(2, 4))
+    try:
+        metric.compute()
+    except RuntimeError as error:
+        # the state stays local and usable after the failed sync
+        assert metric.totals[-2].item() == 2
+        return str(error)
+    return "no error"
+
+
+MISMATCHES = [
+    ({"data_range": 1.0}, {"data_range": 255.0}),
+    ({"space": "pixel"}, {"space": "waveform"}),
+]
+
+
+def test_configuration_mismatch_is_reported_not_a_crash(ddp) -> None:
+    for options in MISMATCHES:
+        for message in ddp.run(mismatch_task, options):
+            assert "differs between processes" in message

@@ -1,0 +1,188 @@
+"""PerceptionMSE: values against torchmetrics, exact accumulation, torchmetrics behaviours."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+from torchmetrics import MeanSquaredError
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from pl_pmse import PerceptionMSE
+from pl_pmse.exact import exact_bins, exact_ratio
+from pl_pmse.reduction import squared_error_sums
+
+
+def random_batches(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        n = int(torch.randint(1, 6, (), generator=generator))
+        yield (
+            torch.rand((n, *shape), generator=generator).to(dtype),
+            torch.rand((n, *shape), generator=generator).to(dtype),
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 9, 31), (200,)])
+def test_equals_torchmetrics_mse_and_psnr(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    ours = PerceptionMSE(data_range=1.0)
+    mse, psnr = MeanSquaredError().double(), PeakSignalNoiseRatio(data_range=1.0).double()
+    mse.set_dtype(torch.float64)
+    psnr.set_dtype(torch.float64)
+    for preds, target in random_batches(20, shape, dtype):
+        ours.update(preds, target)
+        mse.update(preds.double(), target.double())
+        psnr.update(preds.double(), target.double())
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(ours.compute(), mse.compute(), rtol=tolerance, atol=0)
+    # torchmetrics keeps data_range in float32, so its PSNR is float32-accurate only
+    torch.testing.assert_close(ours.compute_summary()["psnr"], psnr.compute(), rtol=1e-6, atol=0)
+    expected_psnr = 10 * torch.log10(1 / mse.compute())
+    torch.testing.assert_close(ours.compute_summary()["psnr"], expected_psnr, rtol=tolerance, atol=0)
+
+
+def test_equals_torchmetrics_float32_defaults() -> None:
+    ours, mse, psnr = PerceptionMSE(data_range=2.0), MeanSquaredError(), PeakSignalNoiseRatio(data_range=2.0)
+    for preds, target in random_batches(30, (3, 8, 8)):
+        for metric in (ours, mse, psnr):
+            metric.update(preds * 2, target * 2)
+    torch.testing.assert_close(ours.compute().float(), mse.compute(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.compute_summary()["psnr"].float(), psnr.compute(), rtol=1e-6, atol=0)
+
+
+def test_any_split_and_order_gives_the_same_bits() -> None:
+    preds, target = torch.rand(24, 3, 20, 20), torch.rand(24, 3, 20, 20)
+    results = []
+    for trial in range(6):
+        order = list(range(24))
+        random.Random(trial).shuffle(order)
+        cuts = sorted(random.Random(100 + trial).sample(range(1, 24), k=trial))
+        metric = PerceptionMSE()
+        for start, stop in zip([0, *cuts], [*cuts, 24], strict=True):
+            index = torch.tensor(order[start:stop])
+            metric.update(preds[index], target[index])
+        results.append(metric.compute())
+    assert all(torch.equal(results[0], r) for r in results)
+
+
+def test_result_is_the_correctly_rounded_exact_mse() -> None:
+    preds, target = torch.rand(10, 500, dtype=torch.float64), torch.rand(10, 500, dtype=torch.float64)
+    metric = PerceptionMSE()
+    metric.update(preds, target)
+    per_sample = squared_error_sums(preds, target)  # what the metric accumulates, one float64 per sample
+    exact = sum(Fraction(v) for v in per_sample.tolist()) / preds.numel()
+    assert metric.compute().item() == float(exact)
+
+
+def test_float64_accumulation_beats_float32_on_1e8_elements() -> None:
+    """100 batches of 1e6 elements: torchmetrics' float32 sums drift, the exact state does not."""
+    generator = torch.Generator().manual_seed(1)
+    preds = torch.rand(10, 100_000, generator=generator)
+    target = torch.rand(10, 100_000, generator=generator)
+    ours, theirs = PerceptionMSE(), MeanSquaredError()
+    for _ in range(100):
+        ours.update(preds, target)
+        theirs.update(preds, target)
+    reference = (preds.double() - target.double()).square().mean().item()  # same data 100 times: same mean
+    drift_ours = abs(ours.compute().item() - reference) / reference
+    drift_theirs = abs(theirs.compute().item() - reference) / reference
+    print(f"relative drift over 1e8 elements: pl-pmse {drift_ours:.2e}, torchmetrics MSE {drift_theirs:.2e}")
+    assert drift_ours < 1e-7 < drift_theirs
+    assert drift_ours * 10 < drift_theirs
+
+
+def test_exact_accumulator_against_fractions() -> None:
+    generator = torch.Generator().manual_seed(2)
+    for scale in (1e-300, 1e-5, 1.0, 1e12, 1e300):
+        values = torch.rand(3, 257, dtype=torch.float64, generator=generator) * scale
+        values[0, :10] = 0
+        bins = exact_bins(values)
+        for row in range(3):
+            exact = sum(Fraction(v) for v in values[row].tolist())
+            assert exact_ratio(bins[row], 7) == float(exact / 7)
+    assert exact_ratio(torch.zeros(10, dtype=torch.int64), 0) != exact_ratio(torch.zeros(10, dtype=torch.int64), 0)
+
+
+def test_forward_returns_the_batch_value_with_gradient() -> None:
+    metric = PerceptionMSE()
+    first = (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4))
+    metric.update(*first)
+    preds = torch.rand(3, 3, 4, 4, requires_grad=True)
+    target = torch.rand(3, 3, 4, 4)
+    batch_value = metric(preds, target)
+    batch_value.backward()
+    assert preds.grad is not None and preds.grad.abs().sum() > 0
+    torch.testing.assert_close(batch_value.detach(), (preds.detach() - target).double().square().mean())
+    reference = PerceptionMSE()
+    reference.update(*first)
+    reference.update(preds.detach(), target)
+    torch.testing.assert_close(metric.compute(), reference.compute(), rtol=1e-7, atol=0)
+    assert metric.update_count == 2
+
+
+def test_compute_before_update_warns_and_returns_nan() -> None:
+    metric = PerceptionMSE(data_range=1.0)
+    with pytest.warns(UserWarning, match="no sample accumulated"):
+        assert metric.compute().isnan()
+    with pytest.warns(UserWarning, match="no sample accumulated"):
+        summary = metric.compute_summary()
+    assert summary["pixel"].isnan() and summary["psnr"].isnan()
+
+
+def test_empty_batches_are_a_no_op() -> None:
+    metric = PerceptionMSE()
+    before = metric.totals.clone()
+    metric.update(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4))
+    assert torch.equal(metric.totals, before)
+
+
+def test_state_dict_holds_no_network_and_round_trips() -> None:
+    metric = PerceptionMSE()
+    metric.persistent(True)
+    metric.update(torch.rand(3, 5), torch.rand(3, 5))
+    state = metric.state_dict()
+    assert list(state) == ["totals"] and list(metric.parameters()) == []
+    restored = PerceptionMSE()
+    restored.load_state_dict(state)
+    assert torch.equal(restored.compute(), metric.compute())
+
+
+def test_pickle_and_clone() -> None:
+    metric = PerceptionMSE(data_range=1.0)
+    metric.update(torch.rand(3, 5), torch.rand(3, 5))
+    for copy in (pickle.loads(pickle.dumps(metric)), metric.clone()):
+        assert torch.equal(copy.compute(), metric.compute())
+        copy.update(torch.rand(1, 5), torch.rand(1, 5))
+        assert copy.update_count == 2
+
+
+def test_updates_inside_and_outside_inference_mode() -> None:
+    metric = PerceptionMSE()
+    with torch.inference_mode():
+        metric.update(torch.rand(2, 4), torch.rand(2, 4))
+    metric.update(torch.rand(2, 4), torch.rand(2, 4))
+    metric.reset()
+    with torch.inference_mode():
+        metric.update(torch.ones(2, 4), torch.zeros(2, 4))
+    assert metric.compute().item() == 1.0
+
+
+def test_merge_state() -> None:
+    a, b, both = PerceptionMSE(), PerceptionMSE(), PerceptionMSE()
+    for i, (preds, target) in enumerate(random_batches(6, (4, 4))):
+        (a if i % 2 else b).update(preds, target)
+        both.update(preds, target)
+    a.merge_state(b)
+    assert torch.equal(a.compute(), both.compute())
+
+
+def test_reset_and_repr() -> None:
+    metric = PerceptionMSE(data_range=(-1, 1))
+    metric.update(torch.rand(2, 3), torch.rand(2, 3))
+    metric.reset()
+    assert metric.update_count == 0 and int(metric.totals.abs().sum()) == 0
+    assert "data_range=(-1.0, 1.0)" in repr(metric)
