@@ -47,17 +47,19 @@ def check_data_range(data_range: Any) -> tuple[float, float] | None:
 
 
 def check_weights(weights: Mapping[str, float] | None, defaults: Mapping[str, float]) -> dict[str, float]:
-    """Merge per-component ``weights`` over ``defaults``; keys must be component names, values finite >= 0."""
+    """Merge ``component_weights`` over ``defaults``; keys must be component names, values finite >= 0."""
     merged = dict(defaults)
     if weights is None:
         return merged
     if not isinstance(weights, Mapping):
-        raise TypeError(f"weights: expected a mapping of component name to weight, got {type(weights).__name__}")
+        raise TypeError(
+            f"component_weights: expected a mapping of component name to weight, got {type(weights).__name__}"
+        )
     for name, weight in weights.items():
         if name not in merged:
-            raise ValueError(f"weights: unknown component {name!r}; the components are {list(merged)}")
+            raise ValueError(f"component_weights: unknown component {name!r}; the components are {list(merged)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == math.inf:
-            raise ValueError(f"weights[{name!r}]: expected a finite number >= 0, got {weight!r}")
+            raise ValueError(f"component_weights[{name!r}]: expected a finite number >= 0, got {weight!r}")
         merged[name] = float(weight)
     return merged
 

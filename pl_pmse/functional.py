@@ -146,7 +146,7 @@ def perception_mse(
         tensor([0.2500, 0.2500])
     """
     space, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, space_options)
-    total = reduce_samples(stats.total(space.weights), stats.valid, reduction)
+    total = reduce_samples(stats.total(space.component_weights), stats.valid, reduction)
     return total.to(compute_dtype(preds, target))
 
 

@@ -107,7 +107,7 @@ class PerceptionMSE(Metric):
         self._accumulate(stats)
         self._update_count += 1
         self._computed = None
-        self._forward_cache = reduce_samples(stats.total(self.space.weights), stats.valid, "mean")
+        self._forward_cache = reduce_samples(stats.total(self.space.component_weights), stats.valid, "mean")
         return self._forward_cache
 
     def compute(self) -> Tensor:
@@ -146,7 +146,7 @@ class PerceptionMSE(Metric):
         self.totals = self.totals + packed.to(self.totals.device)
 
     def _summary(self) -> dict[str, Tensor]:
-        names, weights = self.space.component_names, self.space.weights
+        names, weights = self.space.component_names, self.space.component_weights
         k = len(names)
         totals = self.totals.cpu()
         bins, counts = totals[: k * NUM_BINS].view(k, NUM_BINS), totals[k * NUM_BINS :].tolist()

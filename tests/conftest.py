@@ -36,3 +36,18 @@ def ddp(_pools: dict) -> DistributedPool:
             pool.close()
         pool = _pools["pool"] = DistributedPool(world_size=2)
     return pool
+
+
+@pytest.fixture(scope="session")
+def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Random torchvision weights saved once per session, loaded through the real ``weights=<path>`` code."""
+    from pl_pmse.spaces.backbones import ARCHITECTURES, load_backbone
+
+    folder = tmp_path_factory.mktemp("weights")
+    paths = {}
+    for index, architecture in enumerate(ARCHITECTURES):
+        torch.manual_seed(index)
+        path = folder / f"{architecture}.pth"
+        torch.save(load_backbone(architecture, "random").state_dict(), path)
+        paths[architecture] = str(path)
+    return paths

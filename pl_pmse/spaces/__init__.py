@@ -1,15 +1,35 @@
-"""Perception spaces: the raw signal and feature spaces, by name or as objects."""
+"""Perception spaces: the raw signal and feature spaces, by name or as objects.
 
-from .audio import AudioSpace, WaveformSpace
+| name | components (default weight) |
+|---|---|
+| ``pixel`` | ``pixel`` (1) |
+| ``pyramid`` | ``pixel`` (1), ``band0`` ... ``band3``, ``lowpass`` (1 each) |
+| ``vgg16`` / ``alexnet`` / ``squeezenet`` | ``pixel`` (1), the LPIPS layers (1 each) |
+| ``lpips-alex`` / ``lpips-vgg`` / ``lpips-squeeze`` | ``pixel`` (0), the calibrated LPIPS layers (1 each) |
+| ``waveform`` | ``waveform`` (1) |
+| ``mel`` | ``waveform`` (0), ``mel`` (1) |
+| ``mrstft`` | ``waveform`` (0), ``stft512``, ``stft1024``, ``stft2048`` (1 each) |
+"""
+
+from .audio import AudioSpace, MelSpace, MultiResolutionSTFT, WaveformSpace
+from .backbones import Backbone, LPIPSSpace, imagenet_weights_path, load_backbone, lpips_calibration
 from .base import Space, available_spaces, get_space, register_space
-from .image import PixelSpace
+from .image import LaplacianPyramid, PixelSpace
 
 __all__ = [
     "AudioSpace",
+    "Backbone",
+    "LPIPSSpace",
+    "LaplacianPyramid",
+    "MelSpace",
+    "MultiResolutionSTFT",
     "PixelSpace",
     "Space",
     "WaveformSpace",
     "available_spaces",
     "get_space",
+    "imagenet_weights_path",
+    "load_backbone",
+    "lpips_calibration",
     "register_space",
 ]

@@ -25,8 +25,8 @@ class Space(nn.Module):
     Args:
         feature_weights: default weight of each derived component, in order.
         raw_weight: default weight of the raw component.
-        weights: user overrides, ``{component name: weight >= 0}``; a weight of 0 keeps the component in
-            the breakdown but out of the total.
+        component_weights: user overrides, ``{component name: weight >= 0}``; a weight of 0 keeps the
+            component in the breakdown but out of the total.
 
     Example:
         >>> class Gradient(Space):
@@ -49,18 +49,18 @@ class Space(nn.Module):
         self,
         feature_weights: Mapping[str, float] | None = None,
         raw_weight: float = 1.0,
-        weights: Mapping[str, float] | None = None,
+        component_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         defaults = {self.raw_name: raw_weight, **(feature_weights or {})}
         checks.check_component_names(list(defaults))
-        self.weights: dict[str, float] = checks.check_weights(weights, defaults)
+        self.component_weights: dict[str, float] = checks.check_weights(component_weights, defaults)
         self.train(False)
 
     @property
     def component_names(self) -> tuple[str, ...]:
         """All component names, the raw component first."""
-        return tuple(self.weights)
+        return tuple(self.component_weights)
 
     def train(self, mode: bool = True) -> Space:
         """A space is always in eval mode (its network is a fixed measuring instrument)."""
@@ -74,13 +74,14 @@ class Space(nn.Module):
         """Space-specific shape checks on ``preds`` (which has the same shape as ``target``)."""
         if self.allowed_ndim is not None:
             checks.check_ndim(x, self.allowed_ndim, self.layout, self.name)
-        if len(self.weights) > 1:
+        if len(self.component_weights) > 1:
             checks.check_device(x, self, self.name)
 
     def feature_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype features are computed in: the network's, else the input's (at least float32)."""
-        for tensor in self.parameters():
-            return tensor.dtype
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
         return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
     def to_expected_range(self, x: Tensor, data_range: tuple[float, float] | None) -> Tensor:
@@ -96,7 +97,7 @@ class Space(nn.Module):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{component: (preds_component, target_component)}`` with ONE batched call of :meth:`features`."""
         out = {self.raw_name: (preds, target)}
-        if len(self.weights) > 1:
+        if len(self.component_weights) > 1:
             n = preds.shape[0]
             both = self.to_expected_range(torch.cat([preds, target]), data_range)
             checks.check_value_range(both, self.expected_range, self.name, data_range)
@@ -105,7 +106,7 @@ class Space(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        return f"component_weights={self.component_weights}"
 
 
 _FACTORIES: dict[str, Callable[..., Space]] = {}

@@ -1,0 +1,354 @@
+"""Feature spaces from neural networks: torchvision backbones, LPIPS calibration, your own ``nn.Module``.
+
+Features are read with forward hooks at named layers; the forward stops after the last of them. The network
+is frozen, kept in eval mode and its in-place activations are turned off so that a captured feature map is
+never overwritten by a later layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from .. import checks
+from .base import Space, register_space
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# LPIPS' ScalingLayer, applied to inputs in [-1, 1]
+LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+NORMALIZATIONS = ("imagenet", "lpips", "none")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A torchvision classifier and the layers LPIPS reads from it."""
+
+    builder: str
+    layers: dict[str, str]
+    min_size: int
+    lpips_name: str
+
+
+ARCHITECTURES = {
+    "vgg16": Architecture(
+        "vgg16",
+        {"relu1_2": "features.3", "relu2_2": "features.8", "relu3_3": "features.15", "relu4_3": "features.22",
+         "relu5_3": "features.29"},
+        min_size=16,
+        lpips_name="vgg",
+    ),
+    "alexnet": Architecture(
+        "alexnet",
+        {"relu1": "features.1", "relu2": "features.4", "relu3": "features.7", "relu4": "features.9",
+         "relu5": "features.11"},
+        min_size=31,
+        lpips_name="alex",
+    ),
+    "squeezenet": Architecture(
+        "squeezenet1_1",
+        {"relu1": "features.1", "fire3": "features.4", "fire5": "features.7", "fire6": "features.9",
+         "fire7": "features.10", "fire8": "features.11", "fire9": "features.12"},
+        min_size=17,
+        lpips_name="squeeze",
+    ),
+}  # fmt: skip
+
+
+class _Captured(Exception):
+    """Raised by the last hook: the rest of the network is not needed."""
+
+
+class Backbone(Space):
+    """Perception space of a network's feature maps at named layers, plus the raw pixels.
+
+    Args:
+        module: any ``nn.Module`` taking ``[N, C, H, W]`` images. It is frozen in place
+            (``requires_grad_(False)``, eval mode, in-place activations off).
+        layers: module paths as in ``module.named_modules()`` (component names = paths), or
+            ``{component name: module path}``.
+        normalize: input normalisation of images in [0, 1]: ``"imagenet"`` (mean/std), ``"lpips"`` (LPIPS'
+            scaling layer on [-1, 1]) or ``"none"``. With ``"imagenet"``/``"lpips"`` inputs must have 3 channels
+            (1-channel images are repeated).
+        component_weights: ``{component: weight}`` overrides; every layer defaults to 1.
+        pixel_weight: default weight of the raw ``"pixel"`` component.
+        min_size: smallest height/width the network accepts (checked before the forward).
+        name: the space's name in messages.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+        >>> space = Backbone(net, layers={"low": "1", "high": "2"}, normalize="none")
+        >>> space.component_names
+        ('pixel', 'low', 'high')
+    """
+
+    layout = "images [N, C, H, W]"
+    allowed_ndim = (4,)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: Sequence[str] | Mapping[str, str],
+        normalize: str = "imagenet",
+        component_weights: Mapping[str, float] | None = None,
+        pixel_weight: float = 1.0,
+        min_size: int = 1,
+        name: str = "custom",
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+        layer_map = _layer_map(module, layers)
+        super().__init__(dict.fromkeys(layer_map, 1.0), pixel_weight, component_weights)
+        self.name = name
+        self.normalize = checks.check_choice("normalize", normalize, NORMALIZATIONS)
+        self.layers = layer_map
+        self.min_size = min_size
+        self.module = _freeze(module)
+        shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
+            normalize, ((0.0,), (1.0,))
+        )
+        self.register_buffer("shift", torch.tensor(shift).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(scale).view(1, -1, 1, 1), persistent=False)
+
+    def check_input(self, x: Tensor) -> None:
+        super().check_input(x)
+        if self.normalize != "none" and x.shape[1] not in (1, 3):
+            raise ValueError(
+                f"preds and target: space {self.name!r} expects RGB images [N, 3, H, W] (grayscale [N, 1, H, W] is "
+                f"repeated to 3 channels), got {x.shape[1]} channels (shape {tuple(x.shape)})"
+            )
+        checks.check_min_size(x, self.min_size, "height and width", self.name, dim=-2)
+        checks.check_min_size(x, self.min_size, "height and width", self.name, dim=-1)
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        if self.normalize != "none":
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            if self.normalize == "lpips":
+                x = 2 * x - 1
+            x = (x - self.shift) / self.scale
+        captured = self._capture(x)
+        return {name: self.transform(name, captured[name]) for name in self.layers}
+
+    def transform(self, name: str, feature: Tensor) -> Tensor:
+        """Post-process one captured feature map (identity here; LPIPS normalises and calibrates)."""
+        return feature
+
+    def _capture(self, x: Tensor) -> dict[str, Tensor]:
+        captured: dict[str, Tensor] = {}
+        modules = dict(self.module.named_modules())
+
+        def hook(name: str):
+            def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
+                captured[name] = output
+                if len(captured) == len(self.layers):
+                    raise _Captured
+
+            return keep
+
+        handles = [modules[path].register_forward_hook(hook(name)) for name, path in self.layers.items()]
+        try:
+            self.module(x)
+        except _Captured:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layers={self.layers}, normalize={self.normalize!r}, {super().extra_repr()}"
+
+
+class LPIPSSpace(Backbone):
+    """LPIPS as a Perception MSE: unit-normalised features scaled by the calibration weights.
+
+    For layer ``l`` with features ``f`` (``C`` channels) and non-negative calibration weights ``w``, the component is
+    ``sqrt(C * w) * f / sqrt(sum_c f**2 + eps)``, so that its MSE over ``[C, H, W]`` is
+    ``mean_hw sum_c w_c (f0 - f1)**2``: exactly LPIPS' layer distance. Layer weights default to 1 and the pixel
+    weight to 0, so the total is LPIPS.
+    """
+
+    def __init__(self, module: nn.Module, calibration: dict[str, Tensor], eps: float = 1e-10, **options: Any):
+        super().__init__(module, normalize="lpips", **options)
+        self.eps = eps
+        for name, weight in calibration.items():
+            self.register_buffer(f"lpips_scale_{name}", (weight.shape[1] * weight).sqrt(), persistent=False)
+
+    def transform(self, name: str, feature: Tensor) -> Tensor:
+        unit = feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps)
+        return unit * getattr(self, f"lpips_scale_{name}")
+
+
+def imagenet_weights_path(architecture: str) -> Path:
+    """Where torchvision's cache keeps the ImageNet weights of ``architecture`` (copy them there offline).
+
+    Example:
+        >>> imagenet_weights_path("vgg16").name
+        'vgg16-397923af.pth'
+    """
+    enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
+
+
+def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") -> nn.Module:
+    """A torchvision classifier (head dropped) with ``weights`` = ``"imagenet"``, ``"random"`` or a path.
+
+    A path must hold a torchvision-format ``state_dict`` of the whole model (the head's keys are not needed).
+    """
+    arch = ARCHITECTURES[architecture]
+    builder = getattr(torchvision.models, arch.builder)
+    if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation
+        model = builder(weights=None)
+        model.classifier = nn.Identity()
+        return model
+    with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
+        model = builder(weights=None)
+    model.classifier = nn.Identity()
+    model = model.to_empty(device="cpu")
+    state = _imagenet_state(architecture) if weights == "imagenet" else _state_from_file(weights, architecture)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"weights: {weights} is not a torchvision {arch.builder} state_dict: missing {missing[:4]}")
+    try:
+        model.load_state_dict({key: state[key] for key in expected})
+    except RuntimeError as error:
+        raise ValueError(f"weights: {weights} does not fit torchvision's {arch.builder}: {error}") from None
+    return model
+
+
+def _imagenet_state(architecture: str) -> dict[str, Tensor]:
+    enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
+    try:
+        return enum.get_state_dict(progress=False)
+    except Exception as error:  # no network, proxy, HTTP errors, a corrupt partial file...
+        raise RuntimeError(
+            f"weights='imagenet': the {architecture} ImageNet weights are not in torchvision's cache "
+            f"({imagenet_weights_path(architecture)}) and could not be downloaded from {enum.url} ({error}). "
+            f"On an offline machine copy that file there, or pass weights=<path to a torchvision state_dict>."
+        ) from error
+
+
+def _state_from_file(path: str | os.PathLike, architecture: str) -> dict[str, Tensor]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"weights: expected 'imagenet', 'random' or a path, got {type(path).__name__}")
+    if not Path(path).is_file():
+        raise ValueError(f"weights: expected 'imagenet', 'random' or a path to a state_dict file, got {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"weights: {path} is not a readable torch state_dict file ({error})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"weights: {path} holds a {type(state).__name__}, expected a {architecture} state_dict")
+    return dict(state)
+
+
+def lpips_calibration(architecture: str, calibration: str | os.PathLike = "lpips") -> dict[str, Tensor]:
+    """LPIPS' per-layer channel weights ``{layer name: [1, C, 1, 1]}``, from the ``lpips`` package or a file."""
+    arch = ARCHITECTURES[architecture]
+    if isinstance(calibration, str) and calibration == "lpips":
+        try:
+            path: Any = resources.files("lpips") / "weights" / "v0.1" / f"{arch.lpips_name}.pth"
+        except ModuleNotFoundError:
+            raise ValueError(
+                f"calibration='lpips' reads LPIPS' weights from the lpips package, which is not installed: "
+                f"pip install 'pl-pmse[lpips]', or pass calibration=<path to an LPIPS {arch.lpips_name}.pth>"
+            ) from None
+    else:
+        path = calibration
+    state = _state_from_file(path, f"LPIPS {arch.lpips_name}")
+    weights = {}
+    for index, name in enumerate(arch.layers):
+        weight = state.get(f"lin{index}.model.1.weight")
+        if weight is None or weight.dim() != 4 or weight.shape[0] != 1:
+            raise ValueError(f"calibration: {path} lacks lin{index}.model.1.weight of shape [1, C, 1, 1]")
+        if (weight < 0).any():
+            raise ValueError(f"calibration: {path} has negative weights in lin{index}; LPIPS weights are >= 0")
+        weights[name] = weight.float()
+    return weights
+
+
+def _layer_map(module: nn.Module, layers: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(layers, str) or not isinstance(layers, (Sequence, Mapping)) or not layers:
+        raise ValueError(f"layers: expected a non-empty list of module paths or a mapping, got {layers!r}")
+    layer_map = dict(layers) if isinstance(layers, Mapping) else {path: path for path in layers}
+    available = dict(module.named_modules())
+    for name, path in layer_map.items():
+        if path not in available or path == "":
+            shown = [n for n in available if n][:12]
+            raise ValueError(f"layers: {name!r} -> {path!r} is not a submodule; some are {shown}")
+    return layer_map
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False).eval()
+    for child in module.modules():
+        if getattr(child, "inplace", False) is True:
+            child.inplace = False
+    return module
+
+
+def _named_backbone(
+    architecture: str,
+    weights: str | os.PathLike,
+    layers: Sequence[str] | None,
+) -> tuple[nn.Module, dict[str, str]]:
+    arch = ARCHITECTURES[architecture]
+    chosen = list(arch.layers) if layers is None else layers
+    if isinstance(chosen, str) or not chosen:
+        raise ValueError(f"layers: expected a non-empty list of layer names, got {layers!r}")
+    return load_backbone(architecture, weights), {name: arch.layers.get(name, name) for name in chosen}
+
+
+def _register_torchvision(space_name: str) -> None:
+    def factory(
+        weights: str | os.PathLike = "imagenet",
+        layers: Sequence[str] | None = None,
+        component_weights: Mapping[str, float] | None = None,
+        pixel_weight: float = 1.0,
+    ) -> Backbone:
+        module, layer_map = _named_backbone(space_name, weights, layers)
+        return Backbone(
+            module, layer_map, "imagenet", component_weights, pixel_weight, ARCHITECTURES[space_name].min_size,
+            space_name,
+        )  # fmt: skip
+
+    factory.__doc__ = (
+        f"torchvision {ARCHITECTURES[space_name].builder} features at LPIPS' layers "
+        f"{list(ARCHITECTURES[space_name].layers)} (or ``layers=``), plus pixels; ImageNet-normalised input."
+    )
+    register_space(space_name)(factory)
+
+
+def _register_lpips(space_name: str, architecture: str) -> None:
+    def factory(
+        weights: str | os.PathLike = "imagenet",
+        calibration: str | os.PathLike = "lpips",
+        component_weights: Mapping[str, float] | None = None,
+        pixel_weight: float = 0.0,
+    ) -> LPIPSSpace:
+        module, layer_map = _named_backbone(architecture, weights, None)
+        return LPIPSSpace(
+            module, lpips_calibration(architecture, calibration), layers=layer_map,
+            component_weights=component_weights, pixel_weight=pixel_weight,
+            min_size=ARCHITECTURES[architecture].min_size, name=space_name,
+        )  # fmt: skip
+
+    factory.__doc__ = f"LPIPS with the {architecture} trunk: the total equals lpips.LPIPS(net=...)."
+    register_space(space_name)(factory)
+
+
+for _name in ARCHITECTURES:
+    _register_torchvision(_name)
+for _name, _arch in (("lpips-alex", "alexnet"), ("lpips-vgg", "vgg16"), ("lpips-squeeze", "squeezenet")):
+    _register_lpips(_name, _arch)
