@@ -9,8 +9,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +45,112 @@ def pixel(quick: bool, device: torch.device) -> str:
     return title + table(rows, ("", "ms / update", "GB/s", "speed vs torchmetrics MSE"))
 
 
-SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {"pixel": pixel}
+def _torchmetrics_lpips(architecture: str, net: str, weights: str, device: torch.device) -> torch.nn.Module:
+    """torchmetrics' LPIPS built on the same torchvision trunk weights instead of its ImageNet download."""
+    import torchmetrics.functional.image.lpips as tm_lpips
+    from torchmetrics.image import LearnedPerceptualImagePatchSimilarity
+
+    from pl_pmse.spaces import load_backbone
+
+    original = tm_lpips._get_tv_model_features
+    tm_lpips._get_tv_model_features = lambda name, pretrained=False: load_backbone(architecture, weights).features
+    try:
+        return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
+    finally:
+        tm_lpips._get_tv_model_features = original
+
+
+def features(quick: bool, device: torch.device) -> str:
+    """Feature path: update vs a bare backbone forward of the same 2N batch, and vs torchmetrics LPIPS."""
+    rows = [
+        _feature_row(space, architecture, net, quick, device)
+        for space, architecture, net in (
+            ("alexnet", "alexnet", "alex"),
+            ("lpips-alex", "alexnet", "alex"),
+            ("vgg16", "vgg16", "vgg"),
+            ("lpips-vgg", "vgg16", "vgg"),
+        )
+    ]
+    header = ("", "bare trunk forward (ms)", "pl-pmse update (ms)", "overhead vs bare", "torchmetrics LPIPS (ms)",
+              "speed vs torchmetrics")  # fmt: skip
+    return "### Feature path: same random backbone, one update\n\n" + table(rows, header)
+
+
+def _feature_row(space: str, architecture: str, net: str, quick: bool, device: torch.device) -> tuple[str, ...]:
+    from pl_pmse.spaces.backbones import ARCHITECTURES
+
+    n, size = (4, 64) if quick else (8, 224 if net == "alex" else 128)
+    with random_weights(architecture) as weights:
+        ours = PerceptionMSE(space, weights=weights).to(device)
+        theirs = _torchmetrics_lpips(architecture, net, weights, device)
+    last_layer = list(ARCHITECTURES[architecture].layers.values())[-1]
+    trunk = ours.space.module.features[: int(last_layer.split(".")[1]) + 1]
+    preds, target = torch.rand(n, 3, size, size, device=device), torch.rand(n, 3, size, size, device=device)
+
+    def bare_forward() -> None:
+        with torch.no_grad():
+            trunk(torch.cat([preds, target]))
+
+    candidates = {"bare": bare_forward, "ours": lambda: ours.update(preds, target)}
+    if space.startswith("lpips"):
+        candidates["tm"] = lambda: theirs.update(preds, target)
+    seconds = interleaved(candidates, repeats=5 if quick else 9)
+    overhead = (seconds["ours"] / seconds["bare"] - 1) * 100
+    versus = (
+        (f"{seconds['tm'] * 1e3:.1f}", f"{seconds['tm'] / seconds['ours']:.2f}x") if "tm" in seconds else ("-", "-")
+    )
+    return (f"{space} ({n}+{n} images {size}x{size})", f"{seconds['bare'] * 1e3:.1f}", f"{seconds['ours'] * 1e3:.1f}",
+            f"{overhead:+.1f}%", *versus)  # fmt: skip
+
+
+def state_memory(quick: bool, device: torch.device) -> str:
+    """Metric state bytes and forward() time over many updates: flat here, growing in torchmetrics LPIPS."""
+    updates = 200 if quick else 1000
+    with random_weights("squeezenet") as weights:
+        ours = PerceptionMSE("lpips-squeeze", weights=weights).to(device)
+        theirs = _torchmetrics_lpips("squeezenet", "squeeze", weights, device)
+    preds, target = torch.rand(2, 3, 32, 32, device=device), torch.rand(2, 3, 32, 32, device=device)
+    rows = []
+    checkpoints = {1, 10, 100, updates}
+    timings: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for step in range(1, updates + 1):
+        for name, metric in (("ours", ours), ("theirs", theirs)):
+            start = time.perf_counter()
+            metric(preds, target)
+            timings[name].append(time.perf_counter() - start)
+        if step in checkpoints:
+            rows.append((str(step), f"{_state_bytes(ours):,}", f"{_state_bytes(theirs):,}",
+                         f"{statistics.median(timings['ours'][-10:]) * 1e3:.2f}",
+                         f"{statistics.median(timings['theirs'][-10:]) * 1e3:.2f}"))  # fmt: skip
+    header = ("updates", "pl-pmse state (bytes)", "torchmetrics LPIPS state (bytes)", "pl-pmse forward (ms)",
+              "torchmetrics forward (ms)")  # fmt: skip
+    return f"### State memory over {updates} forward() calls (2+2 images 32x32, squeezenet)\n\n" + table(rows, header)
+
+
+@contextlib.contextmanager
+def random_weights(architecture: str) -> Iterator[str]:
+    """A temporary file with seeded random torchvision weights (no download anywhere)."""
+    from pl_pmse.spaces import load_backbone
+
+    torch.manual_seed(0)
+    with tempfile.NamedTemporaryFile(suffix=".pth") as file:
+        torch.save(load_backbone(architecture, "random").state_dict(), file.name)
+        yield file.name
+
+
+def _state_bytes(metric: torchmetrics.Metric) -> int:
+    total = 0
+    for value in metric.metric_state.values():
+        for tensor in value if isinstance(value, list) else [value]:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
+    "pixel": pixel,
+    "features": features,
+    "memory": state_memory,
+}
 
 
 def main() -> None:

@@ -1,13 +1,14 @@
 """Exact, order-independent accumulation of non-negative float sums.
 
-A float sum depends on the order of its additions, so a metric that keeps float64 sums gives a
-(slightly) different number for every batch split and every world size. Here each value is cut into two
-integer limbs placed in bins indexed by their binary exponent: ``value = hi * 2**(e - 27) + lo * 2**(e - 53)``
-with ``hi < 2**27`` and ``lo < 2**26``. Bins are int64 and integer addition is associative, so summing
-bins — across batches, in an ``all_reduce``, in any order — is exact. The float64 result is obtained once,
-at the end, by Python's correctly rounded big-integer division.
+A float sum depends on the order of its additions, so a metric that keeps float sums gives a (slightly)
+different number for every batch split and every world size. Here every float64 value is written exactly as
+an integer in base ``2**30`` ("digits"), aligned on a fixed grid that covers the whole float64 range, and the
+digits are added in int64 bins. Integer addition is associative, so summing bins — across batches, in an
+``all_reduce``, in any order — is exact. The float64 result is obtained once, at the end, by Python's correctly
+rounded big-integer division.
 
-Each bin takes at most one limb per value, so it cannot overflow before ``2**36`` (6.9e10) values.
+A value touches 3 consecutive bins and adds less than ``2**31`` to each, so no bin can overflow before
+``2**32`` (4.3e9) values have been added. A component's state is ``NUM_BINS`` (72) int64 numbers.
 
 Example:
     >>> import torch
@@ -22,34 +23,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_HI_SHIFT = 27
-_LO_BITS = 26
+DIGIT_BITS = 30
+_MASK = (1 << DIGIT_BITS) - 1
 _MANTISSA_BITS = 53
-_MIN_EXPONENT = -1073  # frexp exponent of the smallest float64 subnormal
-_MAX_EXPONENT = 1024
-_OFFSET = _MANTISSA_BITS - _MIN_EXPONENT  # bin 0 holds limbs worth 2**(-1126)
-NUM_BINS = _MAX_EXPONENT - _HI_SHIFT + _OFFSET + 1
+_LOWEST_BIT = -1126  # frexp exponent of the smallest subnormal (-1073) minus the mantissa bits
+NUM_BINS = (1024 - _MANTISSA_BITS - _LOWEST_BIT) // DIGIT_BITS + 3
 
 
 def exact_bins(values: Tensor) -> Tensor:
     """Bin non-negative finite values ``[K, P]`` into exact integer accumulators ``[K, NUM_BINS]``."""
     values = values.detach().to(torch.float64)
-    mantissa, exponent = torch.frexp(values)
+    mantissa, exponent = torch.frexp(values)  # value = mantissa * 2**exponent, mantissa in [0.5, 1)
     integer = torch.ldexp(mantissa, torch.tensor(_MANTISSA_BITS, device=values.device)).to(torch.int64)
-    hi = integer >> _LO_BITS
-    lo = integer & ((1 << _LO_BITS) - 1)
-    exponent = exponent.to(torch.int64)
+    position = exponent.to(torch.int64) - _MANTISSA_BITS - _LOWEST_BIT  # value = integer * 2**(position + lowest)
+    digit, offset = position // DIGIT_BITS, position % DIGIT_BITS
+    low = (integer & _MASK) << offset  # < 2**60
+    high = (integer >> DIGIT_BITS) << offset  # < 2**53, one digit higher
     bins = torch.zeros(values.shape[0], NUM_BINS, dtype=torch.int64, device=values.device)
-    bins.scatter_add_(1, exponent - _HI_SHIFT + _OFFSET, hi)
-    bins.scatter_add_(1, exponent - _MANTISSA_BITS + _OFFSET, lo)
+    bins.scatter_add_(1, digit, low & _MASK)
+    bins.scatter_add_(1, digit + 1, (low >> DIGIT_BITS) + (high & _MASK))
+    bins.scatter_add_(1, digit + 2, high >> DIGIT_BITS)
     return bins
 
 
 def exact_ratio(bins: Tensor, divisor: int) -> float:
-    """The correctly rounded float64 value of ``sum(bins) / divisor`` (NaN when ``divisor`` is 0)."""
+    """The correctly rounded float64 value of ``sum(bins) / divisor`` (NaN when ``divisor`` is 0, inf past float64)."""
     if divisor == 0:
         return float("nan")
     nonzero = bins.nonzero().flatten()
     counts = bins[nonzero].tolist()
-    total = sum(count << index for index, count in zip(nonzero.tolist(), counts, strict=True))
-    return total / (divisor << _OFFSET)
+    total = sum(count << (DIGIT_BITS * index) for index, count in zip(nonzero.tolist(), counts, strict=True))
+    try:
+        return total / (divisor << -_LOWEST_BIT)
+    except OverflowError:  # beyond the float64 range
+        return float("inf")

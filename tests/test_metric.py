@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 from fractions import Fraction
@@ -12,7 +13,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from pl_pmse import PerceptionMSE
-from pl_pmse.exact import exact_bins, exact_ratio
+from pl_pmse.exact import NUM_BINS, exact_bins, exact_ratio
 from pl_pmse.reduction import squared_error_sums
 
 
@@ -97,14 +98,19 @@ def test_float64_accumulation_beats_float32_on_1e8_elements() -> None:
 
 def test_exact_accumulator_against_fractions() -> None:
     generator = torch.Generator().manual_seed(2)
-    for scale in (1e-300, 1e-5, 1.0, 1e12, 1e300):
+    for scale in (5e-324, 1e-310, 1e-300, 1e-5, 1.0, 1e12, 1e300):
         values = torch.rand(3, 257, dtype=torch.float64, generator=generator) * scale
         values[0, :10] = 0
         bins = exact_bins(values)
         for row in range(3):
             exact = sum(Fraction(v) for v in values[row].tolist())
             assert exact_ratio(bins[row], 7) == float(exact / 7)
-    assert exact_ratio(torch.zeros(10, dtype=torch.int64), 0) != exact_ratio(torch.zeros(10, dtype=torch.int64), 0)
+    empty = torch.zeros(NUM_BINS, dtype=torch.int64)
+    assert math.isnan(exact_ratio(empty, 0)) and exact_ratio(empty, 1) == 0.0
+    huge = exact_bins(torch.full((1, 4), 1.7e308, dtype=torch.float64))[0]
+    assert exact_ratio(huge, 1) == math.inf and exact_ratio(huge, 4) == 1.7e308
+    # the worst case per bin: 2**32 values cannot overflow int64
+    assert int(exact_bins(torch.full((1, 1), 2.0**53 - 1, dtype=torch.float64)).max()) < 2**31
 
 
 def test_forward_returns_the_batch_value_with_gradient() -> None:

@@ -95,7 +95,10 @@ def test_network_is_frozen_out_of_state_and_moves_with_the_metric(backbone_weigh
     assert not metric.space.training and not metric.space.module.training
     assert all(not p.requires_grad for p in metric.space.parameters())
     assert list(metric.state_dict()) == [] and list(metric.parameters()) == []
-    assert not any(getattr(m, "inplace", False) for m in metric.space.modules())
+    # in-place ReLUs stay where the hooked layers are known to be safe, and go for other layer choices
+    assert any(getattr(m, "inplace", False) for m in metric.space.modules())
+    other = get_space("vgg16", weights=backbone_weights["vgg16"], layers=["features.2"])
+    assert not any(getattr(m, "inplace", False) for m in other.modules())
     metric.to("meta")
     assert {p.device.type for p in metric.space.parameters()} == {"meta"}
     assert metric.totals.device.type == "meta"

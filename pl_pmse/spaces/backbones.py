@@ -1,8 +1,8 @@
 """Feature spaces from neural networks: torchvision backbones, LPIPS calibration, your own ``nn.Module``.
 
 Features are read with forward hooks at named layers; the forward stops after the last of them. The network
-is frozen, kept in eval mode and its in-place activations are turned off so that a captured feature map is
-never overwritten by a later layer.
+is frozen and kept in eval mode; in-place activations are turned off unless the hooked layers are known to be
+safe from them, so that a captured feature map is never overwritten by a later layer.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class Backbone(Space):
         pixel_weight: default weight of the raw ``"pixel"`` component.
         min_size: smallest height/width the network accepts (checked before the forward).
         name: the space's name in messages.
+        keep_inplace: keep the module's in-place activations (faster); only safe when no later layer modifies a
+            hooked layer's output in place (true for the built-in torchvision layers, which are ReLU outputs).
 
     Example:
         >>> import torch
@@ -103,6 +105,7 @@ class Backbone(Space):
         pixel_weight: float = 1.0,
         min_size: int = 1,
         name: str = "custom",
+        keep_inplace: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
@@ -112,12 +115,15 @@ class Backbone(Space):
         self.normalize = checks.check_choice("normalize", normalize, NORMALIZATIONS)
         self.layers = layer_map
         self.min_size = min_size
-        self.module = _freeze(module)
+        self.module = _freeze(module, keep_inplace)
+        # the normalisation as one affine map per channel, x * gain + bias (LPIPS: [0, 1] -> [-1, 1] first)
         shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
             normalize, ((0.0,), (1.0,))
         )
-        self.register_buffer("shift", torch.tensor(shift).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(scale).view(1, -1, 1, 1), persistent=False)
+        shift, scale = torch.tensor(shift).view(1, -1, 1, 1), torch.tensor(scale).view(1, -1, 1, 1)
+        gain, bias = (2 / scale, (-1 - shift) / scale) if normalize == "lpips" else (1 / scale, -shift / scale)
+        self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
@@ -131,11 +137,7 @@ class Backbone(Space):
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         if self.normalize != "none":
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            if self.normalize == "lpips":
-                x = 2 * x - 1
-            x = (x - self.shift) / self.scale
+            x = torch.addcmul(self.bias, x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, self.gain)
         captured = self._capture(x)
         return {name: self.transform(name, captured[name]) for name in self.layers}
 
@@ -185,8 +187,11 @@ class LPIPSSpace(Backbone):
             self.register_buffer(f"lpips_scale_{name}", (weight.shape[1] * weight).sqrt(), persistent=False)
 
     def transform(self, name: str, feature: Tensor) -> Tensor:
-        unit = feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps)
-        return unit * getattr(self, f"lpips_scale_{name}")
+        scale = getattr(self, f"lpips_scale_{name}")
+        if feature.requires_grad:  # the plain formula: its gradient is finite where all channels are 0
+            return feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps) * scale
+        squared_norm = feature.square().sum(1, keepdim=True)  # one full-size temporary less than the plain formula
+        return (feature * scale).mul_(squared_norm.add_(self.eps).rsqrt_())
 
 
 def imagenet_weights_path(architecture: str) -> Path:
@@ -290,10 +295,10 @@ def _layer_map(module: nn.Module, layers: Sequence[str] | Mapping[str, str]) -> 
     return layer_map
 
 
-def _freeze(module: nn.Module) -> nn.Module:
+def _freeze(module: nn.Module, keep_inplace: bool) -> nn.Module:
     module.requires_grad_(False).eval()
     for child in module.modules():
-        if getattr(child, "inplace", False) is True:
+        if not keep_inplace and getattr(child, "inplace", False) is True:
             child.inplace = False
     return module
 
@@ -320,7 +325,7 @@ def _register_torchvision(space_name: str) -> None:
         module, layer_map = _named_backbone(space_name, weights, layers)
         return Backbone(
             module, layer_map, "imagenet", component_weights, pixel_weight, ARCHITECTURES[space_name].min_size,
-            space_name,
+            space_name, keep_inplace=set(layer_map) <= set(ARCHITECTURES[space_name].layers),
         )  # fmt: skip
 
     factory.__doc__ = (
@@ -341,7 +346,7 @@ def _register_lpips(space_name: str, architecture: str) -> None:
         return LPIPSSpace(
             module, lpips_calibration(architecture, calibration), layers=layer_map,
             component_weights=component_weights, pixel_weight=pixel_weight,
-            min_size=ARCHITECTURES[architecture].min_size, name=space_name,
+            min_size=ARCHITECTURES[architecture].min_size, name=space_name, keep_inplace=True,
         )  # fmt: skip
 
     factory.__doc__ = f"LPIPS with the {architecture} trunk: the total equals lpips.LPIPS(net=...)."
