@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,104 @@ _TORCHMETRICS_OPTIONS = (
 )
 
 
-class PerceptionMSE(Metric):
+class ExactSumMetric(Metric):
+    """Base of metrics whose state is exact sums of non-negative values plus integer counts, in ONE tensor.
+
+    Subclasses call :meth:`_add` in ``update`` and read :meth:`_sums` / :meth:`_counts` in ``compute``; syncing
+    is one ``all_reduce`` of the int64 state (see :mod:`pl_pmse.exact`), preceded once per process group by a
+    3-number check that every rank built the same configuration (:meth:`_describe`).
+    """
+
+    full_state_update = False
+    totals: Tensor
+
+    def __init__(self, num_sums: int, num_counts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._num_sums, self._num_counts = num_sums, num_counts
+        self._checked_groups: set[tuple[int, int]] = set()
+        self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
+
+    def _describe(self) -> str:
+        """The configuration every rank must share (compared across ranks before the first sync)."""
+        return f"{type(self).__name__}|{self._num_sums}|{self._num_counts}"
+
+    def _add(self, sums: Tensor, counts: Sequence[int]) -> None:
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state, out of place."""
+        packed = torch.cat([exact_bins(sums).flatten(), torch.tensor(counts, dtype=torch.int64, device=sums.device)])
+        self.totals = self.totals + packed.to(self.totals.device)
+
+    def _counts(self) -> list[int]:
+        return self.totals[self._num_sums * NUM_BINS :].tolist()
+
+    def _sums(self, divisors: Sequence[int]) -> list[float]:
+        """Each exact sum divided by its divisor, correctly rounded (NaN where the divisor is 0)."""
+        bins = self.totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS).cpu()
+        return [exact_ratio(row, divisor) for row, divisor in zip(bins, divisors, strict=True)]
+
+    def synced(self) -> Any:
+        """Context in which the state is summed over all processes (one all_reduce), restored afterwards."""
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
+
+    def check_configuration(self) -> None:
+        """Check that every process built the same metric (a collective: call it on every rank).
+
+        Runs by itself before the first sync; calling it early (e.g. in a Lightning ``setup`` hook) makes
+        every later ``compute`` exactly one ``all_reduce``. A no-op outside distributed runs.
+        """
+        if self.distributed_available_fn():
+            self._check_same_configuration(self.process_group)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        """ONE all_reduce of the packed state (after the one-time configuration check)."""
+        if dist_sync_fn is not gather_all_tensors:  # a custom gather function: torchmetrics' generic path
+            return super()._sync_dist(dist_sync_fn, process_group)
+        group = process_group or self.process_group
+        self._check_same_configuration(group)
+        totals = self.totals.clone()
+        dist.all_reduce(totals, group=group)
+        self.totals = totals
+
+    def _check_same_configuration(self, group: Any) -> None:
+        """Once per metric and process group: all ranks must hold the same configuration.
+
+        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce; this
+        fixed-size check (state size and a configuration hash, with their squares: all values agree iff
+        ``world * sum(x**2) == sum(x)**2``) turns that into a clear error on every rank.
+        """
+        key = (os.getpid(), id(group))
+        if key in self._checked_groups:
+            return
+        description = self._describe()
+        values = [self.totals.numel(), zlib.crc32(description.encode()) & 0xFFFFF]
+        check = torch.tensor([v for value in values for v in (value, value * value)], device=self.totals.device)
+        dist.all_reduce(check, group=group)
+        world, sums = dist.get_world_size(group), check.tolist()
+        if any(world * squares != total * total for total, squares in zip(sums[::2], sums[1::2], strict=True)):
+            raise RuntimeError(
+                f"{type(self).__name__}: the metric configuration differs between processes (this rank has "
+                f"{description!r}); every rank must build the same metric"
+            )
+        self._checked_groups.add(key)
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        """torchmetrics counts an update before running it; undo that when the update is rejected."""
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            count, computed = self._update_count, self._computed
+            try:
+                wrapped(*args, **kwargs)
+            except Exception:
+                self._update_count, self._computed = count, computed
+                raise
+
+        return guarded
+
+
+class PerceptionMSE(ExactSumMetric):
     r"""Perception MSE: the weighted sum of mean squared errors in the components of a perception space.
 
     .. math::
@@ -45,14 +142,14 @@ class PerceptionMSE(Metric):
     update order and any number of processes give the same bits; syncing is one ``all_reduce``.
 
     Args:
-        space: a space name (``"pixel"``, ``"vgg16"``, ``"mel"``, ... see ``pl_pmse.spaces.available_spaces()``),
+        space: a space name (``"pixel"``, ``"vgg16"``, ``"mel"``, ... see ``pl_pmse.available_spaces()``),
             a :class:`~pl_pmse.spaces.Space`, or an ``nn.Module`` (wrapped in a Backbone, pass ``layers=``).
-        data_range: value range of the inputs: ``d`` for ``[0, d]`` or ``(min, max)``. Enables ``psnr`` of the raw
-            component, is required for integer inputs, and tells feature spaces how to scale their input.
+        data_range: value range of the inputs: ``d`` for ``[0, d]`` or ``(min, max)``. Enables ``psnr`` of the
+            raw component, is required for integer inputs, and tells feature spaces how to scale their input.
         nan_strategy: ``"error"`` (default) raises on NaN/Inf; ``"warn"`` and ``"ignore"`` skip such samples
             (counted in ``compute_summary()["skipped"]``).
-        kwargs: options of the space (``weights=``, ``layers=``, ``sample_rate=``, ...) and of
-            ``torchmetrics.Metric`` (``sync_on_compute``, ``process_group``, ...).
+        kwargs: options of the space (``component_weights=``, ``weights=``, ``layers=``, ``sample_rate=``, ...)
+            and of ``torchmetrics.Metric`` (``sync_on_compute``, ``process_group``, ...).
 
     Example:
         >>> import torch
@@ -66,10 +163,7 @@ class PerceptionMSE(Metric):
 
     higher_is_better = False
     is_differentiable = True
-    full_state_update = False
     plot_lower_bound = 0.0
-
-    totals: Tensor
 
     def __init__(
         self,
@@ -79,14 +173,15 @@ class PerceptionMSE(Metric):
         **kwargs: Any,
     ) -> None:
         metric_options, space_options = split_options(kwargs, _TORCHMETRICS_OPTIONS)
-        super().__init__(**metric_options)
-        self.data_range = checks.check_data_range(data_range)
-        self.nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+        data_range = checks.check_data_range(data_range)
+        nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+        resolved = get_space(space, **space_options)
+        k = len(resolved.component_names)
+        super().__init__(num_sums=k, num_counts=k + 2, **metric_options)  # counts: sizes, samples, skipped
+        self.data_range, self.nan_strategy = data_range, nan_strategy
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
-        self.__dict__["_space"] = get_space(space, **space_options)
-        k = len(self.space.component_names)
-        self._checked_groups: set[tuple[int, int]] = set()
-        self.add_state("totals", torch.zeros(k * NUM_BINS + k + 2, dtype=torch.int64), dist_reduce_fx="sum")
+        self.__dict__["_space"] = resolved
+        self.last_batch: SampleStats | None = None
 
     @property
     def space(self) -> Space:
@@ -94,7 +189,11 @@ class PerceptionMSE(Metric):
         return self.__dict__["_space"]
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulate a batch; a rejected batch raises and leaves the state untouched."""
+        """Accumulate a batch; a rejected batch raises and leaves the state untouched.
+
+        The batch's per-sample results stay available in :attr:`last_batch` (the callback ranks samples
+        with them).
+        """
         self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy))
 
     def forward(self, preds: Tensor, target: Tensor) -> Tensor:
@@ -121,36 +220,23 @@ class PerceptionMSE(Metric):
 
     def compute_summary(self) -> dict[str, Tensor]:
         """``total``, every component, ``psnr`` (with ``data_range``) and ``skipped``, with ONE sync."""
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
+        with self.synced():
             return self._summary()
 
-    def check_configuration(self) -> None:
-        """Check that every process built the same metric (a collective: call it on every rank).
-
-        Runs by itself before the first sync; calling it early (e.g. in a Lightning ``setup`` hook) makes
-        every later ``compute`` exactly one ``all_reduce``. A no-op outside distributed runs.
-        """
-        if self.distributed_available_fn():
-            self._check_same_configuration(self.process_group)
-
-    # -- internals ---------------------------------------------------------------------------------------
+    def _describe(self) -> str:
+        return f"{self.space!r}|{self.space.component_names}|{self.data_range}"
 
     def _accumulate(self, stats: SampleStats) -> None:
-        sums = stats.sums.detach()[stats.valid]
+        sums = stats.sums.detach()
+        self.last_batch = SampleStats(stats.names, sums, stats.sizes, stats.valid)
+        sums = sums[stats.valid]
         kept = sums.shape[0]
-        skipped = stats.valid.numel() - kept
-        counts = torch.tensor([*(size * kept for size in stats.sizes), kept, skipped], dtype=torch.int64)
-        packed = torch.cat([exact_bins(sums.T).flatten(), counts.to(sums.device)])
-        self.totals = self.totals + packed.to(self.totals.device)
+        self._add(sums.T, [*(size * kept for size in stats.sizes), kept, stats.valid.numel() - kept])
 
     def _summary(self) -> dict[str, Tensor]:
         names, weights = self.space.component_names, self.space.component_weights
-        k = len(names)
-        totals = self.totals.cpu()
-        bins, counts = totals[: k * NUM_BINS].view(k, NUM_BINS), totals[k * NUM_BINS :].tolist()
-        samples, skipped = counts[k], counts[k + 1]
+        counts = self._counts()
+        samples, skipped = counts[-2:]
         if samples == 0:
             warnings.warn(
                 "PerceptionMSE: no sample accumulated (compute before update, only empty batches, or every "
@@ -158,7 +244,7 @@ class PerceptionMSE(Metric):
                 UserWarning,
                 stacklevel=3,
             )
-        mse = {name: exact_ratio(bins[i], counts[i]) for i, name in enumerate(names)}
+        mse = dict(zip(names, self._sums(counts[: len(names)]), strict=True))
         total = math.fsum(weights[name] * value for name, value in mse.items() if weights[name])
         values = {"total": total if samples else math.nan, **mse, "skipped": float(skipped)}
         if self.data_range is not None:
@@ -166,53 +252,6 @@ class PerceptionMSE(Metric):
             raw = mse[self.space.raw_name]
             values["psnr"] = 10 * math.log10(span**2 / raw) if raw > 0 else (math.inf if raw == 0 else math.nan)
         return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
-
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
-        """ONE all_reduce of the packed state (after a one-time configuration check, see below)."""
-        if dist_sync_fn is not gather_all_tensors:  # a custom gather function: torchmetrics' generic path
-            return super()._sync_dist(dist_sync_fn, process_group)
-        group = process_group or self.process_group
-        self._check_same_configuration(group)
-        totals = self.totals.clone()
-        dist.all_reduce(totals, group=group)
-        self.totals = totals
-
-    def _check_same_configuration(self, group: Any) -> None:
-        """Once per metric and process group: all ranks must hold the same configuration.
-
-        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce; this
-        fixed-size check (component count and a configuration hash, with their squares: all values agree
-        iff ``world * sum(x**2) == sum(x)**2``) turns that into a clear error on every rank.
-        """
-        key = (os.getpid(), id(group))
-        if key in self._checked_groups:
-            return
-        description = f"{self.space!r}|{self.space.component_names}|{self.data_range}"
-        values = [len(self.space.component_names), zlib.crc32(description.encode()) & 0xFFFFF]
-        check = torch.tensor([v for value in values for v in (value, value * value)], device=self.totals.device)
-        dist.all_reduce(check, group=group)
-        world, sums = dist.get_world_size(group), check.tolist()
-        if any(world * squares != total * total for total, squares in zip(sums[::2], sums[1::2], strict=True)):
-            raise RuntimeError(
-                "PerceptionMSE: the metric configuration differs between processes (space, components or "
-                f"data_range; this rank has {description!r}); every rank must build the same metric"
-            )
-        self._checked_groups.add(key)
-
-    def _wrap_update(self, update: Callable) -> Callable:
-        """torchmetrics counts an update before running it; undo that when the update is rejected."""
-        wrapped = super()._wrap_update(update)
-
-        @functools.wraps(update)
-        def guarded(*args: Any, **kwargs: Any) -> None:
-            count, computed = self._update_count, self._computed
-            try:
-                wrapped(*args, **kwargs)
-            except Exception:
-                self._update_count, self._computed = count, computed
-                raise
-
-        return guarded
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         this = super()._apply(fn, *args, **kwargs)
