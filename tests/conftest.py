@@ -15,8 +15,13 @@ os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_clean_environment():
+    """Seed torch; undo environment variables a test's Lightning run sets (MASTER_PORT, PL_GLOBAL_SEED, ...)."""
     torch.manual_seed(0)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

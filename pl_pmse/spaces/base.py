@@ -156,6 +156,16 @@ def get_space(space: str | nn.Module = "pixel", **options: object) -> Space:
     return factory(**options)
 
 
+def space_options(name: str) -> tuple[str, ...]:
+    """The keyword options a registered space accepts.
+
+    Example:
+        >>> space_options("pixel")
+        ('component_weights',)
+    """
+    return tuple(p for p in inspect.signature(_FACTORIES[name]).parameters if p != "self")
+
+
 def _check_options(name: str, factory: Callable[..., Space], options: Mapping[str, object]) -> None:
     parameters = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):

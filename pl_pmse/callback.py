@@ -1,0 +1,428 @@
+"""PerceptionMSECallback: Perception MSE every validation / test epoch, with error panels.
+
+Every rank updates its metrics and takes part in every collective, in the same order: the metric sync, the
+error-profile sync and the gather of the worst samples. Only rendering and logger calls run on global rank
+zero, never during the sanity check, and a failing logger only warns.
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checks
+from .metric import PerceptionMSE
+from .panels import audio as audio_panels
+from .panels import image as image_panels
+from .panels.render import stack, to_rgb, upscale
+from .panels.sinks import Sink, sinks_for
+from .profile import ErrorProfile
+from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
+from .spaces.base import space_options as space_options_of
+
+STAGES = {"validate": "val", "test": "test"}
+MODALITIES = ("auto", "image", "audio")
+Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
+
+
+@dataclass(order=True)
+class _Sample:
+    """One sample kept for a panel: its Perception MSE, components and tensors (on the CPU)."""
+
+    value: float
+    label: str = field(compare=False)
+    components: dict[str, float] = field(compare=False)
+    preds: Tensor = field(compare=False)
+    target: Tensor = field(compare=False)
+
+    def caption(self) -> str:
+        parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
+        return f"{self.label}: pmse {self.value:.4g} ({parts})"
+
+
+@dataclass
+class _Stage:
+    """Metrics and panel buffers of one loop (validation or test), one entry per dataloader."""
+
+    prefix: str
+    metrics: list[PerceptionMSE]
+    profiles: list[ErrorProfile]
+    worst: list[list[_Sample]]
+    fixed: list[_Sample]
+
+
+class PerceptionMSECallback(pl.Callback):
+    """Log Perception MSE every validation (and test) epoch, and draw where the model fails.
+
+    Add it to the Trainer and return the pair from ``validation_step``::
+
+        trainer = Trainer(callbacks=[PerceptionMSECallback("vgg16", weights="imagenet", data_range=1.0)])
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            return {"preds": self(x), "target": y}
+
+    Scalars (through ``pl_module.log``, so ``ModelCheckpoint(monitor="val/pmse")`` and ``EarlyStopping`` work):
+    ``val/pmse``, ``val/pmse/<component>``, ``val/pmse/psnr`` (with ``data_range``), ``val/pmse/skipped`` (when
+    ``nan_strategy`` skips samples); with several dataloaders each key ends in ``/dataloader_idx_<i>``. The test
+    loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` over the whole set, on every rank.
+
+    Panels (rank zero, every ``panels_every_n_epochs``, never in the sanity check), keys under ``<prefix>/``:
+    images: ``panels/fixed`` (the same samples every epoch), ``panels/worst`` (the worst samples across all ranks),
+    ``panels/error_map`` and ``panels/spectrum`` (the whole set); audio: log-mel and difference spectrograms,
+    waveform overlays and playable clips of the fixed and worst samples, and ``panels/mel_profile``.
+    They go to W&B (``WandbLogger``), TensorBoard, or PNG/WAV files under ``<log_dir>/pmse_panels``.
+
+    Args:
+        space: a space name, a Space, an ``nn.Module``, or a ready :class:`PerceptionMSE` (its space and options
+            are used). Other keyword options go to the space (``weights=``, ``layers=``, ...).
+        preds_key, target_key: keys of the pair in the dict that ``validation_step`` returns; a returned
+            ``(preds, target)`` tuple works too.
+        prefix, test_prefix: key prefixes of the validation and test loops.
+        extract: ``(outputs, batch) -> (preds, target)`` for any other layout (define it at module level for
+            ``ddp_spawn``, which pickles the callback).
+        data_range, nan_strategy: as in :class:`PerceptionMSE`; ``data_range`` also scales the pictures
+            (default ``[0, 1]``) and clips (default ``[-1, 1]``).
+        panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel.
+        panels_every_n_epochs: draw every n-th validation epoch.
+        profile: accumulate the dataset error map / spectra / mel-band profile.
+        modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
+        sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
+        prog_bar: show ``val/pmse`` in the progress bar.
+        space_options: options of the space as one mapping (the form LightningCLI configs need); keyword
+            ``options`` are merged over it.
+    """
+
+    def __init__(
+        self,
+        space: str | nn.Module | PerceptionMSE = "pixel",
+        preds_key: str = "preds",
+        target_key: str = "target",
+        prefix: str = "val/pmse",
+        test_prefix: str = "test/pmse",
+        extract: Extract | None = None,
+        data_range: float | tuple[float, float] | None = None,
+        nan_strategy: str = "error",
+        panels: bool = True,
+        num_panel_samples: int = 4,
+        worst_k: int = 4,
+        panels_every_n_epochs: int = 1,
+        profile: bool = True,
+        error_map_grid: int = 32,
+        spectrum_bands: int = 32,
+        modality: str = "auto",
+        sample_rate: int | None = None,
+        prog_bar: bool = True,
+        space_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        space_options = {**(space_options or {}), **options}
+        if isinstance(space, PerceptionMSE):
+            if space_options:
+                raise ValueError(f"space options {sorted(space_options)} do not apply to a ready PerceptionMSE")
+            data_range, nan_strategy, space = space.data_range, space.nan_strategy, space.space
+        named = isinstance(space, str) and space in available_spaces()
+        if sample_rate is not None and named and "sample_rate" in space_options_of(space):
+            space_options.setdefault("sample_rate", sample_rate)  # one sample_rate for the space and the panels
+        self.space: Space = get_space(space, **space_options)
+        self.data_range = checks.check_data_range(data_range)
+        self.nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+        for argument, value in (("preds_key", preds_key), ("target_key", target_key), ("prefix", prefix),
+                                ("test_prefix", test_prefix)):  # fmt: skip
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
+        if extract is not None and not callable(extract):
+            raise TypeError(f"extract: expected a function (outputs, batch) -> (preds, target), got {extract!r}")
+        counts = {"num_panel_samples": (num_panel_samples, 0), "worst_k": (worst_k, 0),
+                  "panels_every_n_epochs": (panels_every_n_epochs, 1), "error_map_grid": (error_map_grid, 1),
+                  "spectrum_bands": (spectrum_bands, 1)}  # fmt: skip
+        for argument, (value, minimum) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
+        self.preds_key, self.target_key, self.extract = preds_key, target_key, extract
+        self.prefixes = {"validate": prefix, "test": test_prefix}
+        self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
+        self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
+        self.error_map_grid, self.spectrum_bands, self.prog_bar = error_map_grid, spectrum_bands, prog_bar
+        if isinstance(self.space, MelSpace) and sample_rate is None:
+            sample_rate = self.space.transform.sample_rate
+        self.sample_rate = sample_rate
+        self.modality = self._resolve_modality(checks.check_choice("modality", modality, MODALITIES))
+        self._stages: dict[str, _Stage] = {}
+        self._fixed_positions: list[tuple[int, int]] = []
+        self._fixed_frozen = False
+        self._sinks: list[Sink] | None = None
+        self._file_root = Path("pmse_panels")
+        self._warned: set[str] = set()
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefixes["validate"], space=self.space.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fixed_positions": [list(p) for p in self._fixed_positions], "fixed_frozen": self._fixed_frozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fixed_positions = [tuple(p) for p in state_dict.get("fixed_positions", [])]
+        self._fixed_frozen = bool(state_dict.get("fixed_frozen", bool(self._fixed_positions)))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts: it is read here, on every rank, never behind a rank-zero check
+        self._file_root = Path(trainer.log_dir or trainer.default_root_dir) / "pmse_panels"
+        self._sinks = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        self._start("validate", len(counts) or 1, pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start("test", len(trainer.num_test_batches) or 1, pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._batch(trainer, "validate", outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._batch(trainer, "test", outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, pl_module, "test")
+
+    # -- accumulation (every rank) ---------------------------------------------------------------------------
+
+    def _start(self, loop: str, dataloaders: int, pl_module: pl.LightningModule) -> None:
+        stage = self._stages.get(loop)
+        if stage is None or len(stage.metrics) != dataloaders:
+            stage = self._stages[loop] = _Stage(
+                self.prefixes[loop],
+                [PerceptionMSE(self.space, self.data_range, self.nan_strategy) for _ in range(dataloaders)],
+                [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
+                [[] for _ in range(dataloaders)],
+                [],
+            )
+        for metric in (*stage.metrics, *stage.profiles):
+            metric.to(pl_module.device)
+            metric.reset()
+        stage.worst = [[] for _ in stage.metrics]
+        stage.fixed = []
+
+    def _new_profile(self) -> ErrorProfile:
+        if self.modality == "audio":
+            return ErrorProfile("audio", self.data_range, sample_rate=self.sample_rate)
+        return ErrorProfile("image", self.data_range, grid=self.error_map_grid, bands=self.spectrum_bands)
+
+    def _batch(self, trainer: pl.Trainer, loop: str, outputs: Any, batch: Any, batch_idx: int, index: int) -> None:
+        preds, target = self._pair(outputs, batch)
+        stage = self._stages[loop]
+        metric = stage.metrics[index]
+        metric.update(preds, target)
+        if not self.panels or trainer.sanity_checking:
+            return
+        if stage.profiles and self._profile_fits(preds, stage.profiles[index]):
+            stage.profiles[index].update(preds, target)
+        keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
+        worst = stage.worst[index]
+        for row, value in self._candidates(metric):
+            if keep_fixed and not self._fixed_frozen and len(self._fixed_positions) < self.num_panel_samples:
+                self._fixed_positions.append((batch_idx, row))
+            if keep_fixed and (batch_idx, row) in self._fixed_positions:
+                stage.fixed.append(self._sample(metric, preds, target, row, value, batch_idx, trainer.global_rank))
+            if self.worst_k and (len(worst) < self.worst_k or value > worst[0].value):
+                sample = self._sample(metric, preds, target, row, value, batch_idx, trainer.global_rank)
+                (heapq.heappush if len(worst) < self.worst_k else heapq.heapreplace)(worst, sample)
+
+    def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float]]:
+        """``(row, Perception MSE)`` of the valid samples of the last batch."""
+        stats = metric.last_batch
+        if stats is None or stats.sums.shape[0] == 0:
+            return []
+        totals = stats.total(self.space.component_weights).tolist()
+        return [(row, value) for row, (value, ok) in enumerate(zip(totals, stats.valid.tolist(), strict=True)) if ok]
+
+    @staticmethod
+    def _sample(
+        metric: PerceptionMSE, preds: Tensor, target: Tensor, row: int, value: float, batch_idx: int, rank: int
+    ) -> _Sample:
+        """Copy one sample to the CPU with its values (only samples that a panel keeps are copied)."""
+        stats = metric.last_batch
+        components = dict(zip(stats.names, stats.mse()[row].tolist(), strict=True))
+        label = f"batch {batch_idx} item {row}" + (f" (rank {rank})" if rank else "")
+        return _Sample(value, label, components, preds[row].float().cpu(), target[row].float().cpu())
+
+    def _pair(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
+        if self.extract is not None:
+            pair = self.extract(outputs, batch)
+        elif isinstance(outputs, Mapping) and self.preds_key in outputs and self.target_key in outputs:
+            pair = (outputs[self.preds_key], outputs[self.target_key])
+        elif isinstance(outputs, Sequence) and not isinstance(outputs, str) and len(outputs) == 2:
+            pair = tuple(outputs)
+        else:
+            shown = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise ValueError(
+                f"PerceptionMSECallback: validation_step/test_step must return a dict with keys "
+                f"{self.preds_key!r} and {self.target_key!r} (preds_key/target_key) or a (preds, target) tuple, "
+                f"got {shown}; or pass extract=(outputs, batch) -> (preds, target)"
+            )
+        if not all(isinstance(x, Tensor) for x in pair):
+            raise TypeError(
+                f"PerceptionMSECallback: expected (preds, target) tensors, got {[type(x).__name__ for x in pair]}"
+            )
+        return pair[0].detach(), pair[1].detach()
+
+    # -- epoch end: collectives on every rank, drawing on rank zero -------------------------------------------
+
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: str) -> None:
+        stage = self._stages[loop]
+        several = len(stage.metrics) > 1
+        for index, metric in enumerate(stage.metrics):
+            summary = metric.compute_summary()
+            for name, value in summary.items():
+                if name == "skipped" and self.nan_strategy == "error":
+                    continue
+                key = stage.prefix if name == "total" else f"{stage.prefix}/{name}"
+                key += f"/dataloader_idx_{index}" if several else ""
+                pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
+                              add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
+        epoch = trainer.current_epoch
+        if not self.panels or trainer.sanity_checking or (loop == "validate" and epoch % self.panels_every_n_epochs):
+            return
+        profiles = [profile.compute() for profile in stage.profiles]
+        worst = [self._gather_worst(samples) for samples in stage.worst]
+        self._fixed_frozen = self._fixed_frozen or bool(self._fixed_positions)
+        if trainer.is_global_zero:
+            step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+            self._draw(trainer, stage, profiles, worst, step)
+
+    def _gather_worst(self, samples: list[_Sample]) -> list[_Sample]:
+        """The ``worst_k`` samples across all ranks: k per rank travel, never the whole set."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, samples)
+            samples = [sample for part in gathered for sample in part]
+        return sorted(samples, reverse=True)[: self.worst_k]
+
+    def _draw(self, trainer: pl.Trainer, stage: _Stage, profiles: list, worst: list, step: int) -> None:
+        if self._sinks is None:
+            self._sinks = sinks_for(trainer.loggers, self._file_root)
+        several = len(stage.metrics) > 1
+        for index in range(len(stage.metrics)):
+            prefix = stage.prefix + (f"/dataloader_idx_{index}" if several else "")
+            fixed = sorted(stage.fixed, key=lambda s: s.label) if index == 0 else []
+            profile = profiles[index] if profiles else None
+            self._guarded(
+                "panels", lambda p=prefix, f=fixed, w=worst[index], pr=profile: self._render(p, f, w, pr, step)
+            )
+
+    def _render(self, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int) -> None:
+        image = self.modality == "image"
+        for name, samples in (("fixed", fixed), ("worst", worst)):
+            if not samples:
+                continue
+            if image and samples[0].target.dim() == 3:
+                self._image_panel(f"{prefix}/panels/{name}", samples, step)
+                self._table(f"{prefix}/{name}_table", samples, step)
+            elif not image and self.sample_rate:
+                self._audio_panels(f"{prefix}/panels/{name}", f"{prefix}/audio/{name}", samples, step)
+        if profile is not None and self._counted(profile):
+            if image:
+                self._send_image(f"{prefix}/panels/error_map", image_panels.error_map_panel(profile["error_map"]),
+                                 "mean squared error over the whole set, pooled", step)  # fmt: skip
+                self._send_image(f"{prefix}/panels/spectrum", image_panels.spectrum_panel(profile),
+                                 "radial power spectra: error, target, prediction", step)  # fmt: skip
+            else:
+                self._send_image(f"{prefix}/panels/mel_profile", audio_panels.mel_profile_panel(profile),
+                                 "per mel band: squared log-mel error; target and prediction power", step)  # fmt: skip
+
+    def _image_panel(self, key: str, samples: list[_Sample], step: int) -> None:
+        picture, vmax = image_panels.comparison_grid([(s.target, s.preds) for s in samples], self._image_range)
+        captions = "; ".join(s.caption() for s in samples)
+        self._send_image(key, picture, f"rows: {captions}. Error scale 0 to {vmax:.4g}", step)
+
+    def _audio_panels(self, panel_key: str, clip_key: str, samples: list[_Sample], step: int) -> None:
+        rows = [
+            stack([audio_panels.spectrogram_panel(s.target, s.preds, self.sample_rate),
+                   audio_panels.waveform_overlay(s.target, s.preds)], axis=0)
+            for s in samples
+        ]  # fmt: skip
+        captions = [s.caption() for s in samples]
+        self._send_image(panel_key, stack(rows, axis=0), "; ".join(captions), step)
+        for role, pick in (("target", lambda s: s.target), ("prediction", lambda s: s.preds)):
+            clips = [audio_panels.clip(pick(s), self.data_range) for s in samples]
+            labels = [f"{role}: {caption}" for caption in captions]
+            self._deliver("audio", lambda sink, k=f"{clip_key}_{role}", c=clips, t=labels: sink.audio(
+                k, c, self.sample_rate, t, step))  # fmt: skip
+
+    def _table(self, key: str, samples: list[_Sample], step: int) -> None:
+        names = list(samples[0].components)
+        rows = [[s.label, s.value, *(s.components[n] for n in names),
+                 upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]
+                for s in samples]  # fmt: skip
+        self._deliver(
+            "table", lambda sink: sink.table(key, ["sample", "pmse", *names, "target", "prediction"], rows, step)
+        )
+
+    def _send_image(self, key: str, picture: np.ndarray, caption: str, step: int) -> None:
+        self._deliver("image", lambda sink: sink.image(key, picture, caption, step))
+
+    def _deliver(self, kind: str, call: Callable[[Sink], None]) -> None:
+        for sink in self._sinks or []:
+            self._guarded(f"{sink!r} {kind}", lambda s=sink: call(s))
+
+    def _guarded(self, what: str, call: Callable[[], None]) -> None:
+        """Run a rendering or logger call; a failure warns once per kind and training goes on."""
+        try:
+            call()
+        except Exception as error:
+            if what not in self._warned:
+                self._warned.add(what)
+                hint = " (pip install soundfile for audio clips)" if "soundfile" in repr(error).lower() else ""
+                warnings.warn(
+                    f"PerceptionMSECallback: {what} failed: {type(error).__name__}: {error}{hint}; training "
+                    f"continues and further failures of this kind are not reported",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _resolve_modality(self, modality: str) -> str:
+        if modality == "auto":
+            modality = "audio" if isinstance(self.space, AudioSpace) or self.sample_rate else "image"
+        if modality == "audio" and not self.sample_rate and self.panels:
+            warnings.warn("PerceptionMSECallback: audio panels need sample_rate=...; drawing none", UserWarning, 2)
+            self.profile = False
+        return modality
+
+    def _profile_fits(self, preds: Tensor, profile: ErrorProfile) -> bool:
+        if self.modality == "image":
+            return preds.dim() == 4
+        return preds.dim() in (2, 3) and preds.shape[-1] >= profile.min_length
+
+    @staticmethod
+    def _counted(profile: Mapping[str, Tensor]) -> bool:
+        return bool(torch.isfinite(profile["error"]).all())
+
+    @property
+    def _image_range(self) -> tuple[float, float]:
+        return self.data_range or (0.0, 1.0)

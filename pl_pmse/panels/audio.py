@@ -1,0 +1,97 @@
+"""Audio panels: waveform overlay, log-mel spectrograms of target / prediction / difference, playable clips."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torchaudio
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, line_plot, magma, stack, titled
+
+DYNAMIC_RANGE_DB = 80.0
+DIFFERENCE_LIMIT_DB = 40.0
+
+
+def mono(x: Tensor) -> Tensor:
+    """``[T]`` or ``[C, T]`` to a float64 ``[T]`` (channel mean)."""
+    x = x.detach().cpu().double()
+    return x.mean(0) if x.dim() == 2 else x
+
+
+def clip(x: Tensor, data_range: tuple[float, float] | None) -> np.ndarray:
+    """A playable float32 clip in [-1, 1]: ``[T]`` mono or ``[T, C]`` multichannel, as wandb and soundfile want."""
+    x = x.detach().cpu().double()
+    if data_range is not None:
+        low, high = data_range
+        x = (x - low) / (high - low) * 2 - 1
+    x = x.clamp(-1, 1).float()
+    return (x.T if x.dim() == 2 else x).numpy()
+
+
+def log_mel_db(x: Tensor, sample_rate: int, n_mels: int = 64) -> Tensor:
+    """Log-mel power in dB, ``[n_mels, frames]``, with an FFT size that fits short clips."""
+    n_fft = int(min(1024, 2 ** np.floor(np.log2(max(x.shape[-1], 2)))))
+    transform = torchaudio.transforms.MelSpectrogram(
+        sample_rate, n_fft=n_fft, hop_length=max(1, n_fft // 4), n_mels=min(n_mels, n_fft // 4 + 1)
+    ).double()
+    return 10 * torch.log10(transform(x) + 1e-10)
+
+
+def spectrogram_panel(target: Tensor, preds: Tensor, sample_rate: int, height: int = 96) -> np.ndarray:
+    """Three rows: target and prediction log-mel (shared dB scale, magma) and prediction - target (blue-red).
+
+    Example:
+        >>> import torch
+        >>> spectrogram_panel(torch.randn(4000) * 0.1, torch.randn(4000) * 0.1, 16000).dtype
+        dtype('uint8')
+    """
+    target_db, preds_db = (log_mel_db(mono(x), sample_rate).flip(0) for x in (target, preds))
+    top = float(torch.maximum(target_db.max(), preds_db.max()))
+    scale = lambda db: ((db - (top - DYNAMIC_RANGE_DB)) / DYNAMIC_RANGE_DB).numpy()  # noqa: E731
+    rows = [
+        titled(_stretch(magma(scale(target_db)), height), f"target log-mel (dB, top {top:.1f})"),
+        titled(_stretch(magma(scale(preds_db)), height), "prediction log-mel (same scale)"),
+        titled(
+            _stretch(diverging((preds_db - target_db).numpy(), DIFFERENCE_LIMIT_DB), height),
+            f"prediction - target (blue -{DIFFERENCE_LIMIT_DB:.0f} dB, red +{DIFFERENCE_LIMIT_DB:.0f} dB)",
+        ),
+    ]
+    return stack(rows, axis=0)
+
+
+def waveform_overlay(target: Tensor, preds: Tensor, width: int = 640, height: int = 140) -> np.ndarray:
+    """Target (grey) and prediction (blue) drawn as min/max envelopes per pixel column, on one amplitude scale."""
+    signals = [mono(x).numpy() for x in (target, preds)]
+    limit = max(float(np.abs(s).max()) for s in signals) or 1.0
+    image = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(image)
+    middle = height / 2
+    for signal, colour in zip(signals, ((150, 150, 150), SERIES_COLOURS[0]), strict=True):
+        columns = np.array_split(signal, width) if signal.size >= width else [signal[[i]] for i in range(signal.size)]
+        step = width / len(columns)
+        for index, column in enumerate(columns):
+            x = int(index * step)
+            low, high = float(column.min()), float(column.max())
+            draw.line([(x, middle - high / limit * middle * 0.95), (x, middle - low / limit * middle * 0.95)],
+                      fill=colour)  # fmt: skip
+    return titled(np.asarray(image), f"waveform: target (grey), prediction (blue); peak {limit:.3g}")
+
+
+def mel_profile_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
+    """Per mel band over the whole set: the squared log-mel error, and the power of target and prediction."""
+    frequency = as_float(profile["frequency"])
+    error = line_plot(frequency, {"squared log-mel error": as_float(profile["error"])},
+                      "error per mel band, mean over the set (log10)", "frequency (Hz)")  # fmt: skip
+    power = line_plot(frequency, {"target": as_float(profile["target"]), "prediction": as_float(profile["preds"])},
+                      "mel power per band, mean over the set (log10)", "frequency (Hz)")  # fmt: skip
+    return stack([error, power], axis=0)
+
+
+def _stretch(image: np.ndarray, height: int) -> np.ndarray:
+    """Resize a spectrogram picture to ``height`` rows (and at least 2 pixels per frame)."""
+    width = max(image.shape[1] * 2, 256)
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))

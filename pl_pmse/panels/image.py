@@ -1,0 +1,58 @@
+"""Image panels: target | prediction | error rows, the dataset error map and the radial spectra."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from .render import as_float, colorbar, heatmap, line_plot, stack, titled, to_rgb, upscale
+
+MIN_SIDE = 96
+
+
+def comparison_grid(
+    pairs: Sequence[tuple[Tensor, Tensor]], data_range: tuple[float, float]
+) -> tuple[np.ndarray, float]:
+    """Rows of target | prediction | squared error (mean over channels), on ONE error scale for the panel.
+
+    Returns the picture and the top of the error scale (in squared data units), for the caption.
+
+    Example:
+        >>> import torch
+        >>> picture, vmax = comparison_grid([(torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.5))], (0.0, 1.0))
+        >>> picture.dtype, vmax
+        (dtype('uint8'), 0.25)
+    """
+    errors = [(p.double() - t.double()).square().mean(0) for t, p in pairs]
+    vmax = max(float(e.max()) for e in errors)
+    rows = []
+    for index, ((target, preds), error) in enumerate(zip(pairs, errors, strict=True)):
+        cells = [upscale(to_rgb(x, data_range), MIN_SIDE) for x in (target, preds)]
+        cells.append(upscale(heatmap(error, vmax), MIN_SIDE))
+        if index == 0:
+            cells = [titled(cell, title) for cell, title in zip(cells, ("target", "prediction", "error"), strict=True)]
+        rows.append(stack(cells, axis=1))
+    grid = stack(rows, axis=0)
+    bar = colorbar(cells[-1].shape[1], vmax)
+    return stack([grid, np.pad(bar, [(0, 0), (grid.shape[1] - bar.shape[1], 0), (0, 0)], constant_values=255)], 0), vmax
+
+
+def error_map_panel(error_map: Tensor, size: int = 256) -> np.ndarray:
+    """The mean squared-error map over the dataset (pooled grid), on its own scale."""
+    vmax = float(error_map.max())
+    picture = upscale(heatmap(error_map, vmax), size)
+    return stack([titled(picture, "mean squared error, whole set"), colorbar(picture.shape[1], vmax)], axis=0)
+
+
+def spectrum_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
+    """Radial power spectra of error, target and prediction: less power than the target at high frequencies
+    means blur, more means hallucinated detail or noise."""
+    series = {"error": profile["error"], "target": profile["target"], "prediction": profile["preds"]}
+    return line_plot(
+        as_float(profile["frequency"]),
+        {name: as_float(values) for name, values in series.items()},
+        "radial power spectrum, mean over the set (log10)",
+        "frequency (cycles / pixel)",
+    )

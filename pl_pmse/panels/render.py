@@ -1,0 +1,157 @@
+"""Drawing primitives for panels: colour maps, value scaling, labels, stacking and line plots (numpy + Pillow).
+
+Everything returns ``uint8`` arrays ``[H, W, 3]``: wandb >= 0.19 no longer rescales float images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+# Polynomial fits of matplotlib's perceptually uniform maps (within 5/255 of the originals).
+_MAGMA = np.array([
+    (-0.002136485053939582, -0.000749655052795221, -0.005386127855323933),
+    (0.2516605407371642, 0.6775232436837668, 2.494026599312351),
+    (8.353717279216625, -3.577719514958484, 0.3144679030132573),
+    (-27.66873308576866, 14.26473078096533, -13.64921318813922),
+    (52.17613981234068, -27.94360607168351, 12.94416944238394),
+    (-50.76852536473588, 29.04658282127291, 4.23415299384598),
+    (18.65570506591883, -11.48977351997711, -5.601961508734096),
+])  # fmt: skip
+_BLUE, _WHITE, _RED = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
+BACKGROUND = 255
+INK = (30, 30, 30)
+SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+
+
+def magma(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (clipped) to ``uint8`` RGB with the magma colour map."""
+    t = np.clip(np.asarray(values, dtype=np.float64), 0, 1)[..., None]
+    rgb = sum(_MAGMA[k] * t**k for k in range(len(_MAGMA)))
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def diverging(values: np.ndarray, limit: float) -> np.ndarray:
+    """Blue (negative) - white (0) - red (positive), symmetric in ``[-limit, limit]``."""
+    t = np.clip(np.asarray(values, dtype=np.float64) / max(limit, 1e-12), -1, 1)[..., None]
+    rgb = np.where(t < 0, _WHITE + (_BLUE - _WHITE) * -t, _WHITE + (_RED - _WHITE) * t)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def heatmap(values: Tensor | np.ndarray, vmax: float) -> np.ndarray:
+    """A non-negative map ``[H, W]`` in magma on the shared scale ``[0, vmax]``."""
+    values = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values)
+    return magma(values / vmax if vmax > 0 else np.zeros_like(values))
+
+
+def to_rgb(image: Tensor, data_range: tuple[float, float]) -> np.ndarray:
+    """``[C, H, W]`` in ``data_range`` to ``uint8 [H, W, 3]``: 3 channels as RGB, any other count as gray (first)."""
+    low, high = data_range
+    image = ((image.detach().cpu().double() - low) / (high - low)).clamp(0, 1)
+    image = image[:3] if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
+    """Nearest-neighbour enlargement so that the shorter side reaches ``min_side`` (tiny images stay readable)."""
+    factor = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
+    return image.repeat(factor, 0).repeat(factor, 1) if factor > 1 else image
+
+
+def stack(images: Sequence[np.ndarray], axis: int, gap: int = 4) -> np.ndarray:
+    """Place images side by side (``axis=1``) or on top of each other (``axis=0``) on a white background."""
+    across = 1 - axis
+    size = max(image.shape[across] for image in images)
+    padded = []
+    for index, image in enumerate(images):
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[across] = (0, size - image.shape[across])
+        if index:
+            pad[axis] = (gap, 0)
+        padded.append(np.pad(image, pad, constant_values=BACKGROUND))
+    return np.concatenate(padded, axis)
+
+
+def titled(image: np.ndarray, title: str, height: int = 16) -> np.ndarray:
+    """A strip of text above ``image``."""
+    strip = Image.new("RGB", (image.shape[1], height), (BACKGROUND,) * 3)
+    ImageDraw.Draw(strip).text((3, 2), title, fill=INK, font=ImageFont.load_default())
+    return np.concatenate([np.asarray(strip), image], 0)
+
+
+def line_plot(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    title: str,
+    x_label: str,
+    log_y: bool = True,
+    size: tuple[int, int] = (520, 320),
+) -> np.ndarray:
+    """A small line plot with axes, tick labels and a legend (no plotting library needed)."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 26, 40
+    image = Image.new("RGB", size, (BACKGROUND,) * 3)
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    xs = np.asarray(x, dtype=np.float64)
+    transform = (lambda v: np.log10(np.maximum(v, 1e-30))) if log_y else (lambda v: v)
+    values = {name: transform(np.asarray(ys, dtype=np.float64)) for name, ys in series.items()}
+    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(1)])
+    y_low, y_high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if y_high - y_low < 1e-12:
+        y_low, y_high = y_low - 1, y_high + 1
+    x_low, x_high = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1
+
+    def point(xv: float, yv: float) -> tuple[float, float]:
+        px = left + (xv - x_low) / (x_high - x_low) * (width - left - right)
+        py = top + (1 - (yv - y_low) / (y_high - y_low)) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=INK)
+    for yv in _ticks(y_low, y_high, integer=log_y):
+        _, py = point(x_low, yv)
+        draw.line([(left - 4, py), (left, py)], fill=INK)
+        draw.text((4, py - 6), f"1e{yv:+.0f}" if log_y else f"{yv:.3g}", fill=INK, font=font)
+    for xv in _ticks(x_low, x_high):
+        px, _ = point(xv, y_low)
+        draw.line([(px, height - bottom), (px, height - bottom + 4)], fill=INK)
+        draw.text((px - 12, height - bottom + 6), f"{xv:.3g}", fill=INK, font=font)
+    draw.text((left, 6), title, fill=INK, font=font)
+    draw.text((width // 2 - 40, height - 16), x_label, fill=INK, font=font)
+    for index, (name, ys) in enumerate(values.items()):
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        points = [point(xv, yv) for xv, yv in zip(xs, ys, strict=True) if np.isfinite(yv)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        legend_y = top + 10 + 14 * index
+        draw.line([(width - right - 130, legend_y), (width - right - 110, legend_y)], fill=colour, width=3)
+        draw.text((width - right - 104, legend_y - 6), name, fill=colour, font=font)
+    return np.asarray(image)
+
+
+def _ticks(low: float, high: float, integer: bool = False, count: int = 5) -> list[float]:
+    """Tick positions: whole numbers (decades on a log axis) when there are enough of them, else even steps."""
+    if integer and np.floor(high) - np.ceil(low) >= 1:
+        step = max(1, int(np.ceil((np.floor(high) - np.ceil(low)) / count)))
+        return [float(v) for v in np.arange(np.ceil(low), np.floor(high) + 1, step)]
+    return [float(v) for v in np.linspace(low, high, count)]
+
+
+def colorbar(width: int, vmax: float, height: int = 10) -> np.ndarray:
+    """A magma gradient from 0 to ``vmax`` with its end values written under it."""
+    bar = magma(np.tile(np.linspace(0, 1, width), (height, 1)))
+    labels = Image.new("RGB", (width, 14), (BACKGROUND,) * 3)
+    draw, font = ImageDraw.Draw(labels), ImageFont.load_default()
+    draw.text((1, 1), "0", fill=INK, font=font)
+    text = f"{vmax:.3g}"
+    draw.text((width - 7 * len(text) - 1, 1), text, fill=INK, font=font)
+    return np.concatenate([bar, np.asarray(labels)], 0)
+
+
+def as_float(values: Tensor) -> list[float]:
+    """A 1-d tensor as a list of Python floats."""
+    return [float(v) for v in torch.as_tensor(values).flatten().tolist()]

@@ -1,0 +1,143 @@
+"""ErrorProfile: where the error lives over a whole dataset, accumulated exactly like PerceptionMSE.
+
+Images: the mean squared-error map pooled to a ``grid x grid`` picture (which regions fail), and radial power
+spectra of the error, the target and the prediction (which frequencies fail). A prediction with *less* high
+frequency power than the target is blurry; one with *more* hallucinates texture or adds noise.
+Audio: per mel band, the mean squared log-mel error and the mean mel power of target and prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torchaudio
+from torch import Tensor
+
+from . import checks
+from .metric import ExactSumMetric
+
+MODALITIES = ("image", "audio")
+
+
+class ErrorProfile(ExactSumMetric):
+    """Dataset-wide error map and error-by-frequency profile; exact and one ``all_reduce`` per compute.
+
+    Args:
+        modality: ``"image"`` (``[N, C, H, W]``) or ``"audio"`` (``[N, T]`` or ``[N, C, T]``).
+        data_range: value range of the inputs (``d`` or ``(min, max)``); integer inputs need it. The map and the
+            spectra are in the data's own units (squared).
+        grid: side of the pooled error map (images).
+        bands: radial frequency bands from 0 to the corner frequency (images).
+        sample_rate, n_fft, hop_length, n_mels: the mel analysis (audio; ``sample_rate`` is required).
+
+    Example:
+        >>> import torch
+        >>> profile = ErrorProfile("image", grid=4, bands=8)
+        >>> target = torch.rand(2, 3, 32, 32)
+        >>> profile.update(target + 0.1 * torch.randn(2, 3, 32, 32), target)
+        >>> profile.compute()["error_map"].shape
+        torch.Size([4, 4])
+    """
+
+    def __init__(
+        self,
+        modality: str = "image",
+        data_range: float | tuple[float, float] | None = None,
+        grid: int = 32,
+        bands: int = 32,
+        sample_rate: int | None = None,
+        n_fft: int = 1024,
+        hop_length: int | None = None,
+        n_mels: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        modality = checks.check_choice("modality", modality, MODALITIES)
+        for argument, value in (("grid", grid), ("bands", bands), ("n_mels", n_mels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
+        if modality == "audio" and (not isinstance(sample_rate, int) or sample_rate <= 0):
+            raise ValueError(f"sample_rate: the audio profile needs the sample rate in Hz, got {sample_rate!r}")
+        sizes = (grid * grid + 3 * bands) if modality == "image" else 3 * n_mels
+        super().__init__(num_sums=sizes, num_counts=1, **kwargs)
+        self.modality, self.grid, self.bands, self.n_mels = modality, grid, bands, n_mels
+        self.data_range = checks.check_data_range(data_range)
+        self.sample_rate = sample_rate
+        self.min_length = n_fft // 2 + 1
+        if modality == "audio":
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length or n_fft // 4, n_mels=n_mels, power=2.0
+            )
+
+    def _describe(self) -> str:
+        return f"ErrorProfile|{self.modality}|{self.grid}|{self.bands}|{self.n_mels}|{self.sample_rate}"
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch (no gradients); NaN/Inf samples are left out."""
+        checks.check_tensor_pair(preds, target, self.data_range)
+        allowed = (4,) if self.modality == "image" else (2, 3)
+        layout = "images [N, C, H, W]" if self.modality == "image" else "audio [N, T] or [N, C, T]"
+        checks.check_ndim(preds, allowed, layout, f"{self.modality} profile")
+        if self.modality == "audio":
+            checks.check_min_size(preds, self.min_length, "signals", "audio profile")
+        preds, target = preds.detach().float(), target.detach().float()
+        finite = torch.isfinite(preds.flatten(1)).all(1) & torch.isfinite(target.flatten(1)).all(1)
+        preds, target = preds[finite], target[finite]
+        if preds.shape[0] == 0:
+            return
+        values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
+        self._add(values.T.double(), [preds.shape[0]])
+
+    def compute(self) -> dict[str, Tensor]:
+        """Mean over samples: ``error_map`` and spectra (images) or per-band profiles (audio), with frequencies."""
+        samples = self._counts()[0]
+        values = torch.tensor(self._sums([samples] * self._num_sums), dtype=torch.float64)
+        if self.modality == "image":
+            error_map, spectra = values[: self.grid**2], values[self.grid**2 :].view(3, self.bands)
+            frequency = (torch.arange(self.bands, dtype=torch.float64) + 0.5) / self.bands * math.sqrt(0.5)
+            return {"error_map": error_map.view(self.grid, self.grid), "frequency": frequency,
+                    "error": spectra[0], "target": spectra[1], "preds": spectra[2]}  # fmt: skip
+        profiles = values.view(3, self.n_mels)
+        hertz = torchaudio.functional.melscale_fbanks(
+            self.mel.n_fft // 2 + 1, 0.0, self.sample_rate / 2, self.n_mels, self.sample_rate
+        )
+        centres = (hertz * torch.linspace(0, self.sample_rate / 2, hertz.shape[0])[:, None]).sum(0) / hertz.sum(0)
+        return {"frequency": centres.double(), "error": profiles[0], "target": profiles[1], "preds": profiles[2]}
+
+    def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
+        error = (preds - target).square().mean(1, keepdim=True)
+        error_map = torch.nn.functional.adaptive_avg_pool2d(error, self.grid).flatten(1)
+        spectra = [radial_power(x, self.bands) for x in (preds - target, target, preds)]
+        return torch.cat([error_map, *spectra], 1)
+
+    def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
+        mel = self.mel.to(preds.device)
+        target_power, preds_power = mel(target), mel(preds)  # [N, (C,) M, frames]
+        log_error = (torch.log(preds_power + 1e-5) - torch.log(target_power + 1e-5)).square()
+        per_band = [x.transpose(-1, -2).reshape(x.shape[0], -1, self.n_mels).mean(1)
+                    for x in (log_error, target_power, preds_power)]  # fmt: skip
+        return torch.cat(per_band, 1)
+
+
+def radial_power(x: Tensor, bands: int) -> Tensor:
+    """Mean power per radial frequency band of each image ``[N, C, H, W] -> [N, bands]`` (channel mean).
+
+    Band ``b`` covers radii ``[b, b + 1) / bands`` of the corner frequency ``sqrt(0.5)`` cycles per pixel;
+    power is ``|FFT|**2 / (H * W)`` (orthonormal FFT), so the bands of an image sum to its energy.
+
+    Example:
+        >>> import torch
+        >>> flat = torch.ones(1, 1, 8, 8)
+        >>> radial_power(flat, 4)[0, 1:].abs().max() < 1e-6  # a constant image has only the zero frequency
+        tensor(True)
+    """
+    height, width = x.shape[-2:]
+    power = torch.fft.rfft2(x, norm="ortho").abs().square().mean(1).flatten(1)  # [N, H * (W // 2 + 1)]
+    fy = torch.fft.fftfreq(height, device=x.device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=x.device)[None, :]
+    radius = torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5)
+    band = (radius * bands).long().clamp_(max=bands - 1).flatten()
+    totals = torch.zeros(x.shape[0], bands, device=x.device).index_add_(1, band, power)
+    counts = torch.zeros(bands, device=x.device).index_add_(0, band, torch.ones_like(band, dtype=torch.float32))
+    return totals / counts.clamp(min=1)

@@ -1,0 +1,126 @@
+"""Tiny Lightning modules and data for callback tests (synthetic data, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour fields in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, size // 8, size // 8, generator=generator)
+    return nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+
+
+def tones(n: int, length: int = 4000, sample_rate: int = 8000, seed: int = 0) -> torch.Tensor:
+    """Harmonic tones in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(length) / sample_rate
+    pitch = 150 + 300 * torch.rand(n, 1, generator=generator)
+    return 0.5 * sum(torch.sin(2 * math.pi * k * pitch * t) / k for k in (1, 2, 3))
+
+
+class Denoiser(pl.LightningModule):
+    """A 2-layer conv net that removes Gaussian noise; ``validation_step`` returns the pair for the callback."""
+
+    def __init__(self, channels: int = 3, lr: float = 1e-2, noise: float = 0.2, output: str = "dict") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.net(x)).clamp(0, 1)
+
+    def _pair(self, batch: tuple[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        (clean,) = batch
+        generator = torch.Generator(device=clean.device).manual_seed(int(clean.sum().item() * 1000) % 2**31)
+        noisy = clean + self.hparams.noise * torch.randn(clean.shape, generator=generator, device=clean.device)
+        return self(noisy.clamp(0, 1)), clean
+
+    def training_step(self, batch, batch_idx):
+        preds, target = self._pair(batch)
+        loss = nn.functional.mse_loss(preds, target)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        preds, target = self._pair(batch)
+        if self.hparams.output == "tuple":
+            return preds, target
+        if self.hparams.output == "none":
+            return None
+        return {"preds": preds, "target": target}
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class AudioEnhancer(pl.LightningModule):
+    """A 1-d conv net that removes noise from tones."""
+
+    def __init__(self, lr: float = 1e-2, noise: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Conv1d(1, 8, 9, padding=4), nn.Tanh(), nn.Conv1d(8, 1, 9, padding=4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x[:, None])[:, 0]
+
+    def _pair(self, batch):
+        (clean,) = batch
+        generator = torch.Generator(device=clean.device).manual_seed(7)
+        noise = self.hparams.noise * torch.randn(clean.shape, generator=generator, device=clean.device)
+        return self(clean + noise).clamp(-1, 1), clean
+
+    def training_step(self, batch, batch_idx):
+        preds, target = self._pair(batch)
+        return nn.functional.mse_loss(preds, target)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        preds, target = self._pair(batch)
+        return {"preds": preds, "target": target}
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class ImageData(pl.LightningDataModule):
+    def __init__(self, train: int = 16, val: int = 10, batch_size: int = 4, size: int = 32, val_loaders: int = 1):
+        super().__init__()
+        self.train_set = TensorDataset(smooth_images(train, size, seed=1))
+        self.val_sets = [TensorDataset(smooth_images(val, size, seed=2 + i)) for i in range(val_loaders)]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        loaders = [DataLoader(s, batch_size=self.batch_size) for s in self.val_sets]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    test_dataloader = val_dataloader
+
+
+class AudioData(pl.LightningDataModule):
+    def __init__(self, train: int = 8, val: int = 6, batch_size: int = 3, length: int = 4000):
+        super().__init__()
+        self.train_set = TensorDataset(tones(train, length, seed=1))
+        self.val_set = TensorDataset(tones(val, length, seed=2))
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    test_dataloader = val_dataloader

@@ -1,0 +1,319 @@
+"""PerceptionMSECallback in real (tiny) Lightning runs, read back from offline W&B runs and log folders."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import wandb
+from PIL import Image
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from torchmetrics import MeanSquaredError
+
+from pl_pmse import PerceptionMSE
+from pl_pmse.callback import PerceptionMSECallback
+from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData
+from tests.wandb_reader import history, run_dirs
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+class Recorder(pl.Callback):
+    """Independent reference: keeps every validation pair of real epochs and scores it with torchmetrics."""
+
+    def __init__(self) -> None:
+        self.pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.pairs.append([])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.pairs[-1].append((outputs["preds"].clone(), outputs["target"].clone()))
+
+    def mse(self, epoch: int) -> float:
+        metric = MeanSquaredError().double()
+        metric.set_dtype(torch.float64)
+        for preds, target in self.pairs[epoch]:
+            metric.update(preds.double(), target.double())
+        return metric.compute().item()
+
+
+def trainer_for(tmp_path: Path, logger, callbacks: list, **options) -> pl.Trainer:
+    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=tmp_path, log_every_n_steps=1)  # fmt: skip
+    return pl.Trainer(logger=logger, callbacks=callbacks, **{**defaults, **options})
+
+
+@pytest.fixture
+def wandb_logger(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(project="pl-pmse-tests", save_dir=str(tmp_path), offline=True)
+    yield logger
+    wandb.finish()
+
+
+def finished_history(tmp_path: Path) -> tuple[Path, list[dict]]:
+    wandb.finish()
+    (run,) = run_dirs(tmp_path)
+    return run, history(run)
+
+
+def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) -> None:
+    recorder = Recorder()
+    callback = PerceptionMSECallback("pixel", data_range=1.0)
+    trainer = trainer_for(tmp_path, wandb_logger, [recorder, callback], num_sanity_val_steps=2)
+    trainer.fit(Denoiser(), ImageData())
+    run, rows = finished_history(tmp_path)
+
+    scalar_rows = [row for row in rows if "val/pmse" in row]
+    assert [row["epoch"] for row in scalar_rows] == [0, 1]  # none from the sanity check
+    for epoch, row in enumerate(scalar_rows):
+        assert row["val/pmse"] == pytest.approx(recorder.mse(epoch), rel=1e-6)
+        assert row["val/pmse/pixel"] == row["val/pmse"]
+        assert row["val/pmse/psnr"] == pytest.approx(10 * np.log10(1 / recorder.mse(epoch)), rel=1e-6)
+    assert trainer.callback_metrics["val/pmse"].item() == pytest.approx(recorder.mse(1), rel=1e-6)
+
+    panel_keys = ["val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/error_map",
+                  "val/pmse/panels/spectrum"]  # fmt: skip
+    for key in panel_keys:
+        panel_rows = [row for row in rows if f"{key}/filenames" in row]
+        assert len(panel_rows) == 2, key
+        # drawn at the step Lightning uses for the same epoch's scalars
+        assert [row["trainer/global_step"] for row in panel_rows] == [r["trainer/global_step"] for r in scalar_rows]
+    images = sorted((run / "files" / "media" / "images").rglob("*.png"))
+    panels = [path for path in images if "/panels/" in str(path)]
+    assert len(panels) == 2 * len(panel_keys)
+    for path in panels:
+        with Image.open(path) as picture:
+            assert picture.mode == "RGB" and min(picture.size) > 32
+    fixed = [row["val/pmse/panels/fixed/captions"][0] for row in rows if "val/pmse/panels/fixed/captions" in row]
+    assert fixed[0].split(":")[0] == fixed[1].split(":")[0] == "rows"
+    assert [c.split(": pmse")[0] for c in fixed[0].split("; ")] == [c.split(": pmse")[0] for c in fixed[1].split("; ")]
+    assert any("val/pmse/worst_table/path" in row for row in rows)
+
+
+def test_audio_run_logs_spectrograms_and_playable_clips(tmp_path, wandb_logger) -> None:
+    callback = PerceptionMSECallback("mel", sample_rate=8000, num_panel_samples=2, worst_k=2)
+    trainer = trainer_for(tmp_path, wandb_logger, [callback], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(AudioEnhancer(), AudioData())
+    run, rows = finished_history(tmp_path)
+    assert len([row for row in rows if "val/pmse/mel" in row]) == 1
+    clips = sorted((run / "files" / "media" / "audio").rglob("*.wav"))
+    assert len(clips) == 8  # fixed and worst, target and prediction, 2 each
+    import soundfile
+
+    data, rate = soundfile.read(clips[0])
+    assert rate == 8000 and data.shape == (4000,) and np.abs(data).max() <= 1
+    for key in ("val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/mel_profile"):
+        assert any(f"{key}/filenames" in row for row in rows), key
+    audio_rows = [row for row in rows if "val/pmse/audio/fixed_target/_type" in row]
+    assert audio_rows and audio_rows[0]["val/pmse/audio/fixed_target/sampleRates"] == [8000, 8000]
+
+
+def test_values_equal_the_metric_over_the_whole_set_with_several_dataloaders(tmp_path) -> None:
+    callback = PerceptionMSECallback("pyramid", data_range=1.0, panels=False)
+    data = ImageData(val_loaders=2, size=32)
+    model = Denoiser()
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    model.eval()
+    for index, loader in enumerate(data.val_dataloader()):
+        reference = PerceptionMSE("pyramid", data_range=1.0)
+        with torch.no_grad():
+            for batch in loader:
+                reference.update(*model._pair(batch))
+        summary = reference.compute_summary()
+        logged = trainer.callback_metrics
+        assert logged[f"val/pmse/dataloader_idx_{index}"].item() == pytest.approx(summary["total"].item(), rel=1e-6)
+        assert logged[f"val/pmse/band0/dataloader_idx_{index}"].item() == pytest.approx(
+            summary["band0"].item(), rel=1e-6
+        )
+    (metrics_file,) = Path(tmp_path).rglob("metrics.csv")
+    header = next(csv.reader(metrics_file.open()))
+    assert "val/pmse/dataloader_idx_0" in header and "val/pmse/lowpass/dataloader_idx_1" in header
+
+
+def test_files_without_wandb_and_tensorboard_images(tmp_path) -> None:
+    callback = PerceptionMSECallback("pixel", data_range=1.0, worst_k=2, num_panel_samples=2)
+    trainer = trainer_for(tmp_path / "csv", CSVLogger(tmp_path / "csv"), [callback], max_epochs=1)
+    trainer.fit(Denoiser(), ImageData())
+    files = sorted(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))
+    assert {p.parent.name for p in files} == {"fixed", "worst", "error_map", "spectrum"}
+    for path in files:
+        assert (path.with_suffix(".txt")).read_text().strip()
+    tensorboard = TensorBoardLogger(tmp_path / "tb")
+    callback = PerceptionMSECallback("pixel", data_range=1.0, worst_k=2, num_panel_samples=2)
+    trainer_for(tmp_path / "tb", tensorboard, [callback], max_epochs=1).fit(Denoiser(), ImageData())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0}).Reload()
+    assert {"val/pmse/panels/fixed", "val/pmse/panels/worst"} <= set(events.Tags()["images"])
+    assert "val/pmse" in events.Tags()["scalars"]
+
+
+def test_audio_files_sink_and_missing_soundfile_warns_once(tmp_path, monkeypatch) -> None:
+    callback = PerceptionMSECallback("mrstft", sample_rate=8000, num_panel_samples=1, worst_k=1)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(AudioEnhancer(), AudioData())
+    assert len(list(Path(trainer.log_dir, "pmse_panels").rglob("*.wav"))) == 4
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_soundfile(name, *args, **kwargs):
+        if name == "soundfile":
+            raise ImportError("No module named 'soundfile'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_soundfile)
+    callback = PerceptionMSECallback("mrstft", sample_rate=8000, num_panel_samples=1, worst_k=1)
+    trainer = trainer_for(tmp_path / "again", CSVLogger(tmp_path / "again"), [callback], max_epochs=2,
+                          num_sanity_val_steps=0)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(AudioEnhancer(), AudioData())
+    messages = [str(w.message) for w in caught if "soundfile" in str(w.message)]
+    assert len(messages) == 1 and "pip install soundfile" in messages[0]
+    assert "val/pmse" in trainer.callback_metrics
+    assert list(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))
+
+
+class FailingWandb(WandbLogger):
+    def log_image(self, *args, **kwargs):
+        raise ConnectionError("W&B is down")
+
+
+def test_failing_logger_warns_once_and_training_continues(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = FailingWandb(project="pl-pmse-tests", save_dir=str(tmp_path), offline=True)
+    callback = PerceptionMSECallback("pixel", data_range=1.0)
+    trainer = trainer_for(tmp_path, logger, [callback], max_epochs=3, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    failures = [str(w.message) for w in caught if "W&B is down" in str(w.message)]
+    assert len(failures) == 1 and "training continues" in failures[0]
+    _, rows = finished_history(tmp_path)
+    assert len([row for row in rows if "val/pmse" in row]) == 3
+    assert any("val/pmse/worst_table/path" in row for row in rows)  # tables still went through
+
+
+def test_checkpoint_and_early_stopping_monitor_val_pmse(tmp_path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/pmse", mode="min",
+                                 filename="best-{epoch}-{val/pmse:.5f}", auto_insert_metric_name=False)  # fmt: skip
+    stopping = EarlyStopping(monitor="val/pmse", mode="min", patience=1, min_delta=1.0)
+    callback = PerceptionMSECallback("pixel", panels=False)
+    trainer = trainer_for(tmp_path, False, [callback, checkpoint, stopping], max_epochs=10, num_sanity_val_steps=0)
+    trainer.fit(Denoiser(), ImageData())
+    assert trainer.current_epoch == 2  # min_delta=1 can never be met: stopped after patience
+    assert checkpoint.best_model_score is not None
+    assert Path(checkpoint.best_model_path).exists() and "best-" in Path(checkpoint.best_model_path).name
+    assert checkpoint.best_model_score.item() <= trainer.callback_metrics["val/pmse"].item()
+
+
+def test_state_survives_checkpoint_and_resume(tmp_path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = PerceptionMSECallback("pixel", data_range=1.0, num_panel_samples=3)
+    trainer = trainer_for(tmp_path, False, [first, checkpoint], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(Denoiser(), ImageData())
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)["callbacks"]
+    assert saved[first.state_key]["fixed_positions"] == [[0, 0], [0, 1], [0, 2]]
+    second = PerceptionMSECallback("pixel", data_range=1.0, num_panel_samples=3)
+    other = PerceptionMSECallback("pixel", prefix="val/other", num_panel_samples=1)
+    assert second.state_key == first.state_key != other.state_key
+    resumed = trainer_for(tmp_path, False, [second, other], max_epochs=2, num_sanity_val_steps=0)
+    resumed.fit(Denoiser(), ImageData(), ckpt_path=checkpoint.last_model_path)
+    assert second._fixed_positions == [(0, 0), (0, 1), (0, 2)] and second._fixed_frozen
+    assert "val/other" in resumed.callback_metrics
+
+
+def test_test_loop_and_tuple_outputs(tmp_path) -> None:
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panels=False)
+    trainer = trainer_for(tmp_path, False, [callback], max_epochs=1, num_sanity_val_steps=0)
+    model = Denoiser(output="tuple")
+    trainer.fit(model, ImageData())
+    results = trainer.test(model, ImageData(), verbose=False)
+    assert set(results[0]) >= {"test/pmse", "test/pmse/pixel", "test/pmse/psnr"}
+
+
+def test_wrong_validation_outputs_fail_clearly(tmp_path) -> None:
+    callback = PerceptionMSECallback("pixel")
+    trainer = trainer_for(tmp_path, False, [callback], max_epochs=1)
+    with pytest.raises(
+        ValueError, match=r"validation_step/test_step must return a dict with keys 'preds' and 'target'"
+    ):
+        trainer.fit(Denoiser(output="none"), ImageData())
+
+
+def test_extract_function_and_custom_keys(tmp_path) -> None:
+    callback = PerceptionMSECallback("pixel", extract=swap_pair, panels=False)
+    trainer = trainer_for(tmp_path, False, [callback], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(Denoiser(), ImageData())
+    assert "val/pmse" in trainer.callback_metrics
+
+
+def swap_pair(outputs, batch):
+    return outputs["target"], outputs["preds"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"preds_key": ""}, ValueError, r"preds_key: expected a non-empty string"),
+        ({"worst_k": -1}, ValueError, r"worst_k: expected an integer >= 0, got -1"),
+        ({"panels_every_n_epochs": 0}, ValueError, r"panels_every_n_epochs: expected an integer >= 1"),
+        ({"extract": "preds"}, TypeError, r"extract: expected a function"),
+        ({"modality": "video"}, ValueError, r"modality: expected one of 'auto', 'image', 'audio'"),
+        ({"space": PerceptionMSE(), "weights": "random"}, ValueError, r"do not apply to a ready PerceptionMSE"),
+        ({"space": "nope"}, ValueError, r"space: expected one of"),
+    ],
+)
+def test_bad_callback_arguments(options, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        PerceptionMSECallback(**options)
+
+
+CLI_CONFIG = """
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+  default_root_dir: {root}
+  callbacks:
+    - class_path: pl_pmse.PerceptionMSECallback
+      init_args:
+        space: pyramid
+        data_range: 1.0
+        worst_k: 2
+        space_options:
+          levels: 3
+          component_weights: {{pixel: 0.0}}
+model:
+  class_path: tests.lightning_models.Denoiser
+data:
+  class_path: tests.lightning_models.ImageData
+"""
+
+
+def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "cli.yaml"
+    config.write_text(CLI_CONFIG.format(root=tmp_path))
+    cli = LightningCLI(args=["fit", "--config", str(config)], subclass_mode_model=True, subclass_mode_data=True)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PerceptionMSECallback)]
+    assert callback.space.component_names == ("pixel", "band0", "band1", "lowpass")
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/pmse"].item() == pytest.approx(
+        sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
+    )

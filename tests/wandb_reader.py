@@ -1,0 +1,77 @@
+"""Read back what an offline W&B run wrote: history rows from ``run-<id>.wandb`` and the media files.
+
+The file is LevelDB log framing: a 7-byte header (``:W&B``, uint16 0xBEE1, uint8 version), then 32 KiB blocks
+(counted from the start of the file) of chunks ``<crc32 uint32><length uint16><type uint8><payload>`` with
+type 1 = full, 2 = first, 3 = middle, 4 = last and crc32 over the type byte and the payload; a record's
+payload is a ``wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = struct.Struct("<4sHB")
+CHUNK = struct.Struct("<IHB")
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: str | Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    magic, bee, _ = HEADER.unpack_from(data)
+    assert magic == b":W&B" and bee == 0xBEE1, "not a W&B transaction log"
+    position, pending, out = HEADER.size, b"", []
+    while position + CHUNK.size <= len(data):
+        room = BLOCK - position % BLOCK
+        if room < CHUNK.size:  # block trailer: zero padding
+            position += room
+            continue
+        crc, length, kind = CHUNK.unpack_from(data, position)
+        payload = data[position + CHUNK.size : position + CHUNK.size + length]
+        position += CHUNK.size + length
+        if kind == 0 and length == 0:  # padding up to the end of the block
+            position += BLOCK - position % BLOCK if position % BLOCK else 0
+            continue
+        assert zlib.crc32(bytes([kind]) + payload) == crc, f"corrupt chunk at byte {position}"
+        if kind == FULL:
+            pending = payload
+        elif kind == FIRST:
+            pending = payload
+            continue
+        elif kind == MIDDLE:
+            pending += payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        out.append(record)
+        pending = b""
+    return out
+
+
+def history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's history rows, ``{key: value}`` with nested keys joined by ``/``."""
+    run_dir = Path(run_dir)
+    (log,) = run_dir.glob("run-*.wandb")
+    rows = []
+    for record in records(log):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            row[key] = json.loads(item.value_json)
+        rows.append(row)
+    return rows
+
+
+def run_dirs(wandb_dir: str | Path) -> list[Path]:
+    """Offline run folders under a ``WANDB_DIR``."""
+    return sorted(Path(wandb_dir).glob("**/offline-run-*"))
