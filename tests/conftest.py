@@ -14,14 +14,21 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 
 
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "PL_GLOBAL_SEED",
+                    "PL_SEED_WORKERS")  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_clean_environment():
-    """Seed torch; undo environment variables a test's Lightning run sets (MASTER_PORT, PL_GLOBAL_SEED, ...)."""
+def _seed_and_clean_launch_variables():
+    """Seed torch; undo the launch variables a Lightning run leaves behind (W&B's own stay: its service runs on)."""
     torch.manual_seed(0)
-    saved = dict(os.environ)
+    saved = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
