@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-audio test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/image_denoising.py fit --config configs/image_denoising.yaml
+
+demo-audio: $(STAMP)
+	$(PY) examples/audio_enhancement.py fit --config configs/audio_enhancement.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -88,3 +88,10 @@ class DistributedPool:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
+
+
+def clean_environment() -> dict[str, str]:
+    """The environment for a fresh process: no Lightning launch variables left by earlier in-process runs, and
+    no WANDB_SERVICE (a child would log through this test process's W&B service instead of its own)."""
+    dropped = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "WANDB_SERVICE")
+    return {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("PL_")}

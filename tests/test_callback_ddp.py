@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from pl_pmse import PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
+from tests.distributed import clean_environment
 from tests.lightning_models import Denoiser, ImageData
 from tests.wandb_reader import history, run_dirs
 
@@ -117,9 +117,7 @@ if __name__ == "__main__":
 def test_ddp_script_fit_with_audio_panels(tmp_path) -> None:
     script = tmp_path / "fit.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
-    # a clean environment: earlier in-process runs leave MASTER_PORT, WORLD_SIZE, LOCAL_RANK, ... behind
-    launch_variables = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launch_variables and not k.startswith("PL_")}
+    env = clean_environment()
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )

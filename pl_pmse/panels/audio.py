@@ -41,7 +41,9 @@ def log_mel_db(x: Tensor, sample_rate: int, n_mels: int = 64) -> Tensor:
     return 10 * torch.log10(transform(x) + 1e-10)
 
 
-def spectrogram_panel(target: Tensor, preds: Tensor, sample_rate: int, height: int = 96) -> np.ndarray:
+def spectrogram_panel(
+    target: Tensor, preds: Tensor, sample_rate: int, height: int = 96, width: int = 640
+) -> np.ndarray:
     """Three rows: target and prediction log-mel (shared dB scale, magma) and prediction - target (blue-red).
 
     Example:
@@ -53,10 +55,10 @@ def spectrogram_panel(target: Tensor, preds: Tensor, sample_rate: int, height: i
     top = float(torch.maximum(target_db.max(), preds_db.max()))
     scale = lambda db: ((db - (top - DYNAMIC_RANGE_DB)) / DYNAMIC_RANGE_DB).numpy()  # noqa: E731
     rows = [
-        titled(_stretch(magma(scale(target_db)), height), f"target log-mel (dB, top {top:.1f})"),
-        titled(_stretch(magma(scale(preds_db)), height), "prediction log-mel (same scale)"),
+        titled(_stretch(magma(scale(target_db)), height, width), f"target log-mel (dB, top {top:.1f})"),
+        titled(_stretch(magma(scale(preds_db)), height, width), "prediction log-mel (same scale)"),
         titled(
-            _stretch(diverging((preds_db - target_db).numpy(), DIFFERENCE_LIMIT_DB), height),
+            _stretch(diverging((preds_db - target_db).numpy(), DIFFERENCE_LIMIT_DB), height, width),
             f"prediction - target (blue -{DIFFERENCE_LIMIT_DB:.0f} dB, red +{DIFFERENCE_LIMIT_DB:.0f} dB)",
         ),
     ]
@@ -91,7 +93,6 @@ def mel_profile_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
     return stack([error, power], axis=0)
 
 
-def _stretch(image: np.ndarray, height: int) -> np.ndarray:
-    """Resize a spectrogram picture to ``height`` rows (and at least 2 pixels per frame)."""
-    width = max(image.shape[1] * 2, 256)
+def _stretch(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a spectrogram picture to ``height`` x ``width`` (the waveform's width, so that time lines up)."""
     return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))

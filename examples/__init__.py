@@ -1,0 +1,1 @@
+"""Runnable examples of pl-pmse (``python examples/<name>.py --help``)."""

@@ -1,0 +1,90 @@
+"""Every example and config runs in a fast mode and produces what a newcomer is promised."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile
+import torch
+import wandb
+
+from tests.distributed import clean_environment
+from tests.wandb_reader import history, run_dirs
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0"]  # fmt: skip
+
+
+def offline_run(tmp_path: Path) -> tuple[Path, list[dict]]:
+    wandb.finish()
+    (run,) = run_dirs(tmp_path / "runs")
+    return run, history(run)
+
+
+def test_image_denoising_example(tmp_path, monkeypatch, capsys) -> None:
+    from examples.image_denoising import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    main(["fit", "--config", str(ROOT / "configs/image_denoising.yaml"), *FAST, "--data.train_crops=32",
+          "--data.val_crops=8", "--data.batch_size=4"])  # fmt: skip
+    run, rows = offline_run(tmp_path)
+    values = [row["val/pmse"] for row in rows if "val/pmse" in row]
+    assert len(values) == 2 and all(v > 0 for v in values)
+    assert {"val/pmse/band0", "val/pmse/lowpass", "val/pmse/pixel", "val/pmse/psnr"} <= set(rows[-1]) | {
+        k for row in rows for k in row
+    }
+    panels = [p for p in (run / "files/media/images").rglob("*.png") if "/panels/" in str(p)]
+    assert len(panels) == 2 * 4
+    printed = capsys.readouterr().out
+    assert "epoch" in printed and "band0" in printed and "wandb sync" in printed
+    assert list(Path(tmp_path, "runs/image_denoising").rglob("best-*.ckpt"))  # ModelCheckpoint on val/pmse
+
+
+def test_audio_enhancement_example_with_a_wav_folder(tmp_path, monkeypatch) -> None:
+    from examples.audio_enhancement import main, synthetic_clip
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    folder = tmp_path / "wavs"
+    folder.mkdir()
+    for index in range(2):  # the user's own recordings, at another sample rate
+        clip = synthetic_clip(12000, 8000, torch.Generator().manual_seed(index))
+        soundfile.write(folder / f"take{index}.wav", clip.numpy(), 8000)
+    main(["fit", "--config", str(ROOT / "configs/audio_enhancement.yaml"), *FAST, f"--data.root={folder}",
+          "--data.length=8000", "--data.train_clips=8", "--data.val_clips=4", "--data.batch_size=4"])  # fmt: skip
+    run, rows = offline_run(tmp_path)
+    assert len([row for row in rows if "val/pmse/mel" in row]) == 2
+    clips = list((run / "files/media/audio").rglob("*.wav"))
+    assert len(clips) == 2 * 2 * (2 + 2)  # epochs x (target, prediction) x (2 fixed + 2 worst)
+    data, rate = soundfile.read(clips[0])
+    assert rate == 16000 and data.shape == (8000,)
+
+
+def test_perception_loss_example(tmp_path, monkeypatch) -> None:
+    from examples.perception_loss import main
+
+    trainer = main(max_epochs=1, limit_train_batches=2, root=str(tmp_path))
+    metrics = trainer.callback_metrics
+    expected_psnr = 10 * torch.log10(1 / metrics["val/pmse_pixel"])
+    assert metrics["val/psnr"].item() == pytest.approx(expected_psnr.item(), rel=1e-5)
+    assert metrics["val/pmse_pyramid"] > metrics["val/pmse_pixel"]
+
+
+def test_ddp_config_runs_two_processes_on_cpu(tmp_path) -> None:
+    """configs/ddp.yaml with the image example: Lightning's ``ddp`` launcher starts the second process."""
+    env = clean_environment()
+    command = [sys.executable, str(ROOT / "examples/image_denoising.py"), "fit",
+               "--config", str(ROOT / "configs/image_denoising.yaml"), "--config", str(ROOT / "configs/ddp.yaml"),
+               *FAST, "--trainer.max_epochs=1", "--data.train_crops=32", "--data.val_crops=9",
+               "--data.batch_size=4"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed_backend=gloo" in done.stderr and "All distributed processes registered" in done.stderr
+    (run,) = run_dirs(tmp_path / "runs")
+    assert any("val/pmse" in row for row in history(run))
