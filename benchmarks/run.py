@@ -146,10 +146,63 @@ def _state_bytes(metric: torchmetrics.Metric) -> int:
     return total
 
 
+def callback_overhead(quick: bool, device: torch.device) -> str:
+    """Validation epoch of the image example: PerceptionMSE updated in validation_step (the metric alone) vs
+    PerceptionMSECallback without and with panels (drawn once per epoch to PNG files)."""
+    import pytorch_lightning as pl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.image_denoising import Denoiser, PhotoCrops
+    from pl_pmse import PerceptionMSECallback
+
+    class MetricAlone(Denoiser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metric = PerceptionMSE("pyramid", data_range=1.0)
+
+        def validation_step(self, batch, batch_idx):
+            out = super().validation_step(batch, batch_idx)
+            self.metric.update(out["preds"], out["target"])
+
+        def on_validation_epoch_end(self) -> None:
+            self.log("val/pmse", self.metric.compute())
+            self.metric.reset()
+
+    crops = 32 if quick else 256
+    data = PhotoCrops(val_crops=crops, batch_size=16)
+    torch.manual_seed(0)
+    plain, alone = Denoiser(), MetricAlone()
+    alone.load_state_dict(plain.state_dict(), strict=False)
+    with tempfile.TemporaryDirectory() as root:
+
+        def trainer(callbacks: list) -> pl.Trainer:
+            return pl.Trainer(accelerator=device.type, devices=1, logger=False, callbacks=callbacks,
+                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
+
+        runs = {
+            "metric in validation_step": (trainer([]), alone),
+            "callback, no panels": (trainer([PerceptionMSECallback("pyramid", data_range=1.0, panels=False)]), plain),
+            "callback with panels, profile=False": (
+                trainer([PerceptionMSECallback("pyramid", data_range=1.0, profile=False)]),
+                plain,
+            ),
+            "callback with panels": (trainer([PerceptionMSECallback("pyramid", data_range=1.0)]), plain),
+        }
+        seconds = interleaved(
+            {name: (lambda t=t, m=m: t.validate(m, data, verbose=False)) for name, (t, m) in runs.items()},
+            repeats=3 if quick else 7,
+        )
+    reference = seconds["metric in validation_step"]
+    rows = [(name, f"{s * 1e3:.0f}", f"{(s / reference - 1) * 100:+.1f}%") for name, s in seconds.items()]
+    title = f"### Callback overhead: one validation epoch of the image example ({crops} crops 64x64, pyramid)\n\n"
+    return title + table(rows, ("", "ms / validation epoch", "vs the metric alone"))
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "features": features,
     "memory": state_memory,
+    "callback": callback_overhead,
 }
 
 

@@ -1,8 +1,8 @@
 """ErrorProfile: where the error lives over a whole dataset, accumulated exactly like PerceptionMSE.
 
 Images: the mean squared-error map pooled to a ``grid x grid`` picture (which regions fail), and radial power
-spectra of the error, the target and the prediction (which frequencies fail). A prediction with *less* high
-frequency power than the target is blurry; one with *more* hallucinates texture or adds noise.
+spectra of the error, the target and the prediction, on the channel mean (which frequencies fail). A prediction
+with *less* high frequency power than the target is blurry; one with *more* hallucinates texture or adds noise.
 Audio: per mel band, the mean squared log-mel error and the mean mel power of target and prediction.
 """
 
@@ -74,20 +74,18 @@ class ErrorProfile(ExactSumMetric):
         return f"ErrorProfile|{self.modality}|{self.grid}|{self.bands}|{self.n_mels}|{self.sample_rate}"
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulate a batch (no gradients); NaN/Inf samples are left out."""
+        """Accumulate a batch (no gradients); samples with NaN/Inf are left out."""
         checks.check_tensor_pair(preds, target, self.data_range)
         allowed = (4,) if self.modality == "image" else (2, 3)
         layout = "images [N, C, H, W]" if self.modality == "image" else "audio [N, T] or [N, C, T]"
         checks.check_ndim(preds, allowed, layout, f"{self.modality} profile")
         if self.modality == "audio":
             checks.check_min_size(preds, self.min_length, "signals", "audio profile")
-        preds, target = preds.detach().float(), target.detach().float()
-        finite = torch.isfinite(preds.flatten(1)).all(1) & torch.isfinite(target.flatten(1)).all(1)
-        preds, target = preds[finite], target[finite]
-        if preds.shape[0] == 0:
-            return
+        preds, target = preds.detach().to(torch.float32), target.detach().to(torch.float32)
         values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
-        self._add(values.T.double(), [preds.shape[0]])
+        values = values[torch.isfinite(values).all(1)]  # a NaN/Inf input makes its whole row non-finite
+        if values.shape[0]:
+            self._add(values.T.double(), [values.shape[0]])
 
     def compute(self) -> dict[str, Tensor]:
         """Mean over samples: ``error_map`` and spectra (images) or per-band profiles (audio), with frequencies."""
@@ -108,7 +106,7 @@ class ErrorProfile(ExactSumMetric):
     def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
         error = (preds - target).square().mean(1, keepdim=True)
         error_map = torch.nn.functional.adaptive_avg_pool2d(error, self.grid).flatten(1)
-        spectra = [radial_power(x, self.bands) for x in (preds - target, target, preds)]
+        spectra = radial_power(torch.cat([preds - target, target, preds]), self.bands).chunk(3)
         return torch.cat([error_map, *spectra], 1)
 
     def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
@@ -121,7 +119,7 @@ class ErrorProfile(ExactSumMetric):
 
 
 def radial_power(x: Tensor, bands: int) -> Tensor:
-    """Mean power per radial frequency band of each image ``[N, C, H, W] -> [N, bands]`` (channel mean).
+    """Mean power per radial frequency band of each image's channel mean ``[N, C, H, W] -> [N, bands]``.
 
     Band ``b`` covers radii ``[b, b + 1) / bands`` of the corner frequency ``sqrt(0.5)`` cycles per pixel;
     power is ``|FFT|**2 / (H * W)`` (orthonormal FFT), so the bands of an image sum to its energy.
@@ -133,7 +131,8 @@ def radial_power(x: Tensor, bands: int) -> Tensor:
         tensor(True)
     """
     height, width = x.shape[-2:]
-    power = torch.fft.rfft2(x, norm="ortho").abs().square().mean(1).flatten(1)  # [N, H * (W // 2 + 1)]
+    spectrum = torch.fft.rfft2(x.mean(1), norm="ortho")
+    power = (spectrum.real.square() + spectrum.imag.square()).flatten(1)  # [N, H * (W // 2 + 1)]
     fy = torch.fft.fftfreq(height, device=x.device)[:, None]
     fx = torch.fft.rfftfreq(width, device=x.device)[None, :]
     radius = torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5)

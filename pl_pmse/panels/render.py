@@ -5,6 +5,7 @@ Everything returns ``uint8`` arrays ``[H, W, 3]``: wandb >= 0.19 no longer resca
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -27,6 +28,12 @@ _BLUE, _WHITE, _RED = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97])
 BACKGROUND = 255
 INK = (30, 30, 30)
 SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+
+
+@functools.cache
+def default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font, loaded once."""
+    return ImageFont.load_default()
 
 
 def magma(values: np.ndarray) -> np.ndarray:
@@ -80,7 +87,7 @@ def stack(images: Sequence[np.ndarray], axis: int, gap: int = 4) -> np.ndarray:
 def titled(image: np.ndarray, title: str, height: int = 16) -> np.ndarray:
     """A strip of text above ``image``."""
     strip = Image.new("RGB", (image.shape[1], height), (BACKGROUND,) * 3)
-    ImageDraw.Draw(strip).text((3, 2), title, fill=INK, font=ImageFont.load_default())
+    ImageDraw.Draw(strip).text((3, 2), title, fill=INK, font=default_font())
     return np.concatenate([np.asarray(strip), image], 0)
 
 
@@ -96,7 +103,7 @@ def line_plot(
     width, height = size
     left, right, top, bottom = 64, 16, 26, 40
     image = Image.new("RGB", size, (BACKGROUND,) * 3)
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(image), default_font()
     xs = np.asarray(x, dtype=np.float64)
     transform = (lambda v: np.log10(np.maximum(v, 1e-30))) if log_y else (lambda v: v)
     values = {name: transform(np.asarray(ys, dtype=np.float64)) for name, ys in series.items()}
@@ -145,7 +152,7 @@ def colorbar(width: int, vmax: float, height: int = 10) -> np.ndarray:
     """A magma gradient from 0 to ``vmax`` with its end values written under it."""
     bar = magma(np.tile(np.linspace(0, 1, width), (height, 1)))
     labels = Image.new("RGB", (width, 14), (BACKGROUND,) * 3)
-    draw, font = ImageDraw.Draw(labels), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(labels), default_font()
     draw.text((1, 1), "0", fill=INK, font=font)
     text = f"{vmax:.3g}"
     draw.text((width - 7 * len(text) - 1, 1), text, fill=INK, font=font)

@@ -81,7 +81,7 @@ class FileSink(Sink):
         return folder / f"step={step:06d}{suffix}"
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> None:
-        Image.fromarray(image).save(self._path(key, step, ".png"))
+        Image.fromarray(image).save(self._path(key, step, ".png"), compress_level=1)  # fast; panels are small
         self._path(key, step, ".txt").write_text(caption + "\n")
 
     def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> None:
