@@ -224,7 +224,12 @@ class PerceptionMSE(ExactSumMetric):
             return self._summary()
 
     def _describe(self) -> str:
-        return f"{self.space!r}|{self.space.component_names}|{self.data_range}"
+        space = self.space
+        checksum = math.fsum(float(t.double().sum()) for t in (*space.parameters(), *space.buffers()))
+        return (
+            f"space={space.name} ({type(space).__name__}), weights={space.component_weights}, "
+            f"data_range={self.data_range}, network checksum={checksum:.17g}"
+        )
 
     def _accumulate(self, stats: SampleStats) -> None:
         sums = stats.sums.detach()

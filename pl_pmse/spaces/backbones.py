@@ -252,7 +252,7 @@ def _state_from_file(path: str | os.PathLike, architecture: str) -> dict[str, Te
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"weights: {path} is not a readable torch state_dict file ({error})") from None
+        raise ValueError(f"weights: {path} is not a readable torch state_dict file ({type(error).__name__})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"weights: {path} holds a {type(state).__name__}, expected a {architecture} state_dict")
     return dict(state)

@@ -131,8 +131,8 @@ def register_space(name: str) -> Callable[[Callable[..., Space]], Callable[..., 
 
 
 def available_spaces() -> tuple[str, ...]:
-    """The registered space names."""
-    return tuple(_FACTORIES)
+    """The registered space names, sorted."""
+    return tuple(sorted(_FACTORIES))
 
 
 def get_space(space: str | nn.Module = "pixel", **options: object) -> Space:
@@ -150,7 +150,7 @@ def get_space(space: str | nn.Module = "pixel", **options: object) -> Space:
 
         return Backbone(space, **options)  # type: ignore[arg-type]
     if not isinstance(space, str) or space not in _FACTORIES:
-        raise ValueError(f"space: expected one of {list(_FACTORIES)}, a Space or an nn.Module, got {space!r}")
+        raise ValueError(f"space: expected one of {list(available_spaces())}, a Space or an nn.Module, got {space!r}")
     factory = _FACTORIES[space]
     _check_options(space, factory, options)
     return factory(**options)

@@ -1,0 +1,163 @@
+"""The bad-input matrix as data: each case raises a clear error. ``python -m tests.error_cases`` writes docs/errors.md.
+
+tests/test_error_docs.py checks that every case still raises what the document says, so the table stays true.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pl_pmse import PerceptionMSE, get_space, perception_mse
+
+TMP = Path(tempfile.gettempdir()) / "pl-pmse-error-cases"
+
+
+def _image(n: int = 2, channels: int = 3, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, channels, size, size)
+
+
+def _with(x: torch.Tensor, value: float, index: tuple = (1, 0, 0, 0)) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+def _squeezenet() -> str:
+    path = TMP / "squeezenet.pth"
+    if not path.exists():
+        from pl_pmse.spaces import load_backbone
+
+        TMP.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(load_backbone("squeezenet", "random").state_dict(), path)
+    return str(path)
+
+
+def _garbage() -> Path:
+    TMP.mkdir(parents=True, exist_ok=True)
+    path = TMP / "garbage.pth"
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+def _negative_calibration() -> Path:
+    import lpips
+
+    state = torch.load(Path(lpips.__file__).parent / "weights/v0.1/alex.pth", map_location="cpu")
+    state["lin2.model.1.weight"] = -state["lin2.model.1.weight"]
+    path = TMP / "alex_negative.pth"
+    torch.save(state, path)
+    return path
+
+
+def _callback_batch(outputs: object) -> None:
+    """Feed ``outputs`` to a callback the way Lightning does after a validation step."""
+    from types import SimpleNamespace
+
+    from pl_pmse import PerceptionMSECallback
+
+    callback = PerceptionMSECallback("pixel")
+    callback._start("validate", 1, SimpleNamespace(device=torch.device("cpu")))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_rank=0)
+    callback._batch(trainer, "validate", outputs, None, 0, 0)
+
+
+def _callback(**options: object) -> None:
+    from pl_pmse import PerceptionMSECallback
+
+    PerceptionMSECallback(**options)
+
+
+def _update(space: str = "pixel", **options: object) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    metric = PerceptionMSE(space, **options)
+    return metric.update
+
+
+# (where, what is wrong, the call)
+CASES: list[tuple[str, str, Callable[[], object]]] = [
+    ("metric.update", "preds is not a tensor", lambda: _update()([[0.0, 1.0]], _image())),
+    ("metric.update", "target is not a tensor", lambda: _update()(_image(), 3.0)),
+    ("metric.update", "shapes differ", lambda: _update()(_image(2), _image(3))),
+    ("metric.update", "a 0-dim tensor", lambda: _update()(torch.tensor(1.0), torch.tensor(1.0))),
+    ("metric.update", "bool tensors", lambda: _update()(_image() > 0.5, _image() > 0.5)),
+    ("metric.update", "complex tensors", lambda: _update()(torch.ones(2, 3, dtype=torch.cfloat), torch.ones(2, 3, dtype=torch.cfloat))),
+    ("metric.update", "uint8 without data_range", lambda: _update()(torch.ones(2, 3, dtype=torch.uint8), torch.ones(2, 3, dtype=torch.uint8))),
+    ("metric.update", "NaN in preds", lambda: _update()(_with(_image(), float("nan")), _image())),
+    ("metric.update", "Inf in target", lambda: _update()(_image(), _with(_image(), float("inf"), (0, 2, 7, 7)))),
+    ("metric.update", "squared error overflows float32", lambda: _update()(_image() * 1e30, -_image() * 1e30)),
+    ("metric.update", "preds and target on different devices", lambda: _update()(_image(), _image().to("meta"))),
+    ("metric.update", "samples with no element", lambda: _update()(torch.zeros(2, 0), torch.zeros(2, 0))),
+    ("metric.update", "images into an audio space", lambda: _update("waveform")(_image(), _image())),
+    ("metric.update", "2 channels into an RGB network", lambda: _update("squeezenet", weights=_squeezenet())(_image(channels=2), _image(channels=2))),
+    ("metric.update", "images too small for the network", lambda: _update("alexnet", weights="random")(_image(size=16), _image(size=16))),
+    ("metric.update", "0..255 floats with the default range", lambda: _update("squeezenet", weights=_squeezenet())(_image() * 255, _image() * 255)),
+    ("metric.update", "images too small for the pyramid", lambda: _update("pyramid")(_image(size=16), _image(size=16))),
+    ("metric.update", "audio too short for the mel analysis", lambda: _update("mel", sample_rate=16000)(torch.zeros(2, 300), torch.zeros(2, 300))),
+    ("perception_mse", "unknown reduction", lambda: perception_mse(_image(), _image(), reduction="avg")),
+    ("PerceptionMSE", "unknown nan_strategy", lambda: PerceptionMSE(nan_strategy="skip")),
+    ("PerceptionMSE", "negative data_range", lambda: PerceptionMSE(data_range=-1.0)),
+    ("PerceptionMSE", "data_range (max, min)", lambda: PerceptionMSE(data_range=(1, 0))),
+    ("PerceptionMSE", "data_range as a string", lambda: PerceptionMSE(data_range="255")),
+    ("PerceptionMSE", "unknown space name", lambda: PerceptionMSE("vgg19")),
+    ("PerceptionMSE", "an option the space does not take", lambda: PerceptionMSE("pixel", layers=["a"])),
+    ("PerceptionMSE", "a weight for an unknown component", lambda: PerceptionMSE(component_weights={"relu1_2": 1.0})),
+    ("PerceptionMSE", "a negative component weight", lambda: PerceptionMSE(component_weights={"pixel": -1})),
+    ("PerceptionMSE", "mel without sample_rate", lambda: PerceptionMSE("mel")),
+    ("get_space", "pyramid with 1 level", lambda: get_space("pyramid", levels=1)),
+    ("get_space", "a weights file that does not exist", lambda: get_space("vgg16", weights="/nonexistent/vgg16.pth")),
+    ("get_space", "a weights file that is not a checkpoint", lambda: get_space("vgg16", weights=_garbage())),
+    ("get_space", "weights of another architecture", lambda: get_space("vgg16", weights=_squeezenet())),
+    ("get_space", "a layer the network does not have", lambda: get_space("squeezenet", weights=_squeezenet(), layers=["conv9"])),
+    ("get_space", "negative LPIPS calibration weights", lambda: get_space("lpips-alex", weights="random", calibration=_negative_calibration())),
+    ("get_space", "mrstft with repeated FFT sizes", lambda: get_space("mrstft", fft_sizes=(512, 512))),
+    ("PerceptionMSECallback", "validation_step returned nothing", lambda: _callback_batch(None)),
+    ("PerceptionMSECallback", "validation_step returned other keys", lambda: _callback_batch({"y_hat": _image(), "y": _image()})),
+    ("PerceptionMSECallback", "validation_step returned non-tensors", lambda: _callback_batch({"preds": [1.0], "target": [1.0]})),
+    ("PerceptionMSECallback", "a negative worst_k", lambda: _callback(worst_k=-1)),
+    ("PerceptionMSECallback", "extract is not a function", lambda: _callback(extract="preds")),
+    ("PerceptionMSECallback", "an unknown modality", lambda: _callback(modality="video")),
+]  # fmt: skip
+
+DISTRIBUTED = (
+    "DDP (any compute)",
+    "ranks built different metrics",
+    "RuntimeError",
+    "PerceptionMSE: the metric configuration differs between processes (this rank has '...'); every rank must "
+    "build the same metric",
+)
+
+
+def outcome(call: Callable[[], object]) -> tuple[str, str]:
+    """The error type and message a call raises (temporary paths shown as <tmp>)."""
+    torch.manual_seed(0)
+    try:
+        call()
+    except (TypeError, ValueError, RuntimeError) as error:
+        return type(error).__name__, str(error).replace(str(TMP), "<tmp>")
+    raise AssertionError("no error raised")
+
+
+def table() -> str:
+    rows = [(where, what, *outcome(call)) for where, what, call in CASES] + [DISTRIBUTED]
+    lines = [
+        "# Errors and the messages users see",
+        "",
+        "Every rejected call raises before any state changes: the metric's state and update count stay as they",
+        "were (tests/test_checks.py and tests/test_error_docs.py check both). Generated by",
+        "`python -m tests.error_cases`; the test suite fails when a message here is out of date.",
+        "",
+        "| where | what is wrong | error | message |",
+        "|---|---|---|---|",
+    ]
+    for where, what, kind, message in rows:
+        escaped = message.replace("|", r"\|")
+        lines.append(f"| `{where}` | {what} | `{kind}` | {escaped} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    (Path(__file__).resolve().parents[1] / "docs" / "errors.md").write_text(table())
