@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchmetrics
@@ -198,11 +199,127 @@ def callback_overhead(quick: bool, device: torch.device) -> str:
     return title + table(rows, ("", "ms / validation epoch", "vs the metric alone"))
 
 
+def scaling(quick: bool, device: torch.device) -> str:
+    """How update time grows with batch size (pixel), image size (pyramid) and audio length (mel)."""
+    rows = []
+    cases = [("pixel", "batch", n, (n, 3, 128, 128), {}) for n in (8, 32, 128)]
+    cases += [("pyramid", "image side", side, (8, 3, side, side), {}) for side in (64, 128, 256)]
+    cases += [("mel", "seconds at 16 kHz", sec, (8, 16000 * sec), {"sample_rate": 16000}) for sec in (1, 4, 16)]
+    if quick:
+        cases = cases[::3]
+    for space, axis, size, shape, options in cases:
+        low = -1.0 if space == "mel" else 0.0
+        preds = torch.rand(shape, device=device) * (1 - low) + low
+        target = torch.rand(shape, device=device) * (1 - low) + low
+        metric = PerceptionMSE(space, **options).to(device)
+        seconds = interleaved({"update": lambda m=metric, p=preds, t=target: m.update(p, t)}, repeats=5)["update"]
+        elements = preds.numel()
+        rows.append(
+            (space, f"{axis} = {size}", str(tuple(shape)), f"{seconds * 1e3:.2f}", f"{seconds / elements * 1e9:.2f}")
+        )
+    header = ("space", "size", "shape", "ms / update", "ns / input element")
+    return "### Scaling of the update cost\n\n" + table(rows, header)
+
+
+class CountingCollectives:
+    """Counts torch.distributed collectives, and the bytes each rank contributes, while active."""
+
+    OPERATIONS = ("all_reduce", "all_gather", "barrier", "broadcast")
+
+    def __enter__(self) -> CountingCollectives:
+        import torch.distributed as dist
+
+        self.calls: list[tuple[str, int]] = []
+        self.originals = {op: getattr(dist, op) for op in self.OPERATIONS}
+        for op in self.OPERATIONS:
+            setattr(dist, op, self._counted(op))
+        return self
+
+    def _counted(self, op: str) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            sent = args[1] if op == "all_gather" else (args[0] if args else None)
+            size = sent.numel() * sent.element_size() if isinstance(sent, torch.Tensor) else 0
+            self.calls.append((op, size))
+            return self.originals[op](*args, **kwargs)
+
+        return call
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        for op, original in self.originals.items():
+            setattr(dist, op, original)
+
+
+def _sync_worker(rank: int, world: int, port: int, results: Any) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torchmetrics import CatMetric, MeanSquaredError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    candidates = {
+        "pl-pmse PerceptionMSE('pixel')": lambda: PerceptionMSE(),
+        "pl-pmse PerceptionMSE('pyramid'), 6 components": lambda: PerceptionMSE("pyramid"),
+        "torchmetrics MeanSquaredError": MeanSquaredError,
+        "torchmetrics list state, 1000 scores per rank (as LPIPS keeps)": CatMetric,
+    }
+    rows = []
+    for name, make in candidates.items():
+        metric = make()
+        if isinstance(metric, CatMetric):
+            metric.update(torch.rand(1000))
+        else:
+            metric.update(torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32))
+        if isinstance(metric, PerceptionMSE):
+            metric.check_configuration()  # the one-time check, before the timed computes
+        with CountingCollectives() as counter:
+            metric._computed = None
+            metric.compute()
+        start = time.perf_counter()
+        for _ in range(20):
+            metric._computed = None
+            metric.compute()
+        elapsed = (time.perf_counter() - start) / 20
+        rows.append((name, len(counter.calls), sum(size for _, size in counter.calls), elapsed))
+    if rank == 0:
+        results.put(rows)
+    dist.destroy_process_group()
+
+
+def sync(quick: bool, device: torch.device) -> str:
+    """Collectives and bytes per compute with 2 real gloo processes, vs torchmetrics."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_sync_worker, args=(r, 2, port, results)) for r in range(2)]
+    for process in processes:
+        process.start()
+    rows = results.get(timeout=300)
+    for process in processes:
+        process.join(timeout=60)
+    table_rows = [(name, str(count), f"{size:,}", f"{seconds * 1e3:.2f}") for name, count, size, seconds in rows]
+    header = ("metric", "collectives per compute", "bytes sent per rank", "ms per compute")
+    note = ("\n\nWith N ranks the state is all-reduced once: O(state) bytes whatever N and the dataset size; a list "
+            "state is all-gathered: O(N x samples).")  # fmt: skip
+    return "### Sync: 2 gloo processes on CPU\n\n" + table(table_rows, header) + note
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "features": features,
     "memory": state_memory,
     "callback": callback_overhead,
+    "scaling": scaling,
+    "sync": sync,
 }
 
 

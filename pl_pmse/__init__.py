@@ -10,7 +10,7 @@ from .functional import perception_mse, perception_mse_components
 from .metric import PerceptionMSE
 from .spaces import Space, available_spaces, get_space, register_space
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

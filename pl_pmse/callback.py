@@ -284,9 +284,9 @@ class PerceptionMSECallback(pl.Callback):
                 f"{self.preds_key!r} and {self.target_key!r} (preds_key/target_key) or a (preds, target) tuple, "
                 f"got {shown}; or pass extract=(outputs, batch) -> (preds, target)"
             )
-        if not all(isinstance(x, Tensor) for x in pair):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(x, Tensor) for x in pair):
             raise TypeError(
-                f"PerceptionMSECallback: expected (preds, target) tensors, got {[type(x).__name__ for x in pair]}"
+                f"PerceptionMSECallback: expected a (preds, target) pair of tensors, got {_describe_pair(pair)}"
             )
         return pair[0].detach(), pair[1].detach()
 
@@ -426,3 +426,9 @@ class PerceptionMSECallback(pl.Callback):
     @property
     def _image_range(self) -> tuple[float, float]:
         return self.data_range or (0.0, 1.0)
+
+
+def _describe_pair(pair: Any) -> str:
+    if isinstance(pair, (tuple, list)):
+        return f"{type(pair).__name__} of {[type(x).__name__ for x in pair]}"
+    return type(pair).__name__
