@@ -134,8 +134,10 @@ def check_value_range(x: Tensor, bounds: tuple[float, float], space: str, data_r
     """
     low, high = bounds
     slack = 0.5 * (high - low)
-    lo, hi = torch.aminmax(x.detach())
-    lo, hi = float(lo), float(hi)
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf are nan_strategy's business, not a range error
+        finite = x.detach()[torch.isfinite(x.detach())]
+        lo, hi = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (low, high)
     if lo < low - slack or hi > high + slack:
         raise ValueError(
             f"preds and target: space {space!r} expects values in [{low:g}, {high:g}] (data_range={data_range!r}), "

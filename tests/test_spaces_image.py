@@ -176,6 +176,17 @@ def test_bad_image_inputs(preds: torch.Tensor, pattern: str, backbone_weights: d
     assert torch.equal(before, metric.totals) and metric.update_count == 0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_of_feature_spaces_follow_nan_strategy(bad: float, backbone_weights) -> None:
+    preds, target = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    preds[1, 0, 5, 5] = bad
+    with pytest.raises(ValueError, match=r"preds: contains NaN or Inf in samples \[1\]"):
+        perception_mse(preds, target, space="squeezenet", weights=backbone_weights["squeezenet"])
+    values = perception_mse(preds, target, space="squeezenet", weights=backbone_weights["squeezenet"],
+                            reduction="none", nan_strategy="ignore")  # fmt: skip
+    assert values[1].isnan() and values[[0, 2]].isfinite().all()
+
+
 def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch, backbone_weights) -> None:
     """weights='imagenet' goes through torchvision's enum and torch.hub's cache; only the download is stubbed."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
