@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """Lightning-facing names load on first use, so that ``import pl_pmse`` stays light."""
+    """Lightning-facing names load on first use: ``import pl_pmse`` does not import Lightning or W&B."""
     if name == "PerceptionMSECallback":
         from .callback import PerceptionMSECallback
 

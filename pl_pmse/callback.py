@@ -329,30 +329,63 @@ class PerceptionMSECallback(pl.Callback):
         for index in range(len(stage.metrics)):
             prefix = stage.prefix + (f"/dataloader_idx_{index}" if several else "")
             fixed = sorted(stage.fixed, key=lambda s: s.label) if index == 0 else []
-            profile = profiles[index] if profiles else None
-            self._guarded(
-                "panels", lambda p=prefix, f=fixed, w=worst[index], pr=profile: self._render(p, f, w, pr, step)
-            )
+            for key, draw in self._panels(prefix, fixed, worst[index], profiles[index] if profiles else None, step):
+                self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
 
-    def _render(self, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int) -> None:
+    def _panels(
+        self, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
+    ) -> list[tuple[str, Callable[[], None]]]:
+        """The panels due this epoch, as ``(key, draw)`` pairs."""
         image = self.modality == "image"
+        panels: list[tuple[str, Callable[[], None]]] = []
         for name, samples in (("fixed", fixed), ("worst", worst)):
-            if not samples:
-                continue
-            if image and samples[0].target.dim() == 3:
-                self._image_panel(f"{prefix}/panels/{name}", samples, step)
-                self._table(f"{prefix}/{name}_table", samples, step)
-            elif not image and self.sample_rate:
-                self._audio_panels(f"{prefix}/panels/{name}", f"{prefix}/audio/{name}", samples, step)
-        if profile is not None and self._counted(profile):
-            if image:
-                self._send_image(f"{prefix}/panels/error_map", image_panels.error_map_panel(profile["error_map"]),
-                                 "mean squared error over the whole set, pooled", step)  # fmt: skip
-                self._send_image(f"{prefix}/panels/spectrum", image_panels.spectrum_panel(profile),
-                                 "radial power spectra: error, target, prediction", step)  # fmt: skip
-            else:
-                self._send_image(f"{prefix}/panels/mel_profile", audio_panels.mel_profile_panel(profile),
-                                 "per mel band: squared log-mel error; target and prediction power", step)  # fmt: skip
+            key = f"{prefix}/panels/{name}"
+            if samples and image and samples[0].target.dim() == 3:
+                panels.append((key, lambda k=key, s=samples: self._image_panel(k, s, step)))
+                panels.append(
+                    (f"{prefix}/{name}_table", lambda n=name, s=samples: self._table(f"{prefix}/{n}_table", s, step))
+                )
+            elif samples and not image and self.sample_rate:
+                clips = f"{prefix}/audio/{name}"
+                panels.append((key, lambda k=key, c=clips, s=samples: self._audio_panels(k, c, s, step)))
+        if profile is None or not self._counted(profile):
+            return panels
+        if image:
+            panels.append(
+                (
+                    f"{prefix}/panels/error_map",
+                    lambda: self._send_image(
+                        f"{prefix}/panels/error_map",
+                        image_panels.error_map_panel(profile["error_map"]),
+                        "mean squared error over the whole set, pooled",
+                        step,
+                    ),
+                )
+            )
+            panels.append(
+                (
+                    f"{prefix}/panels/spectrum",
+                    lambda: self._send_image(
+                        f"{prefix}/panels/spectrum",
+                        image_panels.spectrum_panel(profile),
+                        "radial power spectra: error, target, prediction",
+                        step,
+                    ),
+                )
+            )
+        else:
+            panels.append(
+                (
+                    f"{prefix}/panels/mel_profile",
+                    lambda: self._send_image(
+                        f"{prefix}/panels/mel_profile",
+                        audio_panels.mel_profile_panel(profile),
+                        "per mel band: squared log-mel error; target and prediction power",
+                        step,
+                    ),
+                )
+            )
+        return panels  # fmt: skip
 
     def _image_panel(self, key: str, samples: list[_Sample], step: int) -> None:
         picture, vmax = image_panels.comparison_grid([(s.target, s.preds) for s in samples], self._image_range)

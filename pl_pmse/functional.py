@@ -182,7 +182,8 @@ def _stats(
 ) -> tuple[Space, SampleStats]:
     checks.check_choice("reduction", reduction, checks.REDUCTIONS)
     bounds = checks.check_data_range(data_range)
-    resolved = _resolve_space(space, options, preds.device if isinstance(preds, Tensor) else None)
+    checks.check_tensor_pair(preds, target, bounds)  # before a network is built (or downloaded)
+    resolved = _resolve_space(space, options, preds.device)
     return resolved, sample_stats(preds, target, resolved, bounds, nan_strategy)
 
 
@@ -194,9 +195,12 @@ def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torc
         key = (space, _hashable(options), device)
         cached = _SPACE_CACHE.pop(key, None)
     except TypeError:  # unhashable options: build every call
-        return get_space(space, **options).to(device)
+        key, cached = None, None
     if cached is None:
-        cached = get_space(space, **options).to(device)
+        with torch.inference_mode(False):  # weights built in validation must still serve a training loss
+            cached = get_space(space, **options).to(device)
+    if key is None:
+        return cached
     _SPACE_CACHE[key] = cached
     while len(_SPACE_CACHE) > _SPACE_CACHE_SIZE:
         _SPACE_CACHE.popitem(last=False)

@@ -50,6 +50,10 @@ class ExactSumMetric(Metric):
         self._checked_groups: set[tuple[int, int]] = set()
         self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
 
+    def set_dtype(self, dst_type: Any) -> ExactSumMetric:
+        """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
+        return self
+
     def _describe(self) -> str:
         """The configuration every rank must share (compared across ranks before the first sync)."""
         return f"{type(self).__name__}|{self._num_sums}|{self._num_counts}"
@@ -197,7 +201,8 @@ class PerceptionMSE(ExactSumMetric):
         self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy))
 
     def forward(self, preds: Tensor, target: Tensor) -> Tensor:
-        """Accumulate the batch and return its Perception MSE, differentiable when ``preds`` requires grad."""
+        """Accumulate the batch and return its Perception MSE (float64), differentiable when ``preds`` requires
+        grad; the state receives the same bits as from :meth:`update`."""
         if self.dist_sync_on_step:
             return super().forward(preds, target)
         if self._is_synced:
@@ -259,8 +264,15 @@ class PerceptionMSE(ExactSumMetric):
         return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        """Moves the space with the metric, but keeps its dtype (like torchmetrics keeps its states' dtype: a
+        parent's ``.half()`` must not turn the measuring network into fp16) and keeps its weights normal tensors
+        even when moved inside ``torch.inference_mode`` (Lightning's validation), so that it can serve as a loss."""
         this = super()._apply(fn, *args, **kwargs)
-        this.space._apply(fn)
+        dtypes = {t.dtype for t in (*this.space.parameters(), *this.space.buffers()) if t.is_floating_point()}
+        with torch.inference_mode(False):
+            this.space._apply(fn)
+            if len(dtypes) == 1:
+                this.space.to(dtype=dtypes.pop())
         return this
 
     def extra_repr(self) -> str:

@@ -65,8 +65,8 @@ class ErrorProfile(ExactSumMetric):
         self.data_range = checks.check_data_range(data_range)
         self.sample_rate = sample_rate
         self.min_length = n_fft // 2 + 1
-        if modality == "audio":
-            self.mel = torchaudio.transforms.MelSpectrogram(
+        if modality == "audio":  # held outside the module tree: its buffers are no state
+            self.__dict__["mel"] = torchaudio.transforms.MelSpectrogram(
                 sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length or n_fft // 4, n_mels=n_mels, power=2.0
             )
 
@@ -81,6 +81,8 @@ class ErrorProfile(ExactSumMetric):
         checks.check_ndim(preds, allowed, layout, f"{self.modality} profile")
         if self.modality == "audio":
             checks.check_min_size(preds, self.min_length, "signals", "audio profile")
+        if preds.shape[0] == 0:
+            return
         preds, target = preds.detach().to(torch.float32), target.detach().to(torch.float32)
         values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
         values = values[torch.isfinite(values).all(1)]  # a NaN/Inf input makes its whole row non-finite
@@ -121,8 +123,9 @@ class ErrorProfile(ExactSumMetric):
 def radial_power(x: Tensor, bands: int) -> Tensor:
     """Mean power per radial frequency band of each image's channel mean ``[N, C, H, W] -> [N, bands]``.
 
-    Band ``b`` covers radii ``[b, b + 1) / bands`` of the corner frequency ``sqrt(0.5)`` cycles per pixel;
-    power is ``|FFT|**2 / (H * W)`` (orthonormal FFT), so the bands of an image sum to its energy.
+    Band ``b`` covers radii ``[b, b + 1) / bands`` of the corner frequency ``sqrt(0.5)`` cycles per pixel; power
+    is ``|FFT|**2 / (H * W)`` (orthonormal FFT of the half spectrum), averaged over the frequencies of a band.
+    The banding is a matrix product, so it is deterministic on every device (no atomic scatter).
 
     Example:
         >>> import torch
@@ -135,8 +138,6 @@ def radial_power(x: Tensor, bands: int) -> Tensor:
     power = (spectrum.real.square() + spectrum.imag.square()).flatten(1)  # [N, H * (W // 2 + 1)]
     fy = torch.fft.fftfreq(height, device=x.device)[:, None]
     fx = torch.fft.rfftfreq(width, device=x.device)[None, :]
-    radius = torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5)
-    band = (radius * bands).long().clamp_(max=bands - 1).flatten()
-    totals = torch.zeros(x.shape[0], bands, device=x.device).index_add_(1, band, power)
-    counts = torch.zeros(bands, device=x.device).index_add_(0, band, torch.ones_like(band, dtype=torch.float32))
-    return totals / counts.clamp(min=1)
+    band = (torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5) * bands).long().clamp_(max=bands - 1).flatten()
+    members = torch.nn.functional.one_hot(band, bands).to(power.dtype)  # [frequencies, bands]
+    return power @ (members / members.sum(0).clamp(min=1))

@@ -14,25 +14,28 @@ from torch import Tensor
 
 BLOCK_ELEMENTS = 1 << 19
 CHUNK = 2048
+MAX_ROWS = 1024  # bounds the padding work for tiny samples
 
 
 def squared_error_sums(preds: Tensor, target: Tensor) -> Tensor:
-    """Sum of ``(preds - target) ** 2`` over all but the first dimension, one value per sample.
+    """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample.
 
-    Differentiable (in the inputs' float dtype, at least float32) when autograd is recording and an input
-    requires grad; otherwise float64 from the fast streaming path.
+    The value always comes from the streaming path, so it is the same bits with or without autograd. When
+    autograd records and an input requires grad, the gradient is that of the plain formula (in the inputs' float
+    dtype, at least float32), attached with a zero-valued ``a - a.detach()`` term.
 
     Example:
         >>> p, t = torch.ones(2, 3), torch.zeros(2, 3)
         >>> squared_error_sums(p, t)
         tensor([3., 3.], dtype=torch.float64)
     """
+    with torch.no_grad():
+        value = _streaming_sums(*_memory_order(preds, target))
     if torch.is_grad_enabled() and (preds.requires_grad or target.requires_grad):
         dtype = compute_dtype(preds, target)
-        diff = preds.to(dtype) - target.to(dtype)
-        return diff.square().reshape(diff.shape[0], -1).sum(1)
-    with torch.no_grad():
-        return _streaming_sums(*_memory_order(preds, target))
+        differentiable = (preds.to(dtype) - target.to(dtype)).square().reshape(preds.shape[0], -1).sum(1)
+        return value + (differentiable - differentiable.detach()).to(torch.float64)
+    return value
 
 
 def compute_dtype(preds: Tensor, target: Tensor) -> torch.dtype:
@@ -61,24 +64,26 @@ def _streaming_sums(preds: Tensor, target: Tensor) -> Tensor:
         return torch.zeros(0, dtype=torch.float64, device=preds.device)
     dtype, per_sample = compute_dtype(preds, target), preds[0].numel()
     chunks, tail = divmod(per_sample, CHUNK)
-    rows = min(n, max(1, BLOCK_ELEMENTS // per_sample))
+    # Every kernel call sees the same shapes whatever the batch size (the last block is padded with zeros), so
+    # that no backend can pick a different reduction order for a sample because of its neighbours.
+    rows = min(MAX_ROWS, max(1, BLOCK_ELEMENTS // per_sample))
     preds, target = _rows(preds, per_sample), _rows(target, per_sample)
-    # One float partial per chunk of each sample (and one for its tail), added in float64 at the end.
-    chunk_sums = torch.zeros(n, chunks, dtype=dtype, device=preds.device)
-    tail_sums = torch.zeros(n, dtype=dtype, device=preds.device)
-    diff = torch.empty(rows, per_sample, dtype=dtype, device=preds.device)
+    out = torch.empty(n, dtype=torch.float64, device=preds.device)
+    diff = torch.zeros(rows, per_sample, dtype=dtype, device=preds.device)
     diff_chunks, diff_tail = diff[:, : chunks * CHUNK].view(rows, chunks, CHUNK), diff[:, chunks * CHUNK :]
+    partials = torch.zeros(rows, chunks + 1, dtype=dtype, device=preds.device)
     for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        p, t = (x[start:stop].reshape(-1, per_sample).to(dtype) for x in (preds, target))  # views when possible
-        torch.sub(p, t, out=diff[: stop - start])
+        count = min(rows, n - start)
+        p, t = (x[start : start + count].reshape(-1, per_sample).to(dtype) for x in (preds, target))
+        torch.sub(p, t, out=diff[:count])
+        if count < rows:
+            diff[count:].zero_()
         if chunks:
-            block = diff_chunks[: stop - start]
-            torch.linalg.vecdot(block, block, out=chunk_sums[start:stop])
+            torch.linalg.vecdot(diff_chunks, diff_chunks, out=partials[:, :chunks])
         if tail:
-            block = diff_tail[: stop - start]
-            torch.linalg.vecdot(block, block, out=tail_sums[start:stop])
-    return chunk_sums.sum(1, dtype=torch.float64) + tail_sums
+            partials[:, chunks] = torch.linalg.vecdot(diff_tail, diff_tail)
+        out[start : start + count] = partials.sum(1, dtype=torch.float64)[:count]
+    return out
 
 
 def _rows(x: Tensor, per_sample: int) -> Tensor:

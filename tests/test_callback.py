@@ -317,3 +317,12 @@ def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
     assert metrics["val/pmse"].item() == pytest.approx(
         sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
     )
+
+
+def test_error_profile_skips_empty_batches() -> None:
+    from pl_pmse import ErrorProfile
+
+    for profile, empty in ((ErrorProfile("image"), torch.zeros(0, 3, 32, 32)),
+                           (ErrorProfile("audio", sample_rate=8000), torch.zeros(0, 4000))):  # fmt: skip
+        profile.update(empty, empty)
+        assert profile.totals.abs().sum() == 0 and list(profile.state_dict()) == []

@@ -192,3 +192,18 @@ def test_reset_and_repr() -> None:
     metric.reset()
     assert metric.update_count == 0 and int(metric.totals.abs().sum()) == 0
     assert "data_range=(-1.0, 1.0)" in repr(metric)
+
+
+def test_set_dtype_keeps_the_exact_state() -> None:
+    metric = PerceptionMSE()
+    metric.set_dtype(torch.float16)
+    metric.update(torch.rand(2, 3), torch.rand(2, 3))
+    assert metric.totals.dtype == torch.int64 and metric.compute().dtype == torch.float64
+
+
+def test_forward_with_grad_stores_the_same_bits_as_update() -> None:
+    preds, target = torch.rand(4, 3, 40, 40), torch.rand(4, 3, 40, 40)
+    by_update, by_forward = PerceptionMSE(), PerceptionMSE()
+    by_update.update(preds, target)
+    value = by_forward(preds.clone().requires_grad_(), target)
+    assert torch.equal(by_update.totals, by_forward.totals) and value.requires_grad

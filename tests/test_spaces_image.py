@@ -313,3 +313,41 @@ def test_random_weights_are_an_explicit_opt_in() -> None:
     torch.manual_seed(3)
     b = torchvision.models.squeezenet1_1(weights=None)
     assert torch.equal(a.features[0].weight, b.features[0].weight)  # torchvision's own initialisation
+
+
+def test_a_space_built_or_moved_in_inference_mode_still_trains(backbone_weights: dict[str, str]) -> None:
+    """Lightning validates (inference mode) before it trains: a space first used there must serve as a loss."""
+    metric = PerceptionMSE("squeezenet", weights=backbone_weights["squeezenet"])
+    with torch.inference_mode():
+        metric.to("cpu")  # what the callback does at the start of each validation epoch
+        perception_mse(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), space="alexnet", weights="random")
+    preds = torch.rand(2, 3, 32, 32, requires_grad=True)
+    for space in (metric.space, "alexnet"):
+        options = {} if space is metric.space else {"weights": "random"}
+        perception_mse(preds, torch.rand(2, 3, 32, 32), space=space, **options).backward()
+    assert preds.grad is not None and preds.grad.abs().sum() > 0
+
+
+def test_a_parent_half_keeps_the_network_in_float32(backbone_weights: dict[str, str]) -> None:
+    holder = torch.nn.Module()
+    holder.metric = PerceptionMSE("lpips-squeeze", weights=backbone_weights["squeezenet"])
+    holder.half()
+    assert {p.dtype for p in holder.metric.space.parameters()} == {torch.float32}
+    holder.metric.update(torch.rand(2, 3, 32, 32).half(), torch.rand(2, 3, 32, 32).half())
+    assert torch.isfinite(holder.metric.compute())
+
+
+def test_shared_modules_and_clashing_names_are_rejected() -> None:
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu = torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.conv(self.relu(self.relu(x) - 0.5))
+
+    space = Backbone(Shared(), layers=["relu", "conv"], normalize="none")
+    with pytest.raises(ValueError, match=r"layers: 'relu' \('relu'\) runs more than once per forward"):
+        perception_mse(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), space=space)
+    with pytest.raises(ValueError, match=r"component names must be unique"):
+        Backbone(Shared(), layers={"pixel": "conv"}, normalize="none")

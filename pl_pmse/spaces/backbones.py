@@ -72,7 +72,8 @@ class Backbone(Space):
 
     Args:
         module: any ``nn.Module`` taking ``[N, C, H, W]`` images. It is frozen in place
-            (``requires_grad_(False)``, eval mode, in-place activations off).
+            (``requires_grad_(False)``, eval mode, in-place activations off): pass a copy of a network you still
+            train. A hooked module must run once per forward (not a shared activation like ResNet's ``relu``).
         layers: module paths as in ``module.named_modules()`` (component names = paths), or
             ``{component name: module path}``.
         normalize: input normalisation of images in [0, 1]: ``"imagenet"`` (mean/std), ``"lpips"`` (LPIPS'
@@ -151,6 +152,11 @@ class Backbone(Space):
 
         def hook(name: str):
             def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
+                if name in captured:
+                    raise ValueError(
+                        f"layers: {name!r} ({self.layers[name]!r}) runs more than once per forward (a shared "
+                        f"module); hook a module that runs once"
+                    )
                 captured[name] = output
                 if len(captured) == len(self.layers):
                     raise _Captured
@@ -176,7 +182,9 @@ class LPIPSSpace(Backbone):
 
     For layer ``l`` with features ``f`` (``C`` channels) and non-negative calibration weights ``w``, the component is
     ``sqrt(C * w) * f / sqrt(sum_c f**2 + eps)``, so that its MSE over ``[C, H, W]`` is
-    ``mean_hw sum_c w_c (f0 - f1)**2``: exactly LPIPS' layer distance. Layer weights default to 1 and the pixel
+    ``mean_hw sum_c w_c (f0 - f1)**2``: LPIPS' layer distance (equal to the ``lpips`` package to 1e-5; eps sits
+    inside the square root here, outside in ``lpips``, which only matters for near-zero feature vectors and keeps
+    the gradient finite there). Layer weights default to 1 and the pixel
     weight to 0, so the total is LPIPS.
     """
 
@@ -349,7 +357,7 @@ def _register_lpips(space_name: str, architecture: str) -> None:
             min_size=ARCHITECTURES[architecture].min_size, name=space_name, keep_inplace=True,
         )  # fmt: skip
 
-    factory.__doc__ = f"LPIPS with the {architecture} trunk: the total equals lpips.LPIPS(net=...)."
+    factory.__doc__ = f"LPIPS with the {architecture} trunk: the total equals lpips.LPIPS(net=...) to 1e-5."
     register_space(space_name)(factory)
 
 

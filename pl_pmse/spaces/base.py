@@ -52,8 +52,8 @@ class Space(nn.Module):
         component_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        checks.check_component_names([self.raw_name, *(feature_weights or {})])
         defaults = {self.raw_name: raw_weight, **(feature_weights or {})}
-        checks.check_component_names(list(defaults))
         self.component_weights: dict[str, float] = checks.check_weights(component_weights, defaults)
         self.train(False)
 
