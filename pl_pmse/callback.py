@@ -57,8 +57,13 @@ class _Stage:
     prefix: str
     metrics: list[PerceptionMSE]
     profiles: list[ErrorProfile]
-    worst: list[list[_Sample]]
-    fixed: list[_Sample]
+    worst: list[list[_Sample]] = field(default_factory=list)
+    fixed: list[_Sample] = field(default_factory=list)
+
+    def key(self, name: str, index: int) -> str:
+        """``<prefix>/<name>`` (``name=""``: the prefix), with Lightning's dataloader suffix when there are several."""
+        key = f"{self.prefix}/{name}" if name else self.prefix
+        return key + (f"/dataloader_idx_{index}" if len(self.metrics) > 1 else "")
 
 
 class PerceptionMSECallback(pl.Callback):
@@ -218,8 +223,6 @@ class PerceptionMSECallback(pl.Callback):
                 self.prefixes[loop],
                 [PerceptionMSE(self.space, self.data_range, self.nan_strategy) for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
-                [[] for _ in range(dataloaders)],
-                [],
             )
         for metric in (*stage.metrics, *stage.profiles):
             metric.to(pl_module.device)
@@ -243,32 +246,31 @@ class PerceptionMSECallback(pl.Callback):
             stage.profiles[index].update(preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
         worst = stage.worst[index]
-        for row, value in self._candidates(metric):
+        for row, value, components in self._candidates(metric):
             if keep_fixed and not self._fixed_frozen and len(self._fixed_positions) < self.num_panel_samples:
                 self._fixed_positions.append((batch_idx, row))
-            if keep_fixed and (batch_idx, row) in self._fixed_positions:
-                stage.fixed.append(self._sample(metric, preds, target, row, value, batch_idx, trainer.global_rank))
-            if self.worst_k and (len(worst) < self.worst_k or value > worst[0].value):
-                sample = self._sample(metric, preds, target, row, value, batch_idx, trainer.global_rank)
+            fixed = keep_fixed and (batch_idx, row) in self._fixed_positions
+            among_worst = self.worst_k and (len(worst) < self.worst_k or value > worst[0].value)
+            if not (fixed or among_worst):
+                continue  # only samples a panel keeps are copied to the CPU
+            label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
+            sample = _Sample(value, label, components, preds[row].float().cpu(), target[row].float().cpu())
+            if fixed:
+                stage.fixed.append(sample)
+            if among_worst:
                 (heapq.heappush if len(worst) < self.worst_k else heapq.heapreplace)(worst, sample)
 
-    def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float]]:
-        """``(row, Perception MSE)`` of the valid samples of the last batch."""
+    def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float, dict[str, float]]]:
+        """``(row, Perception MSE, component MSEs)`` of the valid samples of the last batch."""
         stats = metric.last_batch
         if stats is None or stats.sums.shape[0] == 0:
             return []
-        totals = stats.total(self.space.component_weights).tolist()
-        return [(row, value) for row, (value, ok) in enumerate(zip(totals, stats.valid.tolist(), strict=True)) if ok]
-
-    @staticmethod
-    def _sample(
-        metric: PerceptionMSE, preds: Tensor, target: Tensor, row: int, value: float, batch_idx: int, rank: int
-    ) -> _Sample:
-        """Copy one sample to the CPU with its values (only samples that a panel keeps are copied)."""
-        stats = metric.last_batch
-        components = dict(zip(stats.names, stats.mse()[row].tolist(), strict=True))
-        label = f"batch {batch_idx} item {row}" + (f" (rank {rank})" if rank else "")
-        return _Sample(value, label, components, preds[row].float().cpu(), target[row].float().cpu())
+        totals, mse = stats.total(self.space.component_weights).tolist(), stats.mse().tolist()
+        return [
+            (row, totals[row], dict(zip(stats.names, mse[row], strict=True)))
+            for row, ok in enumerate(stats.valid.tolist())
+            if ok
+        ]
 
     def _pair(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
         if self.extract is not None:
@@ -294,14 +296,12 @@ class PerceptionMSECallback(pl.Callback):
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: str) -> None:
         stage = self._stages[loop]
-        several = len(stage.metrics) > 1
         for index, metric in enumerate(stage.metrics):
             summary = metric.compute_summary()
             for name, value in summary.items():
                 if name == "skipped" and self.nan_strategy == "error":
                     continue
-                key = stage.prefix if name == "total" else f"{stage.prefix}/{name}"
-                key += f"/dataloader_idx_{index}" if several else ""
+                key = stage.key("" if name == "total" else name, index)
                 pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
         epoch = trainer.current_epoch
@@ -325,9 +325,8 @@ class PerceptionMSECallback(pl.Callback):
     def _draw(self, trainer: pl.Trainer, stage: _Stage, profiles: list, worst: list, step: int) -> None:
         if self._sinks is None:
             self._sinks = sinks_for(trainer.loggers, self._file_root)
-        several = len(stage.metrics) > 1
         for index in range(len(stage.metrics)):
-            prefix = stage.prefix + (f"/dataloader_idx_{index}" if several else "")
+            prefix = stage.key("", index)
             fixed = sorted(stage.fixed, key=lambda s: s.label) if index == 0 else []
             for key, draw in self._panels(prefix, fixed, worst[index], profiles[index] if profiles else None, step):
                 self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
