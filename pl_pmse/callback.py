@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .metric import PerceptionMSE
 from .panels import audio as audio_panels
 from .panels import image as image_panels
 from .panels.render import stack, to_rgb, upscale
-from .panels.sinks import Sink, sinks_for
+from .panels.sinks import Send, Sink, sinks_for
 from .profile import ErrorProfile
 from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
 from .spaces.base import space_options as space_options_of
@@ -100,6 +101,8 @@ class PerceptionMSECallback(pl.Callback):
             (default ``[0, 1]``) and clips (default ``[-1, 1]``).
         panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel.
         panels_every_n_epochs: draw every n-th validation epoch.
+        background_panels: draw and encode panels on a background thread, so that training goes on meanwhile;
+            the logger calls stay on the training thread, at the next training batch or when the loop ends.
         profile: accumulate the dataset error map / spectra / mel-band profile.
         modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
         sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
@@ -122,6 +125,7 @@ class PerceptionMSECallback(pl.Callback):
         num_panel_samples: int = 4,
         worst_k: int = 4,
         panels_every_n_epochs: int = 1,
+        background_panels: bool = True,
         profile: bool = True,
         error_map_grid: int = 32,
         spectrum_bands: int = 32,
@@ -159,6 +163,7 @@ class PerceptionMSECallback(pl.Callback):
         self.prefixes = {"validate": prefix, "test": test_prefix}
         self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
         self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
+        self.background_panels = background_panels
         self.error_map_grid, self.spectrum_bands, self.prog_bar = error_map_grid, spectrum_bands, prog_bar
         if isinstance(self.space, MelSpace) and sample_rate is None:
             sample_rate = self.space.transform.sample_rate
@@ -170,6 +175,12 @@ class PerceptionMSECallback(pl.Callback):
         self._sinks: list[Sink] | None = None
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
+        self._outbox: list[tuple[str, Send]] = []
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; a thread pool does not pickle
+        return {**self.__dict__, "_executor": None, "_job": None}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -189,11 +200,25 @@ class PerceptionMSECallback(pl.Callback):
         self._file_root = Path(trainer.log_dir or trainer.default_root_dir) / "pmse_panels"
         self._sinks = None
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._flush(wait=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._flush(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "exception")
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(wait=False)
         counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
         self._start("validate", len(counts) or 1, pl_module)
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(wait=False)
         self._start("test", len(trainer.num_test_batches) or 1, pl_module)
 
     def on_validation_batch_end(
@@ -312,7 +337,14 @@ class PerceptionMSECallback(pl.Callback):
         self._fixed_frozen = self._fixed_frozen or bool(self._fixed_positions)
         if trainer.is_global_zero:
             step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-            self._draw(trainer, stage, profiles, worst, step)
+            if self._sinks is None:
+                self._sinks = sinks_for(trainer.loggers, self._file_root)
+            fixed = sorted(stage.fixed, key=lambda s: s.label)
+            jobs = [
+                (stage.key("", index), fixed if index == 0 else [], worst[index], profiles[index] if profiles else None)
+                for index in range(len(stage.metrics))
+            ]
+            self._submit(lambda: self._render(jobs, step))
 
     def _gather_worst(self, samples: list[_Sample]) -> list[_Sample]:
         """The ``worst_k`` samples across all ranks: k per rank travel, never the whole set."""
@@ -322,14 +354,33 @@ class PerceptionMSECallback(pl.Callback):
             samples = [sample for part in gathered for sample in part]
         return sorted(samples, reverse=True)[: self.worst_k]
 
-    def _draw(self, trainer: pl.Trainer, stage: _Stage, profiles: list, worst: list, step: int) -> None:
-        if self._sinks is None:
-            self._sinks = sinks_for(trainer.loggers, self._file_root)
-        for index in range(len(stage.metrics)):
-            prefix = stage.key("", index)
-            fixed = sorted(stage.fixed, key=lambda s: s.label) if index == 0 else []
-            for key, draw in self._panels(prefix, fixed, worst[index], profiles[index] if profiles else None, step):
+    # -- panels: drawn and encoded on the panel thread, sent to the loggers on the training thread ---------------
+
+    def _submit(self, render: Callable[[], list[tuple[str, Send]]]) -> None:
+        self._flush(wait=True)  # one epoch's panels in flight at most
+        if self.background_panels:
+            self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="pl_pmse_panels")
+            self._job = self._executor.submit(render)
+        else:
+            self._job = Future()
+            self._job.set_result(render())
+            self._flush(wait=True)
+
+    def _flush(self, wait: bool) -> None:
+        """Make the logger calls of the drawn panels; ``wait`` for panels still being drawn."""
+        job = self._job
+        if job is None or not (wait or job.done()):
+            return
+        self._job = None
+        self._guarded("drawing panels", lambda: [self._guarded(what, send) for what, send in job.result()])
+
+    def _render(self, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> list[tuple[str, Send]]:
+        """Draw the panels of ``(prefix, fixed, worst, profile)`` jobs; returns the logger calls still to make."""
+        self._outbox = []
+        for prefix, fixed, worst, profile in jobs:
+            for key, draw in self._panels(prefix, fixed, worst, profile, step):
                 self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
+        return self._outbox
 
     def _panels(
         self, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
@@ -417,9 +468,17 @@ class PerceptionMSECallback(pl.Callback):
     def _send_image(self, key: str, picture: np.ndarray, caption: str, step: int) -> None:
         self._deliver("image", lambda sink: sink.image(key, picture, caption, step))
 
-    def _deliver(self, kind: str, call: Callable[[Sink], None]) -> None:
+    def _deliver(self, kind: str, call: Callable[[Sink], Send | None]) -> None:
+        """Hand a panel to every sink; what a sink leaves to send goes to the outbox."""
         for sink in self._sinks or []:
-            self._guarded(f"{sink!r} {kind}", lambda s=sink: call(s))
+            what = f"{sink!r} {kind}"
+
+            def prepare(sink: Sink = sink, what: str = what) -> None:
+                send = call(sink)
+                if send is not None:
+                    self._outbox.append((what, send))
+
+            self._guarded(what, prepare)
 
     def _guarded(self, what: str, call: Callable[[], None]) -> None:
         """Run a rendering or logger call; a failure warns once per kind and training goes on."""

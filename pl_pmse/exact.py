@@ -25,21 +25,28 @@ from torch import Tensor
 
 DIGIT_BITS = 30
 _MASK = (1 << DIGIT_BITS) - 1
-_MANTISSA_BITS = 53
-_LOWEST_BIT = -1126  # frexp exponent of the smallest subnormal (-1073) minus the mantissa bits
-NUM_BINS = (1024 - _MANTISSA_BITS - _LOWEST_BIT) // DIGIT_BITS + 3
+_FRACTION_BITS = 52
+_LOWEST_BIT = -1126  # frexp exponent of the smallest subnormal (-1073) minus the 53 mantissa bits
+NUM_BINS = (1024 - 53 - _LOWEST_BIT) // DIGIT_BITS + 3
 
 
 def exact_bins(values: Tensor) -> Tensor:
     """Bin non-negative finite values ``[K, P]`` into exact integer accumulators ``[K, NUM_BINS]``."""
-    values = values.detach().to(torch.float64)
-    mantissa, exponent = torch.frexp(values)  # value = mantissa * 2**exponent, mantissa in [0.5, 1)
-    integer = torch.ldexp(mantissa, torch.tensor(_MANTISSA_BITS, device=values.device)).to(torch.int64)
-    position = exponent.to(torch.int64) - _MANTISSA_BITS - _LOWEST_BIT  # value = integer * 2**(position + lowest)
-    digit, offset = position // DIGIT_BITS, position % DIGIT_BITS
+    bins = torch.zeros(values.shape[0], NUM_BINS, dtype=torch.int64, device=values.device)
+    return add_exact(bins, values)
+
+
+def add_exact(bins: Tensor, values: Tensor) -> Tensor:
+    """Add non-negative finite values ``[K, P]`` to the accumulators ``bins`` (``[K, NUM_BINS]``), in place."""
+    bits = values.detach().to(torch.float64).contiguous().view(torch.int64)
+    biased = bits >> _FRACTION_BITS  # the biased exponent (the sign bit is 0)
+    # value = integer * 2**(max(biased, 1) - 1075), with the implicit leading bit for normal numbers
+    integer = (bits & ((1 << _FRACTION_BITS) - 1)) | ((biased > 0).to(torch.int64) << _FRACTION_BITS)
+    position = biased.clamp(min=1) - 1075 - _LOWEST_BIT  # value = integer * 2**(position + lowest)
+    digit = torch.div(position, DIGIT_BITS, rounding_mode="floor")
+    offset = position - digit * DIGIT_BITS
     low = (integer & _MASK) << offset  # < 2**60
     high = (integer >> DIGIT_BITS) << offset  # < 2**53, one digit higher
-    bins = torch.zeros(values.shape[0], NUM_BINS, dtype=torch.int64, device=values.device)
     bins.scatter_add_(1, digit, low & _MASK)
     bins.scatter_add_(1, digit + 1, (low >> DIGIT_BITS) + (high & _MASK))
     bins.scatter_add_(1, digit + 2, high >> DIGIT_BITS)

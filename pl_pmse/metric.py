@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
-from .exact import NUM_BINS, exact_bins, exact_ratio
+from .exact import NUM_BINS, add_exact, exact_ratio
 from .functional import SampleStats, reduce_samples, sample_stats
 from .spaces import Space, get_space
 from .spaces.base import split_options
@@ -60,8 +60,10 @@ class ExactSumMetric(Metric):
 
     def _add(self, sums: Tensor, counts: Sequence[int]) -> None:
         """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state, out of place."""
-        packed = torch.cat([exact_bins(sums).flatten(), torch.tensor(counts, dtype=torch.int64, device=sums.device)])
-        self.totals = self.totals + packed.to(self.totals.device)
+        totals = self.totals.clone()  # a new tensor: the state may be an inference tensor (reset in validation)
+        add_exact(totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), sums.to(totals.device))
+        totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
+        self.totals = totals
 
     def _counts(self) -> list[int]:
         return self.totals[self._num_sums * NUM_BINS :].tolist()

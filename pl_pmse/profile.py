@@ -8,6 +8,7 @@ Audio: per mel band, the mean squared log-mel error and the mean mel power of ta
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -106,9 +107,10 @@ class ErrorProfile(ExactSumMetric):
         return {"frequency": centres.double(), "error": profiles[0], "target": profiles[1], "preds": profiles[2]}
 
     def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
-        error = (preds - target).square().mean(1, keepdim=True)
-        error_map = torch.nn.functional.adaptive_avg_pool2d(error, self.grid).flatten(1)
-        spectra = radial_power(torch.cat([preds - target, target, preds]), self.bands).chunk(3)
+        difference = preds - target
+        error_map = torch.nn.functional.adaptive_avg_pool2d(difference.square().mean(1), self.grid).flatten(1)
+        planes = torch.cat([difference.mean(1), target.mean(1), preds.mean(1)])  # channel means
+        spectra = _radial_bands(planes, self.bands).chunk(3)
         return torch.cat([error_map, *spectra], 1)
 
     def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
@@ -133,11 +135,22 @@ def radial_power(x: Tensor, bands: int) -> Tensor:
         >>> radial_power(flat, 4)[0, 1:].abs().max() < 1e-6  # a constant image has only the zero frequency
         tensor(True)
     """
-    height, width = x.shape[-2:]
-    spectrum = torch.fft.rfft2(x.mean(1), norm="ortho")
+    return _radial_bands(x.mean(1), bands)
+
+
+def _radial_bands(planes: Tensor, bands: int) -> Tensor:
+    """:func:`radial_power` of single-channel planes ``[N, H, W]``."""
+    height, width = planes.shape[-2:]
+    spectrum = torch.fft.rfft2(planes, norm="ortho")
     power = (spectrum.real.square() + spectrum.imag.square()).flatten(1)  # [N, H * (W // 2 + 1)]
-    fy = torch.fft.fftfreq(height, device=x.device)[:, None]
-    fx = torch.fft.rfftfreq(width, device=x.device)[None, :]
+    return power @ _band_means(height, width, bands, planes.device).to(power.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_means(height: int, width: int, bands: int, device: torch.device) -> Tensor:
+    """``[frequencies, bands]``: the matrix that averages a half spectrum's power per radial band."""
+    fy = torch.fft.fftfreq(height, device=device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device)[None, :]
     band = (torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5) * bands).long().clamp_(max=bands - 1).flatten()
-    members = torch.nn.functional.one_hot(band, bands).to(power.dtype)  # [frequencies, bands]
-    return power @ (members / members.sum(0).clamp(min=1))
+    members = torch.nn.functional.one_hot(band, bands).to(torch.float32)
+    return members / members.sum(0).clamp(min=1)

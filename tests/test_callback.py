@@ -187,8 +187,12 @@ def test_audio_files_sink_and_missing_soundfile_warns_once(tmp_path, monkeypatch
 
 
 class FailingWandb(WandbLogger):
-    def log_image(self, *args, **kwargs):
-        raise ConnectionError("W&B is down")
+    """Scalars and tables go through; every image upload fails."""
+
+    def log_metrics(self, metrics, step=None):
+        if any(isinstance(value, list) and isinstance(value[0], wandb.Image) for value in metrics.values()):
+            raise ConnectionError("W&B is down")
+        super().log_metrics(metrics, step)
 
 
 def test_failing_logger_warns_once_and_training_continues(tmp_path, monkeypatch) -> None:

@@ -45,10 +45,14 @@ class PoisonedDenoiser(Denoiser):
 
 
 def test_disk_full_on_media_write_warns_once_and_training_continues(tmp_path, monkeypatch) -> None:
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_write = Path.write_bytes
 
-    monkeypatch.setattr("PIL.Image.Image.save", disk_full)
+    def disk_full(path: Path, data: bytes) -> int:
+        if path.suffix == ".png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     trainer = trainer_for(tmp_path, [PerceptionMSECallback("pixel", data_range=1.0)], max_epochs=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -36,11 +36,18 @@ def default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
-def magma(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (clipped) to ``uint8`` RGB with the magma colour map."""
-    t = np.clip(np.asarray(values, dtype=np.float64), 0, 1)[..., None]
+@functools.cache
+def _magma_table() -> np.ndarray:
+    """The magma map at 256 levels, ``uint8 [256, 3]`` (as matplotlib samples its colour maps)."""
+    t = np.linspace(0, 1, 256)[:, None]
     rgb = sum(_MAGMA[k] * t**k for k in range(len(_MAGMA)))
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def magma(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (clipped; NaN as 0) to ``uint8`` RGB with the magma colour map, at 256 levels."""
+    levels = np.nan_to_num(np.clip(np.asarray(values, dtype=np.float64), 0, 1) * 255)
+    return _magma_table()[levels.round().astype(np.intp)]
 
 
 def diverging(values: np.ndarray, limit: float) -> np.ndarray:
@@ -67,21 +74,29 @@ def to_rgb(image: Tensor, data_range: tuple[float, float]) -> np.ndarray:
 def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
     """Nearest-neighbour enlargement so that the shorter side reaches ``min_side`` (tiny images stay readable)."""
     factor = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
-    return image.repeat(factor, 0).repeat(factor, 1) if factor > 1 else image
+    if factor == 1:
+        return image
+    height, width, channels = image.shape
+    blocks = np.broadcast_to(image[:, None, :, None], (height, factor, width, factor, channels))
+    return blocks.reshape(height * factor, width * factor, channels)
 
 
 def stack(images: Sequence[np.ndarray], axis: int, gap: int = 4) -> np.ndarray:
     """Place images side by side (``axis=1``) or on top of each other (``axis=0``) on a white background."""
     across = 1 - axis
-    size = max(image.shape[across] for image in images)
-    padded = []
-    for index, image in enumerate(images):
-        pad = [(0, 0), (0, 0), (0, 0)]
-        pad[across] = (0, size - image.shape[across])
-        if index:
-            pad[axis] = (gap, 0)
-        padded.append(np.pad(image, pad, constant_values=BACKGROUND))
-    return np.concatenate(padded, axis)
+    shape = [0, 0, 3]
+    shape[across] = max(image.shape[across] for image in images)
+    shape[axis] = sum(image.shape[axis] for image in images) + gap * (len(images) - 1)
+    canvas = np.full(shape, BACKGROUND, dtype=np.uint8)
+    start = 0
+    for image in images:
+        end = start + image.shape[axis]
+        if axis == 0:
+            canvas[start:end, : image.shape[1]] = image
+        else:
+            canvas[: image.shape[0], start:end] = image
+        start = end + gap
+    return canvas
 
 
 def titled(image: np.ndarray, title: str, height: int = 16) -> np.ndarray:
