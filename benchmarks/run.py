@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -148,9 +149,13 @@ def _state_bytes(metric: torchmetrics.Metric) -> int:
 
 
 def callback_overhead(quick: bool, device: torch.device) -> str:
-    """Validation epoch of the image example: PerceptionMSE updated in validation_step (the metric alone) vs
-    PerceptionMSECallback without and with panels (drawn once per epoch to PNG files)."""
+    """The image example's fit, logging to W&B offline as ``make demo`` does, with PerceptionMSE updated in
+    validation_step (the metric alone) vs the callback. End to end: the validation loop's time per epoch and the
+    whole fit's time (noisy on a shared machine). Direct: the time spent in pl-pmse code on the training thread,
+    during validation (its excess over the metric alone is the callback's overhead) and after it (panel uploads)."""
     import pytorch_lightning as pl
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from examples.image_denoising import Denoiser, PhotoCrops
@@ -169,34 +174,106 @@ def callback_overhead(quick: bool, device: torch.device) -> str:
             self.log("val/pmse", self.metric.compute())
             self.metric.reset()
 
-    crops = 32 if quick else 256
+    class Clock(pl.Callback):
+        """Validation loop wall time, and time inside the wrapped pl-pmse calls during / outside validation."""
+
+        def __init__(self) -> None:
+            self.validation: list[float] = []
+            self.inside = {"validation": 0.0, "training": 0.0}
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.validation.append(time.perf_counter() - self.start)
+
+        def wrap(self, owner: object, names: tuple[str, ...], phase: str) -> None:
+            for name in names:
+                call = getattr(owner, name)
+
+                def timed(*args, call=call, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return call(*args, **kwargs)
+                    finally:
+                        self.inside[phase] += time.perf_counter() - start
+
+                setattr(owner, name, timed)
+
+    def with_callback(**options) -> Callable[[Clock], tuple[pl.LightningModule, list[pl.Callback]]]:
+        def build(clock: Clock) -> tuple[pl.LightningModule, list[pl.Callback]]:
+            callback = PerceptionMSECallback("pyramid", data_range=1.0, **options)
+            hooks = ("on_validation_epoch_start", "on_validation_batch_end", "on_validation_epoch_end")
+            clock.wrap(callback, hooks, "validation")
+            clock.wrap(callback, ("on_train_batch_end", "teardown"), "training")
+            return Denoiser(), [callback]
+
+        return build
+
+    def metric_alone(clock: Clock) -> tuple[pl.LightningModule, list[pl.Callback]]:
+        model = MetricAlone()
+        clock.wrap(model.metric, ("update",), "validation")
+        clock.wrap(model, ("on_validation_epoch_end",), "validation")
+        return model, []
+
+    variants = {
+        "metric in validation_step": metric_alone,
+        "callback, no panels": with_callback(panels=False),
+        "callback, panels drawn in the loop": with_callback(background_panels=False),
+        "callback, panels on the background thread (default)": with_callback(),
+    }
+    crops, epochs, train_batches = (32, 2, 2) if quick else (256, 4, 16)
     data = PhotoCrops(val_crops=crops, batch_size=16)
-    torch.manual_seed(0)
-    plain, alone = Denoiser(), MetricAlone()
-    alone.load_state_dict(plain.state_dict(), strict=False)
-    with tempfile.TemporaryDirectory() as root:
+    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as root, _environment(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=root):
+        for repeat in range(2 if quick else 4):  # the first round warms up (W&B service, caches) and is dropped
+            for name, build in variants.items():
+                torch.manual_seed(0)
+                clock = Clock()
+                model, callbacks = build(clock)
+                trainer = pl.Trainer(
+                    accelerator=device.type, devices=1, max_epochs=epochs, limit_train_batches=train_batches,
+                    num_sanity_val_steps=0, logger=WandbLogger(project="pl-pmse-benchmark", save_dir=root),
+                    callbacks=[*callbacks, clock], enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, default_root_dir=root,
+                )  # fmt: skip
+                start = time.perf_counter()
+                trainer.fit(model, data)
+                fit_seconds = time.perf_counter() - start
+                wandb.finish()
+                if repeat:
+                    inside = (clock.inside["validation"] / epochs, clock.inside["training"] / epochs)
+                    runs[name].append((statistics.median(clock.validation), *inside, fit_seconds))
+    medians = {name: [statistics.median(c) for c in zip(*values, strict=True)] for name, values in runs.items()}
+    reference = medians["metric in validation_step"]
+    rows = []
+    for name, (validation, inside, after, fit) in medians.items():
+        rows.append((
+            name, f"{validation * 1e3:.0f}", f"{(validation / reference[0] - 1) * 100:+.1f}%", f"{inside * 1e3:.1f}",
+            f"{(inside - reference[1]) / reference[0] * 100:+.1f}%", f"{after * 1e3:.1f}", f"{fit:.2f}",
+            f"{(fit / reference[3] - 1) * 100:+.1f}%",
+        ))  # fmt: skip
+    title = (
+        f"### Callback overhead: fits of the image example ({crops} validation crops 64x64, pyramid, {epochs} "
+        f"epochs of {train_batches} training batches, W&B offline)\n\n"
+    )
+    header = ("", "validation epoch (ms)", "vs the metric alone", "pl-pmse in it (ms)", "added, % of the epoch",
+              "pl-pmse after it (ms)", "fit (s)", "vs the metric alone")  # fmt: skip
+    return title + table(rows, header)
 
-        def trainer(callbacks: list) -> pl.Trainer:
-            return pl.Trainer(accelerator=device.type, devices=1, logger=False, callbacks=callbacks,
-                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
 
-        runs = {
-            "metric in validation_step": (trainer([]), alone),
-            "callback, no panels": (trainer([PerceptionMSECallback("pyramid", data_range=1.0, panels=False)]), plain),
-            "callback with panels, profile=False": (
-                trainer([PerceptionMSECallback("pyramid", data_range=1.0, profile=False)]),
-                plain,
-            ),
-            "callback with panels": (trainer([PerceptionMSECallback("pyramid", data_range=1.0)]), plain),
-        }
-        seconds = interleaved(
-            {name: (lambda t=t, m=m: t.validate(m, data, verbose=False)) for name, (t, m) in runs.items()},
-            repeats=3 if quick else 7,
-        )
-    reference = seconds["metric in validation_step"]
-    rows = [(name, f"{s * 1e3:.0f}", f"{(s / reference - 1) * 100:+.1f}%") for name, s in seconds.items()]
-    title = f"### Callback overhead: one validation epoch of the image example ({crops} crops 64x64, pyramid)\n\n"
-    return title + table(rows, ("", "ms / validation epoch", "vs the metric alone"))
+@contextlib.contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def scaling(quick: bool, device: torch.device) -> str:

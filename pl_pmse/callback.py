@@ -179,8 +179,8 @@ class PerceptionMSECallback(pl.Callback):
         self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
         self._outbox: list[tuple[str, Send]] = []
 
-    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; a thread pool does not pickle
-        return {**self.__dict__, "_executor": None, "_job": None}
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the thread and loggers out
+        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -392,9 +392,9 @@ class PerceptionMSECallback(pl.Callback):
             key = f"{prefix}/panels/{name}"
             if samples and image and samples[0].target.dim() == 3:
                 panels.append((key, lambda k=key, s=samples: self._image_panel(k, s, step)))
-                panels.append(
-                    (f"{prefix}/{name}_table", lambda n=name, s=samples: self._table(f"{prefix}/{n}_table", s, step))
-                )
+                if name == "worst":
+                    table = f"{prefix}/worst_table"
+                    panels.append((table, lambda t=table, s=samples: self._table(t, s, step)))
             elif samples and not image and self.sample_rate:
                 clips = f"{prefix}/audio/{name}"
                 panels.append((key, lambda k=key, c=clips, s=samples: self._audio_panels(k, c, s, step)))

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -55,11 +57,20 @@ def add_exact(bins: Tensor, values: Tensor) -> Tensor:
 
 def exact_ratio(bins: Tensor, divisor: int) -> float:
     """The correctly rounded float64 value of ``sum(bins) / divisor`` (NaN when ``divisor`` is 0, inf past float64)."""
+    return exact_ratios(bins[None], [divisor])[0]
+
+
+def exact_ratios(bins: Tensor, divisors: Sequence[int]) -> list[float]:
+    """:func:`exact_ratio` of each row of ``bins`` (``[K, NUM_BINS]``), reading the tensor once."""
+    columns = bins.any(0).nonzero().flatten().tolist()  # the digits in use: a handful of the 72
+    rows = bins[:, columns].tolist()
+    return [_ratio(row, columns, divisor) for row, divisor in zip(rows, divisors, strict=True)]
+
+
+def _ratio(counts: list[int], columns: list[int], divisor: int) -> float:
     if divisor == 0:
         return float("nan")
-    nonzero = bins.nonzero().flatten()
-    counts = bins[nonzero].tolist()
-    total = sum(count << (DIGIT_BITS * index) for index, count in zip(nonzero.tolist(), counts, strict=True))
+    total = sum(count << (DIGIT_BITS * column) for count, column in zip(counts, columns, strict=True) if count)
     try:
         return total / (divisor << -_LOWEST_BIT)
     except OverflowError:  # beyond the float64 range

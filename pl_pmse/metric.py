@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
-from .exact import NUM_BINS, add_exact, exact_ratio
+from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
 from .spaces import Space, get_space
 from .spaces.base import split_options
@@ -71,7 +71,7 @@ class ExactSumMetric(Metric):
     def _sums(self, divisors: Sequence[int]) -> list[float]:
         """Each exact sum divided by its divisor, correctly rounded (NaN where the divisor is 0)."""
         bins = self.totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS).cpu()
-        return [exact_ratio(row, divisor) for row, divisor in zip(bins, divisors, strict=True)]
+        return exact_ratios(bins, divisors)
 
     def synced(self) -> Any:
         """Context in which the state is summed over all processes (one all_reduce), restored afterwards."""

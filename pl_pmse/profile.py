@@ -111,7 +111,7 @@ class ErrorProfile(ExactSumMetric):
         error_map = torch.nn.functional.adaptive_avg_pool2d(difference.square().mean(1), self.grid).flatten(1)
         planes = torch.cat([difference.mean(1), target.mean(1), preds.mean(1)])  # channel means
         spectra = _radial_bands(planes, self.bands).chunk(3)
-        return torch.cat([error_map, *spectra], 1)
+        return torch.cat([error_map.double(), *spectra], 1)
 
     def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
         mel = self.mel.to(preds.device)
@@ -123,11 +123,12 @@ class ErrorProfile(ExactSumMetric):
 
 
 def radial_power(x: Tensor, bands: int) -> Tensor:
-    """Mean power per radial frequency band of each image's channel mean ``[N, C, H, W] -> [N, bands]``.
+    """Mean power per radial frequency band of each image's channel mean ``[N, C, H, W] -> [N, bands]`` (float64).
 
     Band ``b`` covers radii ``[b, b + 1) / bands`` of the corner frequency ``sqrt(0.5)`` cycles per pixel; power
     is ``|FFT|**2 / (H * W)`` (orthonormal FFT of the half spectrum), averaged over the frequencies of a band.
-    The banding is a matrix product, so it is deterministic on every device (no atomic scatter).
+    An image's values depend on that image only (no batched matrix product, whose rounding varies with the batch
+    size, and no atomic scatter), so any batch split gives the same bits.
 
     Example:
         >>> import torch
@@ -143,14 +144,25 @@ def _radial_bands(planes: Tensor, bands: int) -> Tensor:
     height, width = planes.shape[-2:]
     spectrum = torch.fft.rfft2(planes, norm="ortho")
     power = (spectrum.real.square() + spectrum.imag.square()).flatten(1)  # [N, H * (W // 2 + 1)]
-    return power @ _band_means(height, width, bands, planes.device).to(power.dtype)
+    order, last, before, before_exists, sizes = _band_layout(height, width, bands, planes.device)
+    # Frequencies grouped by band, highest band first (where power is smallest), summed in a running float64 sum
+    # along each row; a band's total is the running sum at its last frequency minus the one just before its first.
+    running = power.index_select(1, order).double().cumsum(1)
+    return (running.index_select(1, last) - running.index_select(1, before) * before_exists) / sizes
 
 
 @functools.lru_cache(maxsize=16)
-def _band_means(height: int, width: int, bands: int, device: torch.device) -> Tensor:
-    """``[frequencies, bands]``: the matrix that averages a half spectrum's power per radial band."""
-    fy = torch.fft.fftfreq(height, device=device)[:, None]
-    fx = torch.fft.rfftfreq(width, device=device)[None, :]
+def _band_layout(height: int, width: int, bands: int, device: torch.device) -> tuple[Tensor, ...]:
+    """The half spectrum's frequencies sorted by radial band, highest first; per band, the position of its last
+    frequency and of the one just before its first in that order (with whether there is one), and its size."""
+    fy = torch.fft.fftfreq(height, device=device, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device, dtype=torch.float64)[None, :]
     band = (torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5) * bands).long().clamp_(max=bands - 1).flatten()
-    members = torch.nn.functional.one_hot(band, bands).to(torch.float32)
-    return members / members.sum(0).clamp(min=1)
+    order = torch.argsort(-band, stable=True)
+    counts = torch.bincount(band, minlength=bands)
+    ends = counts.flip(0).cumsum(0).flip(0)  # the number of frequencies in bands >= b
+    starts = ends - counts
+    last = (ends - 1).clamp(min=0)  # an empty band reads the same position twice: a total of 0
+    before = (starts - 1).clamp(min=0)
+    before_exists = ((starts > 0) | (counts == 0)).double()
+    return order, last, before, before_exists, counts.clamp(min=1).double()

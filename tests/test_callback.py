@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
+import pickle
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from torchmetrics import MeanSquaredError
 
 from pl_pmse import PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
+from pl_pmse.panels import image as image_panels
 from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData
 from tests.wandb_reader import history, run_dirs
 
@@ -100,6 +105,45 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
     assert any("val/pmse/worst_table/path" in row for row in rows)
 
 
+def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wandb_logger, monkeypatch) -> None:
+    threads: dict[str, set[str]] = {"drawn": set(), "logged": set()}
+    draw, log_metrics = image_panels.comparison_grid, WandbLogger.log_metrics
+
+    def recorded_draw(*args, **kwargs):
+        threads["drawn"].add(threading.current_thread().name)
+        return draw(*args, **kwargs)
+
+    def recorded_log(self, metrics, step=None):
+        if any(key.startswith("val/pmse/panels/") for key in metrics):
+            threads["logged"].add(threading.current_thread().name)
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(image_panels, "comparison_grid", recorded_draw)
+    monkeypatch.setattr(WandbLogger, "log_metrics", recorded_log)
+    callback = PerceptionMSECallback("pixel", data_range=1.0)
+    trainer_for(tmp_path, wandb_logger, [callback], max_epochs=3, num_sanity_val_steps=0).fit(Denoiser(), ImageData())
+    assert {name.split("_")[0] for name in threads["drawn"]} == {"pl"}  # the pl_pmse_panels thread
+    assert threads["logged"] == {threading.main_thread().name}
+    _, rows = finished_history(tmp_path)
+    assert len([row for row in rows if "val/pmse/panels/worst/filenames" in row]) == 3  # all delivered by fit's end
+    assert callback._executor is None and callback._job is None  # teardown waited and shut the thread down
+    callback._executor = ThreadPoolExecutor(1)
+    assert pickle.loads(pickle.dumps(callback))._executor is None  # ddp_spawn pickles callbacks
+
+
+def test_background_panels_equal_panels_drawn_in_the_loop(tmp_path) -> None:
+    pictures = {}
+    for background in (True, False):
+        root = tmp_path / str(background)
+        callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=background)
+        trainer = trainer_for(root, CSVLogger(root), [callback], num_sanity_val_steps=0)
+        pl.seed_everything(0)
+        trainer.fit(Denoiser(), ImageData())
+        folder = Path(trainer.log_dir, "pmse_panels")
+        pictures[background] = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.*"))}
+    assert len(pictures[True]) == 16 and pictures[True] == pictures[False]  # 4 panels x (png, txt) x 2 epochs
+
+
 def test_audio_run_logs_spectrograms_and_playable_clips(tmp_path, wandb_logger) -> None:
     callback = PerceptionMSECallback("mel", sample_rate=8000, num_panel_samples=2, worst_k=2)
     trainer = trainer_for(tmp_path, wandb_logger, [callback], max_epochs=1, num_sanity_val_steps=0)
@@ -156,6 +200,9 @@ def test_files_without_wandb_and_tensorboard_images(tmp_path) -> None:
 
     events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0}).Reload()
     assert {"val/pmse/panels/fixed", "val/pmse/panels/worst"} <= set(events.Tags()["images"])
+    (event,) = events.Images("val/pmse/panels/worst")
+    with Image.open(io.BytesIO(event.encoded_image_string)) as picture:
+        assert picture.mode == "RGB" and picture.size == (event.width, event.height)
     assert "val/pmse" in events.Tags()["scalars"]
 
 
@@ -164,6 +211,17 @@ def test_audio_files_sink_and_missing_soundfile_warns_once(tmp_path, monkeypatch
     trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(AudioEnhancer(), AudioData())
     assert len(list(Path(trainer.log_dir, "pmse_panels").rglob("*.wav"))) == 4
+    tensorboard = TensorBoardLogger(tmp_path / "tb")
+    callback = PerceptionMSECallback("mrstft", sample_rate=8000, num_panel_samples=1, worst_k=1)
+    trainer_for(tmp_path / "tb", tensorboard, [callback], max_epochs=1, num_sanity_val_steps=0).fit(
+        AudioEnhancer(), AudioData()
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0, "audio": 0}).Reload()
+    assert "val/pmse/audio/worst_target/0" in events.Tags()["audio"]
+    assert events.Audio("val/pmse/audio/worst_target/0")[0].sample_rate == 8000
+    assert {"val/pmse/panels/worst", "val/pmse/panels/mel_profile"} <= set(events.Tags()["images"])
     import builtins
 
     real_import = builtins.__import__
@@ -321,12 +379,3 @@ def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
     assert metrics["val/pmse"].item() == pytest.approx(
         sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
     )
-
-
-def test_error_profile_skips_empty_batches() -> None:
-    from pl_pmse import ErrorProfile
-
-    for profile, empty in ((ErrorProfile("image"), torch.zeros(0, 3, 32, 32)),
-                           (ErrorProfile("audio", sample_rate=8000), torch.zeros(0, 4000))):  # fmt: skip
-        profile.update(empty, empty)
-        assert profile.totals.abs().sum() == 0 and list(profile.state_dict()) == []

@@ -13,7 +13,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from pl_pmse import PerceptionMSE
-from pl_pmse.exact import NUM_BINS, exact_bins, exact_ratio
+from pl_pmse.exact import NUM_BINS, exact_bins, exact_ratio, exact_ratios
 from pl_pmse.reduction import squared_error_sums
 
 
@@ -101,10 +101,11 @@ def test_exact_accumulator_against_fractions() -> None:
     for scale in (5e-324, 1e-310, 1e-300, 1e-5, 1.0, 1e12, 1e300):
         values = torch.rand(3, 257, dtype=torch.float64, generator=generator) * scale
         values[0, :10] = 0
+        values[2] *= 1e-20  # rows using different digits, read together by exact_ratios
         bins = exact_bins(values)
-        for row in range(3):
-            exact = sum(Fraction(v) for v in values[row].tolist())
-            assert exact_ratio(bins[row], 7) == float(exact / 7)
+        expected = [float(sum(Fraction(v) for v in values[row].tolist()) / 7) for row in range(3)]
+        assert [exact_ratio(bins[row], 7) for row in range(3)] == expected
+        assert exact_ratios(bins, [7, 7, 7]) == expected
     empty = torch.zeros(NUM_BINS, dtype=torch.int64)
     assert math.isnan(exact_ratio(empty, 0)) and exact_ratio(empty, 1) == 0.0
     huge = exact_bins(torch.full((1, 4), 1.7e308, dtype=torch.float64))[0]

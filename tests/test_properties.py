@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import random
 from fractions import Fraction
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from pl_pmse import PerceptionMSE, perception_mse
 from pl_pmse.exact import exact_bins, exact_ratio
+from pl_pmse.panels.png import encode_png
 from pl_pmse.reduction import squared_error_sums
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -88,3 +93,18 @@ def test_per_sample_sums_do_not_depend_on_the_batch(n, length, seed) -> None:
     preds, target = tensors((n, length), torch.float32, seed, 1.0)
     whole = squared_error_sums(preds, target)
     assert torch.equal(whole, torch.cat([squared_error_sums(preds[i : i + 1], target[i : i + 1]) for i in range(n)]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_png_encoder_round_trips_through_pillow(height: int, width: int, seed: int) -> None:
+    picture = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    picture[: height // 2] = picture[0, 0]  # flat regions too, as panels have
+    with Image.open(io.BytesIO(encode_png(picture))) as decoded:
+        assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), picture)
+
+
+def test_png_encoder_rejects_other_pictures() -> None:
+    for picture in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError, match=r"image: expected uint8 \[H, W, 3\]"):
+            encode_png(picture)

@@ -1,0 +1,81 @@
+"""ErrorProfile against numpy references: the pooled error map, radial spectra and mel-band profile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+
+from pl_pmse import ErrorProfile
+from pl_pmse.profile import radial_power
+
+
+def radial_reference(images: np.ndarray, bands: int) -> np.ndarray:
+    """Mean |FFT|^2 / (H W) of the channel mean per radial band, over the half spectrum numpy's rfft2 keeps."""
+    planes = images.mean(1)
+    height, width = planes.shape[1:]
+    power = np.abs(np.fft.fft2(planes)[:, :, : width // 2 + 1]) ** 2 / (height * width)
+    radius = np.hypot(np.fft.fftfreq(height)[:, None], np.abs(np.fft.fftfreq(width)[: width // 2 + 1])[None, :])
+    band = np.minimum((radius / math.sqrt(0.5) * bands).astype(int), bands - 1)
+    return np.stack([power[:, band == b].mean(1) if (band == b).any() else np.zeros(len(planes))
+                     for b in range(bands)], 1).mean(0)  # fmt: skip
+
+
+def test_image_profile_equals_numpy_and_does_not_depend_on_the_batch_split() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(10, 3, 48, 40, generator=generator)
+    preds = (target + 0.1 * torch.randn(target.shape, generator=generator)).clamp(0, 1)
+    whole, split = ErrorProfile("image", 1.0, grid=8, bands=12), ErrorProfile("image", 1.0, grid=8, bands=12)
+    whole.update(preds, target)
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 10)):
+        split.update(preds[rows], target[rows])
+    assert torch.equal(whole.totals, split.totals)  # exact state: the same bits for any split
+
+    result = whole.compute()
+    p, t = preds.double().numpy(), target.double().numpy()
+    blocks = ((p - t) ** 2).mean(1).reshape(10, 8, 6, 8, 5).mean((2, 4))  # 48x40 pooled to 8x8
+    np.testing.assert_allclose(result["error_map"].numpy(), blocks.mean(0), rtol=1e-5)
+    for name, images in (("error", p - t), ("target", t), ("preds", p)):
+        np.testing.assert_allclose(result[name].numpy(), radial_reference(images, 12), rtol=1e-4, atol=1e-9)
+    assert result["frequency"][0] == pytest.approx(0.5 / 12 * math.sqrt(0.5))
+
+
+def test_audio_profile_equals_torchaudio_per_mel_band() -> None:
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randn(3, 4000, generator=generator) * 0.3
+    preds = target + 0.05 * torch.randn(3, 4000, generator=generator)
+    profile = ErrorProfile("audio", sample_rate=8000, n_fft=256, n_mels=16)
+    profile.update(preds, target)
+    result = profile.compute()
+    mel = torchaudio.transforms.MelSpectrogram(8000, n_fft=256, hop_length=64, n_mels=16, power=2.0).double()
+    target_mel, preds_mel = mel(target.double()).numpy(), mel(preds.double()).numpy()  # [N, bands, frames]
+    log_error = (np.log(preds_mel + 1e-5) - np.log(target_mel + 1e-5)) ** 2
+    for name, values in (("error", log_error), ("target", target_mel), ("preds", preds_mel)):
+        np.testing.assert_allclose(result[name].numpy(), values.mean((0, 2)), rtol=1e-4)
+    assert torch.all(result["frequency"].diff() > 0) and result["frequency"][-1] < 4000
+
+
+def test_error_profile_skips_empty_batches() -> None:
+    for profile, empty in ((ErrorProfile("image"), torch.zeros(0, 3, 32, 32)),
+                           (ErrorProfile("audio", sample_rate=8000), torch.zeros(0, 4000))):  # fmt: skip
+        profile.update(empty, empty)
+        assert profile.totals.abs().sum() == 0 and list(profile.state_dict()) == []
+
+
+def test_audio_profile_does_not_depend_on_the_batch_split() -> None:
+    generator = torch.Generator().manual_seed(2)
+    target = torch.randn(9, 2, 3000, generator=generator)
+    preds = target + 0.1 * torch.randn(target.shape, generator=generator)
+    whole, split = (ErrorProfile("audio", sample_rate=8000, n_fft=256, n_mels=20) for _ in range(2))
+    whole.update(preds, target)
+    for rows in (slice(0, 1), slice(1, 5), slice(5, 9)):
+        split.update(preds[rows], target[rows])
+    assert torch.equal(whole.totals, split.totals)
+
+
+def test_radial_power_of_tiny_images_has_empty_bands_at_zero() -> None:
+    images = torch.rand(4, 3, 5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    np.testing.assert_allclose(radial_power(images, 8).mean(0).numpy(), radial_reference(images.numpy(), 8), rtol=1e-12)
