@@ -31,7 +31,7 @@ from .profile import ErrorProfile
 from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
 from .spaces.base import space_options as space_options_of
 
-STAGES = {"validate": "val", "test": "test"}
+MAX_QUEUED_PROFILE_UPDATES = 4  # batches whose tensors the panel thread may still hold
 MODALITIES = ("auto", "image", "audio")
 Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
 
@@ -178,9 +178,10 @@ class PerceptionMSECallback(pl.Callback):
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
         self._outbox: list[tuple[str, Send]] = []
+        self._profile_updates: list[Future] = []  # error-profile updates queued on the panel thread
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the thread and loggers out
-        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None}
+        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None, "_profile_updates": []}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -204,6 +205,9 @@ class PerceptionMSECallback(pl.Callback):
         self._flush(wait=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for update in self._profile_updates:  # only left over when the loop stopped early
+            update.exception()
+        self._profile_updates = []
         self._flush(wait=True)
         if self._executor is not None:
             self._executor.shutdown()
@@ -242,6 +246,7 @@ class PerceptionMSECallback(pl.Callback):
     # -- accumulation (every rank) ---------------------------------------------------------------------------
 
     def _start(self, loop: str, dataloaders: int, pl_module: pl.LightningModule) -> None:
+        self._finish_profile_updates()  # none may land after the reset below
         stage = self._stages.get(loop)
         if stage is None or len(stage.metrics) != dataloaders:
             stage = self._stages[loop] = _Stage(
@@ -268,7 +273,7 @@ class PerceptionMSECallback(pl.Callback):
         if not self.panels or trainer.sanity_checking:
             return
         if stage.profiles and self._profile_fits(preds, stage.profiles[index]):
-            stage.profiles[index].update(preds, target)
+            self._update_profile(stage.profiles[index], preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
         worst = stage.worst[index]
         for row, value, components in self._candidates(metric):
@@ -284,6 +289,20 @@ class PerceptionMSECallback(pl.Callback):
                 stage.fixed.append(sample)
             if among_worst:
                 (heapq.heappush if len(worst) < self.worst_k else heapq.heapreplace)(worst, sample)
+
+    def _update_profile(self, profile: ErrorProfile, preds: Tensor, target: Tensor) -> None:
+        """Inline, or queued on the panel thread (in order, a few batches at most) with ``background_panels``."""
+        if not self.background_panels:
+            profile.update(preds, target)
+            return
+        while len(self._profile_updates) >= MAX_QUEUED_PROFILE_UPDATES:
+            self._profile_updates.pop(0).result()
+        self._profile_updates.append(self._panel_thread().submit(profile.update, preds, target))
+
+    def _finish_profile_updates(self) -> None:
+        updates, self._profile_updates = self._profile_updates, []
+        for update in updates:
+            update.result()  # an exception raised there is raised here, on the training thread
 
     def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float, dict[str, float]]]:
         """``(row, Perception MSE, component MSEs)`` of the valid samples of the last batch."""
@@ -320,6 +339,7 @@ class PerceptionMSECallback(pl.Callback):
     # -- epoch end: collectives on every rank, drawing on rank zero -------------------------------------------
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: str) -> None:
+        self._finish_profile_updates()
         stage = self._stages[loop]
         for index, metric in enumerate(stage.metrics):
             summary = metric.compute_summary()
@@ -332,7 +352,7 @@ class PerceptionMSECallback(pl.Callback):
         epoch = trainer.current_epoch
         if not self.panels or trainer.sanity_checking or (loop == "validate" and epoch % self.panels_every_n_epochs):
             return
-        profiles = [profile.compute() for profile in stage.profiles]
+        states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
         worst = [self._gather_worst(samples) for samples in stage.worst]
         self._fixed_frozen = self._fixed_frozen or bool(self._fixed_positions)
         if trainer.is_global_zero:
@@ -341,7 +361,7 @@ class PerceptionMSECallback(pl.Callback):
                 self._sinks = sinks_for(trainer.loggers, self._file_root)
             fixed = sorted(stage.fixed, key=lambda s: s.label)
             jobs = [
-                (stage.key("", index), fixed if index == 0 else [], worst[index], profiles[index] if profiles else None)
+                (stage.key("", index), fixed if index == 0 else [], worst[index], states[index] if states else None)
                 for index in range(len(stage.metrics))
             ]
             self._submit(lambda: self._render(jobs, step))
@@ -359,12 +379,19 @@ class PerceptionMSECallback(pl.Callback):
     def _submit(self, render: Callable[[], list[tuple[str, Send]]]) -> None:
         self._flush(wait=True)  # one epoch's panels in flight at most
         if self.background_panels:
-            self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="pl_pmse_panels")
-            self._job = self._executor.submit(render)
+            self._job = self._panel_thread().submit(render)
         else:
             self._job = Future()
             self._job.set_result(render())
             self._flush(wait=True)
+
+    def _panel_thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            threads = torch.get_num_threads()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pl_pmse_panels", initializer=_single_threaded)
+            self._executor.submit(lambda: None).result()  # the initializer has run ...
+            torch.set_num_threads(threads)  # ... give the process default back: the panel thread keeps its 1
+        return self._executor
 
     def _flush(self, wait: bool) -> None:
         """Make the logger calls of the drawn panels; ``wait`` for panels still being drawn."""
@@ -375,9 +402,11 @@ class PerceptionMSECallback(pl.Callback):
         self._guarded("drawing panels", lambda: [self._guarded(what, send) for what, send in job.result()])
 
     def _render(self, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> list[tuple[str, Send]]:
-        """Draw the panels of ``(prefix, fixed, worst, profile)`` jobs; returns the logger calls still to make."""
+        """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs; returns the logger
+        calls still to make."""
         self._outbox = []
-        for prefix, fixed, worst, profile in jobs:
+        for prefix, fixed, worst, profile_state in jobs:
+            profile = profile_state[0].profile_of(profile_state[1]) if profile_state else None
             for key, draw in self._panels(prefix, fixed, worst, profile, step):
                 self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
         return self._outbox
@@ -517,6 +546,13 @@ class PerceptionMSECallback(pl.Callback):
     @property
     def _image_range(self) -> tuple[float, float]:
         return self.data_range or (0.0, 1.0)
+
+
+def _single_threaded() -> None:
+    """Panel-thread initializer: its torch ops run on one intra-op thread. Parallel torch ops on a second thread
+    start a second OpenMP team, and that slowed every later op of the training thread by ~20% (2 cores, measured)."""
+    torch.get_num_threads()  # this thread's own setting is initialised first ...
+    torch.set_num_threads(1)  # ... then set: per thread with OpenMP (and MKL)
 
 
 def _describe_pair(pair: Any) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,9 +62,14 @@ def exact_ratio(bins: Tensor, divisor: int) -> float:
 
 
 def exact_ratios(bins: Tensor, divisors: Sequence[int]) -> list[float]:
-    """:func:`exact_ratio` of each row of ``bins`` (``[K, NUM_BINS]``), reading the tensor once."""
-    columns = bins.any(0).nonzero().flatten().tolist()  # the digits in use: a handful of the 72
-    rows = bins[:, columns].tolist()
+    """:func:`exact_ratio` of each row of ``bins`` (``[K, NUM_BINS]``), reading the tensor once.
+
+    Plain numpy on purpose: no torch intra-op parallelism, so it may run on a background thread (see
+    ``PerceptionMSECallback(background_panels=True)``).
+    """
+    array = bins.detach().cpu().numpy()
+    columns = np.flatnonzero(array.any(0)).tolist()  # the digits in use: a handful of the 72
+    rows = array[:, columns].tolist()
     return [_ratio(row, columns, divisor) for row, divisor in zip(rows, divisors, strict=True)]
 
 

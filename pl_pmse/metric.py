@@ -65,13 +65,19 @@ class ExactSumMetric(Metric):
         totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
         self.totals = totals
 
-    def _counts(self) -> list[int]:
-        return self.totals[self._num_sums * NUM_BINS :].tolist()
+    def synced_state(self) -> Tensor:
+        """A CPU copy of the state summed over all processes (one all_reduce: call it on every rank)."""
+        with self.synced():
+            return self.totals.detach().to("cpu", copy=True)
 
-    def _sums(self, divisors: Sequence[int]) -> list[float]:
-        """Each exact sum divided by its divisor, correctly rounded (NaN where the divisor is 0)."""
-        bins = self.totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS).cpu()
-        return exact_ratios(bins, divisors)
+    def _counts(self, state: Tensor | None = None) -> list[int]:
+        return (self.totals if state is None else state)[self._num_sums * NUM_BINS :].tolist()
+
+    def _sums(self, divisors: Sequence[int], state: Tensor | None = None) -> list[float]:
+        """Each exact sum (of ``state``, default the metric's) divided by its divisor, correctly rounded (NaN where
+        the divisor is 0)."""
+        state = self.totals if state is None else state
+        return exact_ratios(state[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS).cpu(), divisors)
 
     def synced(self) -> Any:
         """Context in which the state is summed over all processes (one all_reduce), restored afterwards."""

@@ -92,8 +92,12 @@ class ErrorProfile(ExactSumMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Mean over samples: ``error_map`` and spectra (images) or per-band profiles (audio), with frequencies."""
-        samples = self._counts()[0]
-        values = torch.tensor(self._sums([samples] * self._num_sums), dtype=torch.float64)
+        return self.profile_of(self.totals)
+
+    def profile_of(self, state: Tensor) -> dict[str, Tensor]:
+        """:meth:`compute` of a state, e.g. one taken by :meth:`synced_state` (no collective: any rank or thread)."""
+        samples = self._counts(state)[0]
+        values = torch.tensor(self._sums([samples] * self._num_sums, state), dtype=torch.float64)
         if self.modality == "image":
             error_map, spectra = values[: self.grid**2], values[self.grid**2 :].view(3, self.bands)
             frequency = (torch.arange(self.bands, dtype=torch.float64) + 0.5) / self.bands * math.sqrt(0.5)

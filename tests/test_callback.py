@@ -111,6 +111,7 @@ def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wan
 
     def recorded_draw(*args, **kwargs):
         threads["drawn"].add(threading.current_thread().name)
+        threads["intra-op threads"] = {torch.get_num_threads()}
         return draw(*args, **kwargs)
 
     def recorded_log(self, metrics, step=None):
@@ -121,8 +122,11 @@ def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wan
     monkeypatch.setattr(image_panels, "comparison_grid", recorded_draw)
     monkeypatch.setattr(WandbLogger, "log_metrics", recorded_log)
     callback = PerceptionMSECallback("pixel", data_range=1.0)
+    training_threads = torch.get_num_threads()
     trainer_for(tmp_path, wandb_logger, [callback], max_epochs=3, num_sanity_val_steps=0).fit(Denoiser(), ImageData())
     assert {name.split("_")[0] for name in threads["drawn"]} == {"pl"}  # the pl_pmse_panels thread
+    # single-threaded torch there (a second OpenMP team slows training down), the training thread unchanged
+    assert threads["intra-op threads"] == {1} and torch.get_num_threads() == training_threads
     assert threads["logged"] == {threading.main_thread().name}
     _, rows = finished_history(tmp_path)
     assert len([row for row in rows if "val/pmse/panels/worst/filenames" in row]) == 3  # all delivered by fit's end
