@@ -31,7 +31,6 @@ from .profile import ErrorProfile
 from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
 from .spaces.base import space_options as space_options_of
 
-MAX_QUEUED_PROFILE_UPDATES = 4  # batches whose tensors the panel thread may still hold
 MODALITIES = ("auto", "image", "audio")
 Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
 
@@ -178,10 +177,9 @@ class PerceptionMSECallback(pl.Callback):
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
         self._outbox: list[tuple[str, Send]] = []
-        self._profile_updates: list[Future] = []  # error-profile updates queued on the panel thread
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the thread and loggers out
-        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None, "_profile_updates": []}
+        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -205,9 +203,6 @@ class PerceptionMSECallback(pl.Callback):
         self._flush(wait=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for update in self._profile_updates:  # only left over when the loop stopped early
-            update.exception()
-        self._profile_updates = []
         self._flush(wait=True)
         if self._executor is not None:
             self._executor.shutdown()
@@ -246,7 +241,6 @@ class PerceptionMSECallback(pl.Callback):
     # -- accumulation (every rank) ---------------------------------------------------------------------------
 
     def _start(self, loop: str, dataloaders: int, pl_module: pl.LightningModule) -> None:
-        self._finish_profile_updates()  # none may land after the reset below
         stage = self._stages.get(loop)
         if stage is None or len(stage.metrics) != dataloaders:
             stage = self._stages[loop] = _Stage(
@@ -270,10 +264,10 @@ class PerceptionMSECallback(pl.Callback):
         stage = self._stages[loop]
         metric = stage.metrics[index]
         metric.update(preds, target)
-        if not self.panels or trainer.sanity_checking:
+        if not self._draws_panels(trainer, loop):
             return
         if stage.profiles and self._profile_fits(preds, stage.profiles[index]):
-            self._update_profile(stage.profiles[index], preds, target)
+            stage.profiles[index].update(preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
         worst = stage.worst[index]
         for row, value, components in self._candidates(metric):
@@ -289,20 +283,6 @@ class PerceptionMSECallback(pl.Callback):
                 stage.fixed.append(sample)
             if among_worst:
                 (heapq.heappush if len(worst) < self.worst_k else heapq.heapreplace)(worst, sample)
-
-    def _update_profile(self, profile: ErrorProfile, preds: Tensor, target: Tensor) -> None:
-        """Inline, or queued on the panel thread (in order, a few batches at most) with ``background_panels``."""
-        if not self.background_panels:
-            profile.update(preds, target)
-            return
-        while len(self._profile_updates) >= MAX_QUEUED_PROFILE_UPDATES:
-            self._profile_updates.pop(0).result()
-        self._profile_updates.append(self._panel_thread().submit(profile.update, preds, target))
-
-    def _finish_profile_updates(self) -> None:
-        updates, self._profile_updates = self._profile_updates, []
-        for update in updates:
-            update.result()  # an exception raised there is raised here, on the training thread
 
     def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float, dict[str, float]]]:
         """``(row, Perception MSE, component MSEs)`` of the valid samples of the last batch."""
@@ -339,7 +319,6 @@ class PerceptionMSECallback(pl.Callback):
     # -- epoch end: collectives on every rank, drawing on rank zero -------------------------------------------
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: str) -> None:
-        self._finish_profile_updates()
         stage = self._stages[loop]
         for index, metric in enumerate(stage.metrics):
             summary = metric.compute_summary()
@@ -349,8 +328,7 @@ class PerceptionMSECallback(pl.Callback):
                 key = stage.key("" if name == "total" else name, index)
                 pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
-        epoch = trainer.current_epoch
-        if not self.panels or trainer.sanity_checking or (loop == "validate" and epoch % self.panels_every_n_epochs):
+        if not self._draws_panels(trainer, loop):
             return
         states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
         worst = [self._gather_worst(samples) for samples in stage.worst]
@@ -525,6 +503,11 @@ class PerceptionMSECallback(pl.Callback):
                 )
 
     # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _draws_panels(self, trainer: pl.Trainer, loop: str) -> bool:
+        """Panels this epoch (so samples and the error profile are collected this epoch)."""
+        skipped = loop == "validate" and trainer.current_epoch % self.panels_every_n_epochs
+        return self.panels and not trainer.sanity_checking and not skipped
 
     def _resolve_modality(self, modality: str) -> str:
         if modality == "auto":

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torchmetrics import MeanSquaredError
 
-from pl_pmse import PerceptionMSE
+from pl_pmse import ErrorProfile, PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
 from pl_pmse.panels import image as image_panels
 from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData
@@ -146,6 +146,24 @@ def test_background_panels_equal_panels_drawn_in_the_loop(tmp_path) -> None:
         folder = Path(trainer.log_dir, "pmse_panels")
         pictures[background] = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.*"))}
     assert len(pictures[True]) == 16 and pictures[True] == pictures[False]  # 4 panels x (png, txt) x 2 epochs
+
+
+def test_panels_every_n_epochs_collect_and_draw_only_then(tmp_path, monkeypatch) -> None:
+    profiled_epochs = []
+    update = ErrorProfile.update
+
+    def recorded_update(self, preds, target):
+        profiled_epochs.append(trainer.current_epoch)
+        return update(self, preds, target)
+
+    monkeypatch.setattr(ErrorProfile, "update", recorded_update)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panels_every_n_epochs=2)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(Denoiser(), ImageData())
+    spectra = sorted(Path(trainer.log_dir, "pmse_panels").rglob("spectrum/*.png"))
+    assert len(spectra) == 2 and sorted(set(profiled_epochs)) == [0, 2]  # epoch 1: no panels, no profile work
+    rows = list(csv.DictReader((Path(trainer.log_dir) / "metrics.csv").open()))
+    assert len([row for row in rows if row.get("val/pmse")]) == 3  # scalars every epoch
 
 
 def test_audio_run_logs_spectrograms_and_playable_clips(tmp_path, wandb_logger) -> None:
