@@ -278,7 +278,8 @@ class PerceptionMSECallback(pl.Callback):
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
-            sample = _Sample(value, label, components, preds[row].float().cpu(), target[row].float().cpu())
+            copies = (x[row].to("cpu", torch.float32, copy=True) for x in (preds, target))  # the panel thread's own
+            sample = _Sample(value, label, components, *copies)
             if fixed:
                 stage.fixed.append(sample)
             if among_worst:
@@ -377,7 +378,10 @@ class PerceptionMSECallback(pl.Callback):
         if job is None or not (wait or job.done()):
             return
         self._job = None
-        self._guarded("drawing panels", lambda: [self._guarded(what, send) for what, send in job.result()])
+        sends: list[tuple[str, Send]] = []
+        self._guarded("drawing panels", lambda: sends.extend(job.result()))
+        for what, send in sends:
+            self._guarded(what, send)
 
     def _render(self, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> list[tuple[str, Send]]:
         """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs; returns the logger
