@@ -361,7 +361,7 @@ class PerceptionMSECallback(pl.Callback):
             self._job = self._panel_thread().submit(render)
         else:
             self._job = Future()
-            self._job.set_result(render())
+            self._job.set_result(self._guarded("drawing panels", render) or [])
             self._flush(wait=True)
 
     def _panel_thread(self) -> ThreadPoolExecutor:
@@ -378,17 +378,19 @@ class PerceptionMSECallback(pl.Callback):
         if job is None or not (wait or job.done()):
             return
         self._job = None
-        sends: list[tuple[str, Send]] = []
-        self._guarded("drawing panels", lambda: sends.extend(job.result()))
-        for what, send in sends:
-            self._guarded(what, send)
+        for what, send in self._guarded("drawing panels", job.result) or []:
+            self._guarded(f"{what} (logging)", send)
 
     def _render(self, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> list[tuple[str, Send]]:
         """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs; returns the logger
         calls still to make."""
         self._outbox = []
         for prefix, fixed, worst, profile_state in jobs:
-            profile = profile_state[0].profile_of(profile_state[1]) if profile_state else None
+            profile = None
+            if profile_state:  # a failure here leaves out the profile panels only
+                profile = self._guarded(
+                    f"computing the {prefix} error profile", lambda p=profile_state: p[0].profile_of(p[1])
+                )
             for key, draw in self._panels(prefix, fixed, worst, profile, step):
                 self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
         return self._outbox
@@ -491,10 +493,11 @@ class PerceptionMSECallback(pl.Callback):
 
             self._guarded(what, prepare)
 
-    def _guarded(self, what: str, call: Callable[[], None]) -> None:
-        """Run a rendering or logger call; a failure warns once per kind and training goes on."""
+    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run a rendering or logger call and return its result; a failure warns once per kind, returns None and
+        training goes on."""
         try:
-            call()
+            return call()
         except Exception as error:
             if what not in self._warned:
                 self._warned.add(what)
@@ -505,6 +508,7 @@ class PerceptionMSECallback(pl.Callback):
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            return None
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -536,10 +540,11 @@ class PerceptionMSECallback(pl.Callback):
 
 
 def _single_threaded() -> None:
-    """Panel-thread initializer: its torch ops run on one intra-op thread. Parallel torch ops on a second thread
-    start a second OpenMP team, and that slowed every later op of the training thread by ~20% (2 cores, measured)."""
-    torch.get_num_threads()  # this thread's own setting is initialised first ...
-    torch.set_num_threads(1)  # ... then set: per thread with OpenMP (and MKL)
+    """Panel-thread initializer: its torch ops run on one OpenMP thread. Parallel torch ops on a second thread
+    start a second OpenMP team, and that slowed every later op of the training thread by ~20% (2 cores, measured).
+    OpenMP's thread count is per thread; other process-wide settings this touches are restored by the caller."""
+    torch.get_num_threads()  # this thread's own OpenMP setting is initialised first ...
+    torch.set_num_threads(1)  # ... then lowered
 
 
 def _describe_pair(pair: Any) -> str:

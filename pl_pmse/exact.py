@@ -29,7 +29,7 @@ from torch import Tensor
 DIGIT_BITS = 30
 _MASK = (1 << DIGIT_BITS) - 1
 _FRACTION_BITS = 52
-_LOWEST_BIT = -1126  # frexp exponent of the smallest subnormal (-1073) minus the 53 mantissa bits
+_LOWEST_BIT = -1126  # the grid's unit is 2**-1126: the smallest subnormal, 2**-1074, is 2**52 units
 NUM_BINS = (1024 - 53 - _LOWEST_BIT) // DIGIT_BITS + 3
 
 

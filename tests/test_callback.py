@@ -106,12 +106,12 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
 
 
 def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wandb_logger, monkeypatch) -> None:
-    threads: dict[str, set[str]] = {"drawn": set(), "logged": set()}
+    threads: dict[str, set] = {"drawn": set(), "logged": set(), "intra-op threads": set()}
     draw, log_metrics = image_panels.comparison_grid, WandbLogger.log_metrics
 
     def recorded_draw(*args, **kwargs):
         threads["drawn"].add(threading.current_thread().name)
-        threads["intra-op threads"] = {torch.get_num_threads()}
+        threads["intra-op threads"].add(torch.get_num_threads())
         return draw(*args, **kwargs)
 
     def recorded_log(self, metrics, step=None):
@@ -124,7 +124,7 @@ def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wan
     callback = PerceptionMSECallback("pixel", data_range=1.0)
     training_threads = torch.get_num_threads()
     trainer_for(tmp_path, wandb_logger, [callback], max_epochs=3, num_sanity_val_steps=0).fit(Denoiser(), ImageData())
-    assert {name.split("_")[0] for name in threads["drawn"]} == {"pl"}  # the pl_pmse_panels thread
+    assert threads["drawn"] and all(name.startswith("pl_pmse_panels") for name in threads["drawn"])
     # single-threaded torch there (a second OpenMP team slows training down), the training thread unchanged
     assert threads["intra-op threads"] == {1} and torch.get_num_threads() == training_threads
     assert threads["logged"] == {threading.main_thread().name}
@@ -133,6 +133,36 @@ def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wan
     assert callback._executor is None and callback._job is None  # teardown waited and shut the thread down
     callback._executor = ThreadPoolExecutor(1)
     assert pickle.loads(pickle.dumps(callback))._executor is None  # ddp_spawn pickles callbacks
+    callback._executor.shutdown()
+    assert not list((next(iter(run_dirs(tmp_path))) / "pl_pmse").iterdir())  # W&B copied the PNGs; ours are gone
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failing_error_profile_loses_only_its_own_panels(tmp_path, monkeypatch, background: bool) -> None:
+    def broken(self, state):
+        raise ArithmeticError("profile broke")
+
+    monkeypatch.setattr(ErrorProfile, "profile_of", broken)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=background)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    assert len([w for w in caught if "profile broke" in str(w.message)]) == 1
+    drawn = {path.parent.name for path in Path(trainer.log_dir, "pmse_panels").rglob("*.png")}
+    assert drawn == {"fixed", "worst"}
+
+
+def test_two_callbacks_share_one_wandb_run(tmp_path, wandb_logger) -> None:
+    callbacks = [PerceptionMSECallback("pixel", data_range=1.0, prefix=prefix) for prefix in ("val/pmse", "val/pyr")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(tmp_path, wandb_logger, callbacks, num_sanity_val_steps=0).fit(Denoiser(), ImageData())
+    assert not [w for w in caught if "PerceptionMSECallback" in str(w.message)]
+    run, rows = finished_history(tmp_path)
+    for prefix in ("val/pmse", "val/pyr"):
+        assert len([row for row in rows if f"{prefix}/panels/worst/filenames" in row]) == 2, prefix
+    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2 * 2 * 4  # callbacks x epochs x panels
 
 
 def test_background_panels_equal_panels_drawn_in_the_loop(tmp_path) -> None:

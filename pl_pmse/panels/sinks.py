@@ -8,7 +8,7 @@ logger must never stop training (see ``PerceptionMSECallback``).
 
 from __future__ import annotations
 
-import itertools
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,67 +44,84 @@ class WandbSink(Sink):
     like the scalars.
 
     Pictures reach W&B as PNG files written by :func:`encode_png` (W&B's own encoder, Pillow at its default level,
-    takes ~10x longer); W&B copies them into the run when they are logged, and they are removed then.
+    takes ~10x longer) under unique names in the run's folder; W&B copies them when they are logged, and they are
+    removed then (kept when W&B is set to link media instead).
     """
 
     def __init__(self, logger: WandbLogger) -> None:
         self.logger = logger
         run = logger.experiment  # started here, on the training thread
         self._folder = Path(run.dir).parent / "pl_pmse"  # in the run's folder, not synced
-        self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))  # W&B links instead of copying
-        self._names = itertools.count()
+        self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send:
-        picture, path = self._image(image, caption)
-        return self._send({key: [picture]}, step, [path])
+        return self._prepare(lambda files: {key: [self._image(image, files, caption)]}, step)
 
     def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> Send:
         import wandb
 
         audios = [wandb.Audio(clip, sample_rate, caption) for clip, caption in zip(clips, captions, strict=True)]
-        return self._send({key: audios}, step, [])
+        return self._prepare(lambda files: {key: audios}, step)
 
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> Send:
         import wandb
 
-        paths: list[Path] = []
-        cells = []
-        for row in rows:
-            cells.append([])
-            for value in row:
-                if isinstance(value, np.ndarray):
-                    value, path = self._image(value)
-                    paths.append(path)
-                cells[-1].append(value)
-        return self._send({key: wandb.Table(columns=columns, data=cells)}, step, paths)
+        def build(files: list[Path]) -> dict[str, Any]:
+            cells = [[self._image(v, files) if isinstance(v, np.ndarray) else v for v in row] for row in rows]
+            return {key: wandb.Table(columns=columns, data=cells)}
 
-    def _image(self, image: np.ndarray, caption: str | None = None) -> tuple[Any, Path]:
-        import wandb
+        return self._prepare(build, step)
 
-        self._folder.mkdir(exist_ok=True)
-        path = self._folder / f"{next(self._names)}.png"
-        path.write_bytes(encode_png(image))
-        return wandb.Image(str(path), caption=caption), path
+    def _prepare(self, build: Callable[[list[Path]], dict[str, Any]], step: int) -> Send:
+        """``build(files)`` makes the W&B objects (listing the PNG files it writes); the returned call logs them."""
+        files: list[Path] = []
+        try:
+            metrics = build(files)
+        except BaseException:
+            self._remove(files)
+            raise
 
-    def _send(self, metrics: dict[str, Any], step: int, files: list[Path]) -> Send:
         def send() -> None:
             try:
                 self.logger.log_metrics(metrics, step=step)
-            finally:  # W&B has copied the files into the run
-                if not self._keep_files:
-                    for path in files:
-                        path.unlink(missing_ok=True)
+            finally:
+                self._remove(files)
 
         return send
 
+    def _image(self, image: np.ndarray, files: list[Path], caption: str | None = None) -> Any:
+        import wandb
+
+        self._folder.mkdir(exist_ok=True)
+        files.append(self._folder / f"{uuid.uuid4().hex}.png")
+        files[-1].write_bytes(encode_png(image))
+        return wandb.Image(str(files[-1]), caption=caption)
+
+    def _remove(self, files: list[Path]) -> None:
+        if not self._keep_files:
+            for path in files:
+                path.unlink(missing_ok=True)
+
 
 class TensorBoardSink(Sink):
-    """Images (PNG by :func:`encode_png`), audio (mono mix) and captions as text, in the logger's event file."""
+    """Images (PNG by :func:`encode_png`), audio (mono mix) and captions as text, in the logger's event file.
+
+    Summaries are built where the sink is called and written on the training thread; with a tensorboardX writer
+    (Lightning's fallback when ``tensorboard`` is not installed) the writer's own ``add_*`` do both then.
+    """
 
     def __init__(self, logger: TensorBoardLogger) -> None:
         self.writer = logger.experiment
+        self._own_summaries = type(self.writer).__module__.startswith("torch.utils.tensorboard")
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send:
+        if not self._own_summaries:
+
+            def send() -> None:
+                self.writer.add_image(key, image, step, dataformats="HWC")
+                self.writer.add_text(f"{key}/caption", caption, step)
+
+            return send
         from torch.utils.tensorboard.summary import Summary, text
 
         height, width, channels = image.shape
@@ -113,12 +130,20 @@ class TensorBoardSink(Sink):
                           step)  # fmt: skip
 
     def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> Send:
+        monos = [torch.from_numpy(clip.mean(1) if clip.ndim == 2 else clip)[None] for clip in clips]
+        if not self._own_summaries:
+
+            def send() -> None:
+                for index, (mono, caption) in enumerate(zip(monos, captions, strict=True)):
+                    self.writer.add_audio(f"{key}/{index}", mono, step, sample_rate=sample_rate)
+                    self.writer.add_text(f"{key}/{index}/caption", caption, step)
+
+            return send
         from torch.utils.tensorboard.summary import audio, text
 
         summaries = []
-        for index, (clip, caption) in enumerate(zip(clips, captions, strict=True)):
-            mono = clip.mean(1) if clip.ndim == 2 else clip
-            summaries += [audio(f"{key}/{index}", torch.from_numpy(mono)[None], sample_rate=sample_rate),
+        for index, (mono, caption) in enumerate(zip(monos, captions, strict=True)):
+            summaries += [audio(f"{key}/{index}", mono, sample_rate=sample_rate),
                           text(f"{key}/{index}/caption", caption)]  # fmt: skip
         return self._send(summaries, step)
 
