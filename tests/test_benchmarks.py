@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_suite_smoke_run() -> None:
     command = [sys.executable, str(ROOT / "benchmarks/run.py"), "--quick", "--only", "pixel", "--only", "memory",
-               "--only", "scaling", "--only", "sync"]  # fmt: skip
+               "--only", "scaling", "--only", "sync", "--only", "callback"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
-    for title in ("Pixel path", "State memory", "Scaling", "Sync"):
+    for title in ("Pixel path", "State memory", "Scaling", "Sync", "Callback overhead"):
         assert f"### {title}" in done.stdout
     assert "| pl-pmse PerceptionMSE('pixel')                                 | 1 " in done.stdout
+    assert "| callback, panels on the background thread (default) |" in done.stdout
