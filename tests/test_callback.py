@@ -431,3 +431,27 @@ def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
     assert metrics["val/pmse"].item() == pytest.approx(
         sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
     )
+
+
+def test_tensorboardx_writers_get_their_own_add_calls_on_the_training_thread() -> None:
+    from types import SimpleNamespace
+
+    from pl_pmse.panels.sinks import TensorBoardSink
+
+    class TensorBoardXWriter:  # what Lightning uses when `tensorboard` is not installed: no torch summaries
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.calls.append((name, args[0], args[2]))
+
+    writer = TensorBoardXWriter()
+    sink = TensorBoardSink(SimpleNamespace(experiment=writer))
+    sends = [sink.image("val/pmse/panels/worst", np.zeros((8, 8, 3), np.uint8), "caption", 7),
+             sink.audio("val/pmse/audio/worst_target", [np.zeros(800, np.float32)], 8000, ["clip"], 7)]  # fmt: skip
+    assert writer.calls == []  # nothing is written where the panel is prepared
+    for send in sends:
+        send()
+    assert writer.calls == [("add_image", "val/pmse/panels/worst", 7), ("add_text", "val/pmse/panels/worst/caption", 7),
+                            ("add_audio", "val/pmse/audio/worst_target/0", 7),
+                            ("add_text", "val/pmse/audio/worst_target/0/caption", 7)]  # fmt: skip
