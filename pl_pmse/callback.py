@@ -414,41 +414,30 @@ class PerceptionMSECallback(pl.Callback):
         if profile is None or not self._counted(profile):
             return panels
         if image:
-            panels.append(
+            drawings = [
                 (
-                    f"{prefix}/panels/error_map",
-                    lambda: self._send_image(
-                        f"{prefix}/panels/error_map",
-                        image_panels.error_map_panel(profile["error_map"]),
-                        "mean squared error over the whole set, pooled",
-                        step,
-                    ),
-                )
-            )
-            panels.append(
+                    "error_map",
+                    lambda: image_panels.error_map_panel(profile["error_map"]),
+                    "mean squared error over the whole set, pooled",
+                ),
                 (
-                    f"{prefix}/panels/spectrum",
-                    lambda: self._send_image(
-                        f"{prefix}/panels/spectrum",
-                        image_panels.spectrum_panel(profile),
-                        "radial power spectra: error, target, prediction",
-                        step,
-                    ),
-                )
-            )
+                    "spectrum",
+                    lambda: image_panels.spectrum_panel(profile),
+                    "radial power spectra: error, target, prediction",
+                ),
+            ]
         else:
-            panels.append(
+            drawings = [
                 (
-                    f"{prefix}/panels/mel_profile",
-                    lambda: self._send_image(
-                        f"{prefix}/panels/mel_profile",
-                        audio_panels.mel_profile_panel(profile),
-                        "per mel band: squared log-mel error; target and prediction power",
-                        step,
-                    ),
+                    "mel_profile",
+                    lambda: audio_panels.mel_profile_panel(profile),
+                    "per mel band: squared log-mel error; target and prediction power",
                 )
-            )
-        return panels  # fmt: skip
+            ]
+        for name, draw, caption in drawings:
+            key = f"{prefix}/panels/{name}"
+            panels.append((key, lambda k=key, d=draw, c=caption: self._send_image(k, d(), c, step)))
+        return panels
 
     def _image_panel(self, key: str, samples: list[_Sample], step: int) -> None:
         picture, vmax = image_panels.comparison_grid([(s.target, s.preds) for s in samples], self._image_range)

@@ -77,7 +77,7 @@ class ExactSumMetric(Metric):
         """Each exact sum (of ``state``, default the metric's) divided by its divisor, correctly rounded (NaN where
         the divisor is 0)."""
         state = self.totals if state is None else state
-        return exact_ratios(state[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS).cpu(), divisors)
+        return exact_ratios(state[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), divisors)
 
     def synced(self) -> Any:
         """Context in which the state is summed over all processes (one all_reduce), restored afterwards."""

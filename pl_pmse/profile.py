@@ -88,7 +88,7 @@ class ErrorProfile(ExactSumMetric):
         values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
         values = values[torch.isfinite(values).all(1)]  # a NaN/Inf input makes its whole row non-finite
         if values.shape[0]:
-            self._add(values.T.double(), [values.shape[0]])
+            self._add(values.T, [values.shape[0]])  # _add reads them as float64
 
     def compute(self) -> dict[str, Tensor]:
         """Mean over samples: ``error_map`` and spectra (images) or per-band profiles (audio), with frequencies."""
