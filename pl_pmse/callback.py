@@ -198,6 +198,9 @@ class PerceptionMSECallback(pl.Callback):
         # trainer.log_dir broadcasts: it is read here, on every rank, never behind a rank-zero check
         self._file_root = Path(trainer.log_dir or trainer.default_root_dir) / "pmse_panels"
         self._sinks = None
+        loop = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
+        if loop is not None:  # built here, not in the first loop; rebuilt there for several dataloaders
+            self._stage(loop, dataloaders=1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._flush(wait=False)
@@ -241,6 +244,15 @@ class PerceptionMSECallback(pl.Callback):
     # -- accumulation (every rank) ---------------------------------------------------------------------------
 
     def _start(self, loop: str, dataloaders: int, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(loop, dataloaders)
+        for metric in (*stage.metrics, *stage.profiles):
+            metric.to(pl_module.device)
+            metric.reset()
+        stage.worst = [[] for _ in stage.metrics]
+        stage.fixed = []
+
+    def _stage(self, loop: str, dataloaders: int) -> _Stage:
+        """The loop's metrics, one per dataloader (built on first use or when the number of dataloaders changes)."""
         stage = self._stages.get(loop)
         if stage is None or len(stage.metrics) != dataloaders:
             stage = self._stages[loop] = _Stage(
@@ -248,11 +260,7 @@ class PerceptionMSECallback(pl.Callback):
                 [PerceptionMSE(self.space, self.data_range, self.nan_strategy) for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
             )
-        for metric in (*stage.metrics, *stage.profiles):
-            metric.to(pl_module.device)
-            metric.reset()
-        stage.worst = [[] for _ in stage.metrics]
-        stage.fixed = []
+        return stage
 
     def _new_profile(self) -> ErrorProfile:
         if self.modality == "audio":

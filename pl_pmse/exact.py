@@ -10,6 +10,9 @@ rounded big-integer division.
 A value touches 3 consecutive bins and adds less than ``2**31`` to each, so no bin can overflow before
 ``2**32`` (4.3e9) values have been added. A component's state is ``NUM_BINS`` (72) int64 numbers.
 
+Values given in float32 (or narrower) are first summed in float64 when that sum is exact (see
+:func:`_exact_row_sums`): one value per row to bin instead of one per sample.
+
 Example:
     >>> import torch
     >>> sum([0.1, 0.2, 0.3])  # float addition rounds at every step
@@ -20,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,7 +45,10 @@ def exact_bins(values: Tensor) -> Tensor:
 
 def add_exact(bins: Tensor, values: Tensor) -> Tensor:
     """Add non-negative finite values ``[K, P]`` to the accumulators ``bins`` (``[K, NUM_BINS]``), in place."""
-    bits = values.detach().to(torch.float64).contiguous().view(torch.int64)
+    values = values.detach()
+    if values.dtype in (torch.float32, torch.float16, torch.bfloat16) and values.shape[1] > 1:
+        values = _exact_row_sums(values)
+    bits = values.to(torch.float64).contiguous().view(torch.int64)
     biased = bits >> _FRACTION_BITS  # the biased exponent (the sign bit is 0)
     # value = integer * 2**(max(biased, 1) - 1075), with the implicit leading bit for normal numbers
     integer = (bits & ((1 << _FRACTION_BITS) - 1)) | ((biased > 0).to(torch.int64) << _FRACTION_BITS)
@@ -54,6 +61,25 @@ def add_exact(bins: Tensor, values: Tensor) -> Tensor:
     bins.scatter_add_(1, digit + 1, (low >> DIGIT_BITS) + (high & _MASK))
     bins.scatter_add_(1, digit + 2, high >> DIGIT_BITS)
     return bins
+
+
+def _exact_row_sums(values: Tensor) -> Tensor:
+    """The float64 row sums ``[K, 1]`` of narrow floats ``[K, P]`` when every one of them is exact, else ``values``.
+
+    Values with ``s`` significant bits whose exponents lie in ``[e_lo, e_hi]`` are multiples of ``2**(e_lo - s + 1)``
+    below ``2**(e_hi + 1)``; ``P`` of them sum below ``2**(e_hi + 1 + ceil(log2 P))``, so every partial sum, in any
+    order, fits float64's 53 bits when ``e_hi - e_lo <= 53 - s - ceil(log2 P)``. ``max < min_nonzero * 2**that``
+    implies it (zeros add nothing).
+    """
+    significant = 1 - round(math.log2(torch.finfo(values.dtype).eps))  # 24 for float32
+    room = 53 - significant - math.ceil(math.log2(values.shape[1]))
+    if room < 0:
+        return values
+    values = values.to(torch.float64)
+    smallest = torch.where(values > 0, values, math.inf).amin(1)
+    if bool((values.amax(1) < smallest * 2.0**room).all()):
+        return values.sum(1, keepdim=True)
+    return values
 
 
 def exact_ratio(bins: Tensor, divisor: int) -> float:

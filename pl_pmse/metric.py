@@ -59,8 +59,10 @@ class ExactSumMetric(Metric):
         return f"{type(self).__name__}|{self._num_sums}|{self._num_counts}"
 
     def _add(self, sums: Tensor, counts: Sequence[int]) -> None:
-        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state, out of place."""
-        totals = self.totals.clone()  # a new tensor: the state may be an inference tensor (reset in validation)
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state."""
+        totals = self.totals
+        if totals.is_inference() and not torch.is_inference_mode_enabled():
+            totals = totals.clone()  # reset inside validation: an inference tensor only changes in inference mode
         add_exact(totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), sums.to(totals.device))
         totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
         self.totals = totals

@@ -86,9 +86,11 @@ class ErrorProfile(ExactSumMetric):
             return
         preds, target = preds.detach().to(torch.float32), target.detach().to(torch.float32)
         values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
-        values = values[torch.isfinite(values).all(1)]  # a NaN/Inf input makes its whole row non-finite
+        finite = values.sum(1, dtype=torch.float64).isfinite()  # a NaN/Inf input makes its row's sum non-finite
+        if not bool(finite.all()):
+            values = values[finite]
         if values.shape[0]:
-            self._add(values.T, [values.shape[0]])  # _add reads them as float64
+            self._add(values.T, [values.shape[0]])  # float32: summed over the batch first where that is exact
 
     def compute(self) -> dict[str, Tensor]:
         """Mean over samples: ``error_map`` and spectra (images) or per-band profiles (audio), with frequencies."""
@@ -111,11 +113,15 @@ class ErrorProfile(ExactSumMetric):
         return {"frequency": centres.double(), "error": profiles[0], "target": profiles[1], "preds": profiles[2]}
 
     def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
-        difference = preds - target
-        error_map = torch.nn.functional.adaptive_avg_pool2d(difference.square().mean(1), self.grid).flatten(1)
-        planes = torch.cat([difference.mean(1), target.mean(1), preds.mean(1)])  # channel means
-        spectra = _radial_bands(planes, self.bands).chunk(3)
-        return torch.cat([error_map.double(), *spectra], 1)
+        # few and small temporaries: in a validation loop the fresh memory, not the arithmetic, is the cost
+        count = preds.shape[0]
+        planes = preds.new_empty(3 * count, *preds.shape[2:])  # channel means of the error, target and prediction
+        difference = torch.sub(preds, target)
+        for part, images in enumerate((difference, target, preds)):
+            torch.mean(images, 1, out=planes[part * count : (part + 1) * count])
+        error_map = torch.nn.functional.adaptive_avg_pool2d(difference.square_().mean(1), self.grid).flatten(1)
+        spectra = _radial_bands(planes, self.bands).float().chunk(3)  # float32 like the map: see add_exact
+        return torch.cat([error_map, *spectra], 1)
 
     def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
         mel = self.mel.to(preds.device)
@@ -147,11 +153,11 @@ def _radial_bands(planes: Tensor, bands: int) -> Tensor:
     """:func:`radial_power` of single-channel planes ``[N, H, W]``."""
     height, width = planes.shape[-2:]
     spectrum = torch.fft.rfft2(planes, norm="ortho")
-    power = (spectrum.real.square() + spectrum.imag.square()).flatten(1)  # [N, H * (W // 2 + 1)]
+    power = spectrum.real.square().addcmul_(spectrum.imag, spectrum.imag).flatten(1)  # [N, H * (W // 2 + 1)]
     order, last, before, before_exists, sizes = _band_layout(height, width, bands, planes.device)
     # Frequencies grouped by band, highest band first (where power is smallest), summed in a running float64 sum
     # along each row; a band's total is the running sum at its last frequency minus the one just before its first.
-    running = power.index_select(1, order).double().cumsum(1)
+    running = power.index_select(1, order).double().cumsum_(1)
     return (running.index_select(1, last) - running.index_select(1, before) * before_exists) / sizes
 
 

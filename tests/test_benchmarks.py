@@ -22,4 +22,4 @@ def test_benchmark_suite_smoke_run() -> None:
     for title in ("Pixel path", "State memory", "Scaling", "Sync", "Callback overhead"):
         assert f"### {title}" in done.stdout
     assert "| pl-pmse PerceptionMSE('pixel')                                 | 1 " in done.stdout
-    assert "| callback, panels on the background thread (default) |" in done.stdout
+    assert "| callback, panels on the background thread (default) " in done.stdout

@@ -13,7 +13,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from pl_pmse import PerceptionMSE
-from pl_pmse.exact import NUM_BINS, exact_bins, exact_ratio, exact_ratios
+from pl_pmse.exact import NUM_BINS, _exact_row_sums, exact_bins, exact_ratio, exact_ratios
 from pl_pmse.reduction import squared_error_sums
 
 
@@ -114,6 +114,23 @@ def test_exact_accumulator_against_fractions() -> None:
     assert int(exact_bins(torch.full((1, 1), 2.0**53 - 1, dtype=torch.float64)).max()) < 2**31
 
 
+def test_float32_rows_are_summed_first_only_where_float64_sums_them_exactly() -> None:
+    generator = torch.Generator().manual_seed(4)
+    for count in (2, 3, 16, 17, 1000):
+        for spread in (0, 8, 20, 24, 28, 31, 60, 140):  # binary orders of magnitude within a row
+            exponents = torch.randint(0, spread + 1, (5, count), generator=generator)
+            values = (torch.rand(5, count, generator=generator, dtype=torch.float64) * 2.0**-exponents).float()
+            values[1, ::3] = 0
+            expected = [float(sum(Fraction(v) for v in row) / 3) for row in values.tolist()]
+            assert exact_ratios(exact_bins(values), [3] * 5) == expected, (count, spread)
+    narrow = torch.rand(4, 16, generator=generator) + 1
+    assert _exact_row_sums(narrow).shape == (4, 1)  # the fast path is taken where it is exact ...
+    wide = torch.tensor([[2.0**30 * (1 + 2**-23), 1 + 2**-23]])  # ... and not here: float64 rounds this sum
+    assert sum(Fraction(v) for v in wide[0].tolist()) != Fraction(wide.double().sum().item())
+    assert _exact_row_sums(wide).shape == (1, 2)
+    assert exact_ratio(exact_bins(wide)[0], 1) == float(sum(Fraction(v) for v in wide[0].tolist()))
+
+
 def test_forward_returns_the_batch_value_with_gradient() -> None:
     metric = PerceptionMSE()
     first = (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4))
@@ -176,6 +193,11 @@ def test_updates_inside_and_outside_inference_mode() -> None:
     with torch.inference_mode():
         metric.update(torch.ones(2, 4), torch.zeros(2, 4))
     assert metric.compute().item() == 1.0
+    with torch.inference_mode():
+        metric.reset()  # the state is now an inference tensor, which cannot change outside inference mode ...
+    assert metric.totals.is_inference()
+    metric.update(torch.ones(2, 4), torch.zeros(2, 4))  # ... so this update writes to a new one
+    assert metric.compute().item() == 1.0 and not metric.totals.is_inference()
 
 
 def test_merge_state() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 import torchaudio
+from torch import Tensor
 
 from pl_pmse import ErrorProfile
 from pl_pmse.profile import radial_power
@@ -28,13 +30,15 @@ def test_image_profile_equals_numpy_and_does_not_depend_on_the_batch_split() -> 
     generator = torch.Generator().manual_seed(0)
     target = torch.rand(10, 3, 48, 40, generator=generator)
     preds = (target + 0.1 * torch.randn(target.shape, generator=generator)).clamp(0, 1)
-    whole, split = ErrorProfile("image", 1.0, grid=8, bands=12), ErrorProfile("image", 1.0, grid=8, bands=12)
+    whole = ErrorProfile("image", 1.0, grid=8, bands=12)
     whole.update(preds, target)
-    for rows in (slice(0, 3), slice(3, 4), slice(4, 10)):
-        split.update(preds[rows], target[rows])
-    assert torch.equal(whole.totals, split.totals)  # exact state: the same bits for any split
-
     result = whole.compute()
+    near_perfect = preds.clone()
+    near_perfect[4] = target[4] + 1e-7 * torch.randn(target[4].shape, generator=generator)  # 1e-14 vs 1e-2 errors
+    splits = [[slice(0, 10)], [slice(0, 3), slice(3, 4), slice(4, 10)], [slice(i, i + 1) for i in range(10)]]
+    for inputs in ((preds, target), (near_perfect, target), (preds.to(memory_format=torch.channels_last), target)):
+        assert_same_profile(inputs, splits, lambda: ErrorProfile("image", 1.0, grid=8, bands=12))
+
     p, t = preds.double().numpy(), target.double().numpy()
     blocks = ((p - t) ** 2).mean(1).reshape(10, 8, 6, 8, 5).mean((2, 4))  # 48x40 pooled to 8x8
     np.testing.assert_allclose(result["error_map"].numpy(), blocks.mean(0), rtol=1e-5)
@@ -69,11 +73,22 @@ def test_audio_profile_does_not_depend_on_the_batch_split() -> None:
     generator = torch.Generator().manual_seed(2)
     target = torch.randn(9, 2, 3000, generator=generator)
     preds = target + 0.1 * torch.randn(target.shape, generator=generator)
-    whole, split = (ErrorProfile("audio", sample_rate=8000, n_fft=256, n_mels=20) for _ in range(2))
-    whole.update(preds, target)
-    for rows in (slice(0, 1), slice(1, 5), slice(5, 9)):
-        split.update(preds[rows], target[rows])
-    assert torch.equal(whole.totals, split.totals)
+    splits = [[slice(0, 9)], [slice(0, 1), slice(1, 5), slice(5, 9)]]
+    assert_same_profile((preds, target), splits, lambda: ErrorProfile("audio", sample_rate=8000, n_fft=256, n_mels=20))
+
+
+def assert_same_profile(
+    inputs: tuple[Tensor, Tensor], splits: list[list[slice]], profile: Callable[[], ErrorProfile]
+) -> None:
+    """Every split of the batch gives the same bits of every result (the exact sums read back)."""
+    results = []
+    for rows in splits:
+        metric = profile()
+        for part in rows:
+            metric.update(inputs[0][part], inputs[1][part])
+        results.append(metric.compute())
+    for result in results[1:]:
+        assert all(torch.equal(result[key], results[0][key]) for key in result)
 
 
 def test_radial_power_of_tiny_images_has_empty_bands_at_zero() -> None:
