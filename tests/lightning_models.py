@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -124,3 +126,10 @@ class AudioData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
     test_dataloader = val_dataloader
+
+
+def cpu_trainer(root: Path, callbacks: list, **options: Any) -> pl.Trainer:
+    """A quick single-process CPU Trainer writing under ``root``; ``options`` override the defaults."""
+    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=root)  # fmt: skip
+    return pl.Trainer(callbacks=callbacks, **{**defaults, **options})

@@ -23,7 +23,7 @@ from torchmetrics import MeanSquaredError
 from pl_pmse import ErrorProfile, PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
 from pl_pmse.panels import image as image_panels
-from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData
+from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData, cpu_trainer
 from tests.wandb_reader import history, run_dirs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -52,9 +52,7 @@ class Recorder(pl.Callback):
 
 
 def trainer_for(tmp_path: Path, logger, callbacks: list, **options) -> pl.Trainer:
-    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                    default_root_dir=tmp_path, log_every_n_steps=1)  # fmt: skip
-    return pl.Trainer(logger=logger, callbacks=callbacks, **{**defaults, **options})
+    return cpu_trainer(tmp_path, callbacks, logger=logger, **{"log_every_n_steps": 1, **options})
 
 
 @pytest.fixture

@@ -18,15 +18,13 @@ from torch.utils.data import DataLoader
 
 from pl_pmse.callback import PerceptionMSECallback
 from pl_pmse.panels import image as image_panels
-from tests.lightning_models import Denoiser, ImageData
+from tests.lightning_models import Denoiser, ImageData, cpu_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
 def trainer_for(root: Path, callbacks: list, **options) -> pl.Trainer:
-    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                    default_root_dir=root, logger=CSVLogger(root), num_sanity_val_steps=0)  # fmt: skip
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **options})
+    return cpu_trainer(root, callbacks, **{"logger": CSVLogger(root), "num_sanity_val_steps": 0, **options})
 
 
 class PoisonedDenoiser(Denoiser):
