@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def _exact_row_sums(values: Tensor) -> Tensor:
 
     Values with ``s`` significant bits whose exponents lie in ``[e_lo, e_hi]`` are multiples of ``2**(e_lo - s + 1)``
     below ``2**(e_hi + 1)``; ``P`` of them sum below ``2**(e_hi + 1 + ceil(log2 P))``, so every partial sum, in any
-    order, fits float64's 53 bits when ``e_hi - e_lo <= 53 - s - ceil(log2 P)``. ``max < min_nonzero * 2**that``
+    order, fits float64's 53 bits when ``e_hi - e_lo <= 53 - s - ceil(log2 P)``. ``max <= min_nonzero * 2**that``
     implies it (zeros add nothing).
     """
     significant = 1 - round(math.log2(torch.finfo(values.dtype).eps))  # 24 for float32
@@ -77,9 +78,21 @@ def _exact_row_sums(values: Tensor) -> Tensor:
         return values
     values = values.to(torch.float64)
     smallest = torch.where(values > 0, values, math.inf).amin(1)
-    if bool((values.amax(1) < smallest * 2.0**room).all()):
+    if bool((values.amax(1) <= smallest * 2.0**room).all()):
         return values.sum(1, keepdim=True)
     return values
+
+
+def exact_sums(bins: Tensor) -> list[Fraction]:
+    """The exact sum that each row of ``bins`` (``[K, NUM_BINS]``) holds, as a Fraction (for checks and tests).
+
+    Example:
+        >>> import torch
+        >>> exact_sums(exact_bins(torch.tensor([[0.1, 0.2]], dtype=torch.float64))) == [Fraction(0.1) + Fraction(0.2)]
+        True
+    """
+    rows = bins.detach().cpu().tolist()
+    return [Fraction(sum(c << (DIGIT_BITS * i) for i, c in enumerate(row) if c), 1 << -_LOWEST_BIT) for row in rows]
 
 
 def exact_ratio(bins: Tensor, divisor: int) -> float:

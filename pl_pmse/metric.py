@@ -67,6 +67,10 @@ class ExactSumMetric(Metric):
         totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
         self.totals = totals
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.totals = self.totals.clone()  # torchmetrics adopts the given tensor; updates write into the state
+
     def synced_state(self) -> Tensor:
         """A CPU copy of the state summed over all processes (one all_reduce: call it on every rank)."""
         with self.synced():

@@ -13,7 +13,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from pl_pmse import PerceptionMSE
-from pl_pmse.exact import NUM_BINS, _exact_row_sums, exact_bins, exact_ratio, exact_ratios
+from pl_pmse.exact import NUM_BINS, _exact_row_sums, exact_bins, exact_ratio, exact_ratios, exact_sums
 from pl_pmse.reduction import squared_error_sums
 
 
@@ -115,20 +115,30 @@ def test_exact_accumulator_against_fractions() -> None:
 
 
 def test_float32_rows_are_summed_first_only_where_float64_sums_them_exactly() -> None:
+    exact = lambda values: [sum(map(Fraction, row)) for row in values.double().tolist()]  # noqa: E731
     generator = torch.Generator().manual_seed(4)
     for count in (2, 3, 16, 17, 1000):
         for spread in (0, 8, 20, 24, 28, 31, 60, 140):  # binary orders of magnitude within a row
             exponents = torch.randint(0, spread + 1, (5, count), generator=generator)
             values = (torch.rand(5, count, generator=generator, dtype=torch.float64) * 2.0**-exponents).float()
             values[1, ::3] = 0
-            expected = [float(sum(Fraction(v) for v in row) / 3) for row in values.tolist()]
-            assert exact_ratios(exact_bins(values), [3] * 5) == expected, (count, spread)
-    narrow = torch.rand(4, 16, generator=generator) + 1
-    assert _exact_row_sums(narrow).shape == (4, 1)  # the fast path is taken where it is exact ...
-    wide = torch.tensor([[2.0**30 * (1 + 2**-23), 1 + 2**-23]])  # ... and not here: float64 rounds this sum
-    assert sum(Fraction(v) for v in wide[0].tolist()) != Fraction(wide.double().sum().item())
-    assert _exact_row_sums(wide).shape == (1, 2)
-    assert exact_ratio(exact_bins(wide)[0], 1) == float(sum(Fraction(v) for v in wide[0].tolist()))
+            assert exact_sums(exact_bins(values)) == exact(values), (count, spread)
+    # At the bound (the largest value 2**room times the smallest) the row is summed first, exactly; one binade more
+    # and it is binned value by value (room = 29 - ceil(log2 count) for float32), where float64 could round.
+    for dtype, significant in ((torch.float32, 24), (torch.float16, 11), (torch.bfloat16, 8)):
+        smallest = 2 - 2.0 ** (1 - significant)  # all its significant bits set
+        for count in (2, 3, 17, 1000):
+            room = 53 - significant - math.ceil(math.log2(count))
+            for above, presummed in ((room, True), (room + 1, False)):
+                if smallest * 2.0**above > torch.finfo(dtype).max:
+                    continue
+                values = torch.tensor([[smallest] + [smallest * 2.0**above] * (count - 1)]).to(dtype)
+                assert _exact_row_sums(values).shape[1] == (1 if presummed else count), (dtype, count, above)
+                assert exact_sums(exact_bins(values)) == exact(values), (dtype, count, above)
+    low = 2 - 2.0**-23
+    beyond = torch.tensor([[low] + [low * 2.0**20] * 999])  # float32, count 1000: room 19, this is 20
+    assert Fraction(beyond.double().sum().item()) != exact(beyond)[0]  # float64 rounds it: the bound is needed
+    assert exact_sums(exact_bins(beyond)) == exact(beyond)
 
 
 def test_forward_returns_the_batch_value_with_gradient() -> None:
@@ -198,6 +208,19 @@ def test_updates_inside_and_outside_inference_mode() -> None:
     assert metric.totals.is_inference()
     metric.update(torch.ones(2, 4), torch.zeros(2, 4))  # ... so this update writes to a new one
     assert metric.compute().item() == 1.0 and not metric.totals.is_inference()
+
+
+def test_a_loaded_state_is_the_metrics_own() -> None:
+    first, second, third = PerceptionMSE(), PerceptionMSE(), PerceptionMSE()
+    for metric in (first, second, third):
+        metric.persistent(True)
+    first.update(torch.ones(2, 4), torch.zeros(2, 4))
+    saved = first.state_dict()
+    second.load_state_dict(saved)
+    third.load_state_dict(saved)
+    second.update(torch.full((2, 4), 3.0), torch.zeros(2, 4))  # updates write into the state in place ...
+    assert third.compute().item() == 1.0 and second.compute().item() == 5.0  # ... of its own copy only
+    assert torch.equal(saved["totals"], first.totals)
 
 
 def test_merge_state() -> None:
