@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -113,15 +114,33 @@ class ErrorProfile(ExactSumMetric):
         return {"frequency": centres.double(), "error": profiles[0], "target": profiles[1], "preds": profiles[2]}
 
     def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
-        # few and small temporaries: in a validation loop the fresh memory, not the arithmetic, is the cost
-        count = preds.shape[0]
-        planes = preds.new_empty(3 * count, *preds.shape[2:])  # channel means of the error, target and prediction
-        difference = torch.sub(preds, target)
+        count, _, height, width = preds.shape
+        planes = self._scratch("planes", (3 * count, height, width), preds)  # channel means: error, target, preds
+        difference = torch.sub(preds, target, out=self._scratch("difference", preds.shape, preds))
         for part, images in enumerate((difference, target, preds)):
             torch.mean(images, 1, out=planes[part * count : (part + 1) * count])
-        error_map = torch.nn.functional.adaptive_avg_pool2d(difference.square_().mean(1), self.grid).flatten(1)
-        spectra = _radial_bands(planes, self.bands).float().chunk(3)  # float32 like the map: see add_exact
+        squared = torch.mean(difference.square_(), 1, out=self._scratch("squared", (count, height, width), preds))
+        error_map = torch.nn.functional.adaptive_avg_pool2d(squared, self.grid).flatten(1)
+        spectra = _radial_bands(planes, self.bands, self._scratch).float().chunk(3)  # float32: see add_exact
         return torch.cat([error_map, *spectra], 1)
+
+    def _scratch(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A temporary of ``update``. On the CPU the same buffer serves every batch of one shape: there, fresh
+        memory (page faults, cold caches after the model's forward) costs more than the arithmetic (measured 2.3-2.9
+        -> 1.7-1.8 ms per 16 crops of 64x64 in a validation loop). Elsewhere a new tensor: the caching allocator
+        recycles memory already."""
+        dtype = dtype or like.dtype
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=like.device)
+        buffers = self.__dict__.setdefault("_buffers_of_update", {})  # outside the module tree: no state
+        buffer = buffers.get(name)
+        if buffer is None or buffer.shape != tuple(shape) or buffer.dtype != dtype:
+            with torch.inference_mode(False):  # a normal tensor may be written in and out of inference mode
+                buffer = buffers[name] = torch.empty(shape, dtype=dtype)
+        return buffer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in super().__getstate__().items() if key != "_buffers_of_update"}
 
     def _audio_values(self, preds: Tensor, target: Tensor) -> Tensor:
         mel = self.mel.to(preds.device)
@@ -130,6 +149,13 @@ class ErrorProfile(ExactSumMetric):
         per_band = [x.transpose(-1, -2).reshape(x.shape[0], -1, self.n_mels).mean(1)
                     for x in (log_error, target_power, preds_power)]  # fmt: skip
         return torch.cat(per_band, 1)
+
+
+Scratch = Callable[..., Tensor]
+
+
+def _new(name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def radial_power(x: Tensor, bands: int) -> Tensor:
@@ -149,15 +175,19 @@ def radial_power(x: Tensor, bands: int) -> Tensor:
     return _radial_bands(x.mean(1), bands)
 
 
-def _radial_bands(planes: Tensor, bands: int) -> Tensor:
-    """:func:`radial_power` of single-channel planes ``[N, H, W]``."""
-    height, width = planes.shape[-2:]
-    spectrum = torch.fft.rfft2(planes, norm="ortho")
-    power = spectrum.real.square().addcmul_(spectrum.imag, spectrum.imag).flatten(1)  # [N, H * (W // 2 + 1)]
+def _radial_bands(planes: Tensor, bands: int, scratch: Scratch = _new) -> Tensor:
+    """:func:`radial_power` of single-channel planes ``[N, H, W]``; ``scratch(name, shape, like, dtype)`` gives the
+    temporaries."""
+    rows, height, width = planes.shape
+    half = (rows, height, width // 2 + 1)
+    spectrum = torch.fft.rfft2(planes, norm="ortho", out=scratch("spectrum", half, planes, planes.dtype.to_complex()))
+    power = torch.mul(spectrum.real, spectrum.real, out=scratch("power", half, planes))
+    power = power.addcmul_(spectrum.imag, spectrum.imag).flatten(1)  # [N, H * (W // 2 + 1)]
     order, last, before, before_exists, sizes = _band_layout(height, width, bands, planes.device)
     # Frequencies grouped by band, highest band first (where power is smallest), summed in a running float64 sum
     # along each row; a band's total is the running sum at its last frequency minus the one just before its first.
-    running = power.index_select(1, order).double().cumsum_(1)
+    ordered = torch.index_select(power, 1, order, out=scratch("ordered", power.shape, planes))
+    running = torch.cumsum(ordered, 1, dtype=torch.float64, out=scratch("running", power.shape, planes, torch.float64))
     return (running.index_select(1, last) - running.index_select(1, before) * before_exists) / sizes
 
 

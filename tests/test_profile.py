@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from pl_pmse import ErrorProfile
 from pl_pmse.exact import NUM_BINS, exact_sums
-from pl_pmse.profile import radial_power
+from pl_pmse.profile import _new, radial_power
 
 
 def radial_reference(images: np.ndarray, bands: int) -> np.ndarray:
@@ -97,3 +98,23 @@ def assert_same_profile(
 def test_radial_power_of_tiny_images_has_empty_bands_at_zero() -> None:
     images = torch.rand(4, 3, 5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     np.testing.assert_allclose(radial_power(images, 8).mean(0).numpy(), radial_reference(images.numpy(), 8), rtol=1e-12)
+
+
+def test_image_profile_reuses_its_temporaries_safely() -> None:
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.rand(n, 3, 24, 20, generator=generator) for n in (6, 6, 2, 6)]  # a smaller last batch
+    reused, fresh = ErrorProfile("image", 1.0, grid=4, bands=6), ErrorProfile("image", 1.0, grid=4, bands=6)
+    fresh._scratch = _new  # new temporaries every time, as on an accelerator
+    for index, target in enumerate(batches):
+        preds = (target + 0.1 * torch.randn(target.shape, generator=generator)).clamp(0, 1)
+        with torch.inference_mode(index % 2 == 0):  # Lightning validates in inference mode, users may not
+            for profile in (reused, fresh):
+                profile.update(preds, target)
+        if index == 0:
+            planes = reused.__dict__["_buffers_of_update"]["planes"]
+        if index == 1:
+            assert reused.__dict__["_buffers_of_update"]["planes"] is planes  # the same memory, batch after batch
+            reused = pickle.loads(pickle.dumps(reused))  # temporaries are not pickled
+            assert "_buffers_of_update" not in reused.__dict__
+    expected, got = fresh.compute(), reused.compute()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
