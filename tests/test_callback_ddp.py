@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,20 +41,6 @@ class RankProbe(pl.Callback):
             file.write(json.dumps({"epoch": trainer.current_epoch, "val/pmse": value}) + "\n")
 
 
-def settled_history(run: Path, timeout: float = 60) -> list[dict]:
-    """The run's history once W&B's service has written all of it.
-
-    The run lives in the spawned rank-0 process, which ends with ``os._exit`` (no atexit hook, so no
-    ``wandb.finish()``); the service flushes it when that process disconnects, a moment after ``fit`` returns.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = history(run)
-        if time.monotonic() > deadline or any(r.get("epoch") == 1 and "val/pmse" in r for r in rows):
-            return rows
-        time.sleep(0.5)
-
-
 def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = WandbLogger(project="pl-pmse-tests", save_dir=str(tmp_path), offline=True)
@@ -73,7 +58,7 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2  # identical on both ranks, once per epoch
     (run,) = run_dirs(tmp_path)  # one W&B run
-    rows = settled_history(run)
+    rows = history(run)  # waits for W&B's service: rank 0 ended with os._exit, the service writes on disconnect
     logged = [row["val/pmse"] for row in rows if "val/pmse" in row]
     assert logged == pytest.approx([entry["val/pmse"] for entry in ranks[0]], rel=1e-6)
 

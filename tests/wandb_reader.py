@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,25 @@ CHUNK = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: str | Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
+def records(path: str | Path, timeout: float = 20.0) -> list[wandb_internal_pb2.Record]:
+    """The file's records once it is whole: W&B's service process may still be writing it when ``wandb.finish()``
+    has returned (seen as a chunk failing its checksum, or as missing rows), so read until the run's ``exit``
+    record, its last, is in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out = _parse(Path(path).read_bytes())
+            problem = "" if any(r.WhichOneof("record_type") == "exit" for r in out) else "no exit record"
+        except AssertionError as error:
+            problem = str(error)
+        if not problem:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: not a complete W&B run log after {timeout} s: {problem}")
+        time.sleep(0.1)
+
+
+def _parse(data: bytes) -> list[wandb_internal_pb2.Record]:
     magic, bee, _ = HEADER.unpack_from(data)
     assert magic == b":W&B" and bee == 0xBEE1, "not a W&B transaction log"
     position, pending, out = HEADER.size, b"", []
