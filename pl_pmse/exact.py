@@ -91,8 +91,7 @@ def exact_sums(bins: Tensor) -> list[Fraction]:
         >>> exact_sums(exact_bins(torch.tensor([[0.1, 0.2]], dtype=torch.float64))) == [Fraction(0.1) + Fraction(0.2)]
         True
     """
-    rows = bins.detach().cpu().tolist()
-    return [Fraction(sum(c << (DIGIT_BITS * i) for i, c in enumerate(row) if c), 1 << -_LOWEST_BIT) for row in rows]
+    return [Fraction(_integer(row, range(NUM_BINS)), 1 << -_LOWEST_BIT) for row in bins.detach().cpu().tolist()]
 
 
 def exact_ratio(bins: Tensor, divisor: int) -> float:
@@ -115,8 +114,12 @@ def exact_ratios(bins: Tensor, divisors: Sequence[int]) -> list[float]:
 def _ratio(counts: list[int], columns: list[int], divisor: int) -> float:
     if divisor == 0:
         return float("nan")
-    total = sum(count << (DIGIT_BITS * column) for count, column in zip(counts, columns, strict=True) if count)
     try:
-        return total / (divisor << -_LOWEST_BIT)
+        return _integer(counts, columns) / (divisor << -_LOWEST_BIT)
     except OverflowError:  # beyond the float64 range
         return float("inf")
+
+
+def _integer(counts: Sequence[int], columns: Sequence[int]) -> int:
+    """The sum held by the digits ``counts`` of bins ``columns``, in units of ``2**_LOWEST_BIT``."""
+    return sum(count << (DIGIT_BITS * column) for count, column in zip(counts, columns, strict=True) if count)
