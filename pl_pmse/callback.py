@@ -13,15 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from typing_extensions import override
 
 from . import checks
+from .lightning_compat import CALLBACK_BASES
 from .metric import PerceptionMSE
 from .panels import audio as audio_panels
 from .panels import image as image_panels
@@ -30,6 +31,9 @@ from .panels.sinks import Send, Sink, sinks_for
 from .profile import ErrorProfile
 from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
 from .spaces.base import space_options as space_options_of
+
+if TYPE_CHECKING:  # either namespace at run time: see lightning_compat
+    import lightning.pytorch as pl
 
 MODALITIES = ("auto", "image", "audio")
 Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
@@ -66,7 +70,7 @@ class _Stage:
         return key + (f"/dataloader_idx_{index}" if len(self.metrics) > 1 else "")
 
 
-class PerceptionMSECallback(pl.Callback):
+class PerceptionMSECallback(*CALLBACK_BASES):
     """Log Perception MSE every validation (and test) epoch, and draw where the model fails.
 
     Add it to the Trainer and return the pair from ``validation_step``::
@@ -184,60 +188,86 @@ class PerceptionMSECallback(pl.Callback):
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefixes["validate"], space=self.space.name)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"fixed_positions": [list(p) for p in self._fixed_positions], "fixed_frozen": self._fixed_frozen}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fixed_positions = [tuple(p) for p in state_dict.get("fixed_positions", [])]
         self._fixed_frozen = bool(state_dict.get("fixed_frozen", bool(self._fixed_positions)))
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts: it is read here, on every rank, never behind a rank-zero check
         self._file_root = Path(trainer.log_dir or trainer.default_root_dir) / "pmse_panels"
         self._sinks = None
         loop = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
         if loop is not None:  # built here, not in the first loop; rebuilt there for several dataloaders
+            self._check_unique_prefix(trainer.callbacks, loop)
             self._stage(loop, dataloaders=1)
 
+    def _check_unique_prefix(self, callbacks: list[Any], loop: str) -> None:
+        """Two callbacks logging under one prefix would overwrite each other's keys and panels: refuse."""
+        prefix = self.prefixes[loop]
+        for other in callbacks:
+            if other is not self and isinstance(other, PerceptionMSECallback) and other.prefixes[loop] == prefix:
+                first, second = sorted((self, other), key=callbacks.index)
+                raise ValueError(
+                    f"PerceptionMSECallback: two callbacks on this Trainer log under {prefix!r} (spaces "
+                    f"{first.space.name!r} and {second.space.name!r}); give each its own prefix= and test_prefix=, "
+                    f"e.g. prefix='val/pmse_{self.space.name}', test_prefix='test/pmse_{self.space.name}'"
+                )
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._flush(wait=False)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._flush(wait=True)
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "exception")
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(wait=False)
         counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
         self._start("validate", len(counts) or 1, pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(wait=False)
         self._start("test", len(trainer.num_test_batches) or 1, pl_module)
 
+    @override
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         self._batch(trainer, "validate", outputs, batch, batch_idx, dataloader_idx)
 
+    @override
     def on_test_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         self._batch(trainer, "test", outputs, batch, batch_idx, dataloader_idx)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, pl_module, "validate")
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, pl_module, "test")
 
@@ -345,13 +375,26 @@ class PerceptionMSECallback(pl.Callback):
         if trainer.is_global_zero:
             step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
             if self._sinks is None:
-                self._sinks = sinks_for(trainer.loggers, self._file_root)
+                self._sinks = self._open_sinks(trainer.loggers)
             fixed = sorted(stage.fixed, key=lambda s: s.label)
             jobs = [
                 (stage.key("", index), fixed if index == 0 else [], worst[index], states[index] if states else None)
                 for index in range(len(stage.metrics))
             ]
             self._submit(lambda: self._render(jobs, step))
+
+    def _open_sinks(self, loggers: list[Any]) -> list[Sink]:
+        """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went."""
+        sinks, unserved = sinks_for(loggers, self._file_root)
+        if unserved or not loggers:
+            which = f"{', '.join(unserved)} cannot show panels" if unserved else "the Trainer has no logger"
+            warnings.warn(
+                f"PerceptionMSECallback: {which} (the W&B and TensorBoard loggers of lightning and pytorch_lightning "
+                f"can); panels go to {', '.join(map(repr, sinks))}; scalars are logged as usual",
+                UserWarning,
+                stacklevel=2,
+            )
+        return sinks
 
     def _gather_worst(self, samples: list[_Sample]) -> list[_Sample]:
         """The ``worst_k`` samples across all ranks: k per rank travel, never the whole set."""

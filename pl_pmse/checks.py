@@ -114,11 +114,9 @@ def check_min_size(x: Tensor, minimum: int, dims: str, space: str, dim: int = -1
         )
 
 
-def check_device(x: Tensor, module: torch.nn.Module, space: str) -> None:
+def check_device(x: Tensor, tensors: list[Tensor], space: str) -> None:
     """Inputs must live where the space's network lives."""
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
+    tensor = tensors[0] if tensors else None
     if tensor is not None and tensor.device != x.device:
         raise ValueError(
             f"preds and target: are on {x.device} but the network of space {space!r} is on {tensor.device}; "

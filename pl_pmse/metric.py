@@ -242,9 +242,45 @@ class PerceptionMSE(ExactSumMetric):
         with self.synced():
             return self._summary()
 
+    def plot(
+        self,
+        val: Tensor | Sequence[Tensor] | dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
+        ax: Any = None,
+        components: bool = False,
+    ) -> Any:
+        """Plot Perception MSE (matplotlib, through torchmetrics' plotting helpers, so ``MetricCollection.plot()``
+        works too).
+
+        Args:
+            val: a result of :meth:`compute` / :meth:`forward`, a dict of :meth:`compute_components`, or a list of
+                either (one per step: drawn as curves over steps). ``None`` plots the current value.
+            ax: a matplotlib axis to draw into (a new figure otherwise).
+            components: with ``val=None``, plot every component instead of the total.
+
+        Returns:
+            ``(figure, axis)`` (``figure`` is None when ``ax`` was given).
+
+        Example:
+            >>> import torch
+            >>> metric = PerceptionMSE("pyramid")
+            >>> steps = []
+            >>> for _ in range(3):
+            ...     steps.append(metric(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)))
+            >>> fig, ax = metric.plot(steps)
+            >>> fig, ax = metric.plot(components=True)
+        """
+        from torchmetrics.utilities.plot import plot_single_or_multi_val
+
+        if val is None:
+            val = self.compute_components() if components else self.compute()
+        return plot_single_or_multi_val(
+            val, ax=ax, higher_is_better=self.higher_is_better, lower_bound=self.plot_lower_bound,
+            name=f"Perception MSE ({self.space.name})",
+        )  # fmt: skip
+
     def _describe(self) -> str:
         space = self.space
-        checksum = math.fsum(float(t.double().sum()) for t in (*space.parameters(), *space.buffers()))
+        checksum = math.fsum(float(t.double().sum()) for t in space.tensors())
         return (
             f"space={space.name} ({type(space).__name__}), weights={space.component_weights}, "
             f"data_range={self.data_range}, network checksum={checksum:.17g}"
@@ -278,15 +314,15 @@ class PerceptionMSE(ExactSumMetric):
         return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
-        """Moves the space with the metric, but keeps its dtype (like torchmetrics keeps its states' dtype: a
-        parent's ``.half()`` must not turn the measuring network into fp16) and keeps its weights normal tensors
-        even when moved inside ``torch.inference_mode`` (Lightning's validation), so that it can serve as a loss."""
+        """Moves the space with the metric; the space keeps its dtype (see :class:`~pl_pmse.spaces.Space`), as
+        torchmetrics keeps its states' dtype. The meta device is refused before anything moves."""
+        if fn(torch.zeros(())).device.type == "meta":
+            raise ValueError(
+                "PerceptionMSE: cannot move to the meta device (its state and space hold values); keep it on a real "
+                "device (cpu, cuda, ...)"
+            )
         this = super()._apply(fn, *args, **kwargs)
-        dtypes = {t.dtype for t in (*this.space.parameters(), *this.space.buffers()) if t.is_floating_point()}
-        with torch.inference_mode(False):
-            this.space._apply(fn)
-            if len(dtypes) == 1:
-                this.space.to(dtype=dtypes.pop())
+        this.space._apply(fn)
         return this
 
     def extra_repr(self) -> str:

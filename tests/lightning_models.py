@@ -1,15 +1,28 @@
-"""Tiny Lightning modules and data for callback tests (synthetic data, seconds on a CPU)."""
+"""Tiny Lightning modules and data for callback tests (synthetic data, seconds on a CPU).
+
+The Lightning namespace is ``$PL_PMSE_TEST_LIGHTNING``: ``pytorch_lightning`` (default) or ``lightning.pytorch``;
+tests/test_lightning_namespaces.py runs the callback tests under the other one. Tests take ``pl`` and the
+Lightning submodules from here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+NAMESPACE = os.environ.get("PL_PMSE_TEST_LIGHTNING", "pytorch_lightning")
+pl = importlib.import_module(NAMESPACE)
+callbacks = importlib.import_module(f"{NAMESPACE}.callbacks")
+loggers = importlib.import_module(f"{NAMESPACE}.loggers")
+strategies = importlib.import_module(f"{NAMESPACE}.strategies")
+cli = importlib.import_module(f"{NAMESPACE}.cli")
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import wandb
 from PIL import Image
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torchmetrics import MeanSquaredError
 
 from pl_pmse import ErrorProfile, PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
 from pl_pmse.panels import image as image_panels
-from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData, cpu_trainer
+from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData, cli, cpu_trainer, pl
+from tests.lightning_models import callbacks as pl_callbacks
+from tests.lightning_models import loggers as pl_loggers
 from tests.wandb_reader import history, run_dirs
+
+EarlyStopping, ModelCheckpoint = pl_callbacks.EarlyStopping, pl_callbacks.ModelCheckpoint
+CSVLogger, TensorBoardLogger, WandbLogger = pl_loggers.CSVLogger, pl_loggers.TensorBoardLogger, pl_loggers.WandbLogger
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -418,22 +420,19 @@ data:
 
 
 def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
-    from pytorch_lightning.cli import LightningCLI
-
     config = tmp_path / "cli.yaml"
     config.write_text(CLI_CONFIG.format(root=tmp_path))
-    cli = LightningCLI(args=["fit", "--config", str(config)], subclass_mode_model=True, subclass_mode_data=True)
-    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PerceptionMSECallback)]
+    run = cli.LightningCLI(args=["fit", "--config", str(config)], subclass_mode_model=True, subclass_mode_data=True)
+    (callback,) = [c for c in run.trainer.callbacks if isinstance(c, PerceptionMSECallback)]
+    assert isinstance(callback, pl.Callback)
     assert callback.space.component_names == ("pixel", "band0", "band1", "lowpass")
-    metrics = cli.trainer.callback_metrics
+    metrics = run.trainer.callback_metrics
     assert metrics["val/pmse"].item() == pytest.approx(
         sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
     )
 
 
 def test_tensorboardx_writers_get_their_own_add_calls_on_the_training_thread() -> None:
-    from types import SimpleNamespace
-
     from pl_pmse.panels.sinks import TensorBoardSink
 
     class TensorBoardXWriter:  # what Lightning uses when `tensorboard` is not installed: no torch summaries
@@ -444,7 +443,7 @@ def test_tensorboardx_writers_get_their_own_add_calls_on_the_training_thread() -
             return lambda *args, **kwargs: self.calls.append((name, args[0], args[2]))
 
     writer = TensorBoardXWriter()
-    sink = TensorBoardSink(SimpleNamespace(experiment=writer))
+    sink = TensorBoardSink(writer)
     sends = [sink.image("val/pmse/panels/worst", np.zeros((8, 8, 3), np.uint8), "caption", 7),
              sink.audio("val/pmse/audio/worst_target", [np.zeros(800, np.float32)], 8000, ["clip"], 7)]  # fmt: skip
     assert writer.calls == []  # nothing is written where the panel is prepared

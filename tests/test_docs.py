@@ -32,3 +32,18 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch) -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_links_work_on_a_package_index_page() -> None:
+    """PyPI shows the README outside the repository: every link is an in-page anchor or an absolute URL."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    assert targets
+    relative = [t for t in targets if not t.startswith(("#", "https://"))]
+    assert not relative, f"relative links break on the package index page: {relative}"
+    anchors = {t[1:] for t in targets if t.startswith("#")}
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("#")
+    }
+    assert anchors <= headings, f"anchors without a heading: {anchors - headings}"

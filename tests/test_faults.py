@@ -9,16 +9,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from pl_pmse.callback import PerceptionMSECallback
 from pl_pmse.panels import image as image_panels
-from tests.lightning_models import Denoiser, ImageData, cpu_trainer
+from tests.lightning_models import Denoiser, ImageData, callbacks, cpu_trainer, loggers, pl, strategies
+
+ModelCheckpoint, CSVLogger, DDPStrategy = callbacks.ModelCheckpoint, loggers.CSVLogger, strategies.DDPStrategy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

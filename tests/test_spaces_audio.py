@@ -72,8 +72,8 @@ def test_per_sample_values_do_not_depend_on_the_batch(space: str, options: dict)
 
 
 def test_gradcheck_and_gradients() -> None:
-    mel = MelSpace(sample_rate=8000, n_fft=64, n_mels=8).double()
-    stft = MultiResolutionSTFT(fft_sizes=(32, 64)).double()
+    mel = MelSpace(sample_rate=8000, n_fft=64, n_mels=8).set_dtype(torch.float64)
+    stft = MultiResolutionSTFT(fft_sizes=(32, 64)).set_dtype(torch.float64)
     target = torch.rand(2, 200, dtype=torch.float64) - 0.5
     preds = (torch.rand(2, 200, dtype=torch.float64) - 0.5).requires_grad_()
     for space in (mel, stft):

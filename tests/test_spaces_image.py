@@ -92,19 +92,28 @@ def test_one_forward_over_the_concatenated_batch(backbone_weights: dict[str, str
 def test_network_is_frozen_out_of_state_and_moves_with_the_metric(backbone_weights: dict[str, str]) -> None:
     metric = PerceptionMSE("vgg16", weights=backbone_weights["vgg16"])
     metric.train()
-    assert not metric.space.training and not metric.space.module.training
-    assert all(not p.requires_grad for p in metric.space.parameters())
+    assert not metric.space.module.training  # the network stays in eval mode whatever its holder does
+    assert all(not t.requires_grad for t in metric.space.tensors())
     assert list(metric.state_dict()) == [] and list(metric.parameters()) == []
     # in-place ReLUs stay where the hooked layers are known to be safe, and go for other layer choices
-    assert any(getattr(m, "inplace", False) for m in metric.space.modules())
+    assert any(getattr(m, "inplace", False) for m in metric.space.module.modules())
     other = get_space("vgg16", weights=backbone_weights["vgg16"], layers=["features.2"])
-    assert not any(getattr(m, "inplace", False) for m in other.modules())
-    metric.to("meta")
-    assert {p.device.type for p in metric.space.parameters()} == {"meta"}
-    assert metric.totals.device.type == "meta"
+    assert not any(getattr(m, "inplace", False) for m in other.module.modules())
+    metric.to(torch.device("cpu"))
+    assert {t.device.type for t in metric.space.tensors()} == {"cpu"}
+    before = [t.clone() for t in metric.space.tensors()]
+    with pytest.raises(ValueError, match="meta device"):
+        metric.to("meta")
+    assert metric.totals.device.type == "cpu"  # refused before anything moved
+    assert all(torch.equal(a, b) for a, b in zip(before, metric.space.tensors(), strict=True))
+    # a space held by a model: out of its state_dict, parameters and module tree (Lightning's eval-mode check)
     holder = torch.nn.Module()
     holder.metric = PerceptionMSE("squeezenet", weights=backbone_weights["squeezenet"])
+    holder.space = get_space("squeezenet", weights=backbone_weights["squeezenet"])
+    holder.train()
     assert list(holder.state_dict()) == [] and sum(1 for _ in holder.parameters()) == 0
+    assert [name for name, module in holder.named_modules() if not module.training] == []
+    assert not holder.space.module.training
 
 
 def test_gradients_reach_preds_but_updates_build_no_graph(backbone_weights: dict[str, str]) -> None:
@@ -328,13 +337,40 @@ def test_a_space_built_or_moved_in_inference_mode_still_trains(backbone_weights:
     assert preds.grad is not None and preds.grad.abs().sum() > 0
 
 
-def test_a_parent_half_keeps_the_network_in_float32(backbone_weights: dict[str, str]) -> None:
+CASTS = {
+    "half": lambda m: m.half(),
+    "bfloat16": lambda m: m.bfloat16(),
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "to(cpu, float16)": lambda m: m.to("cpu", torch.float16),
+    "double": lambda m: m.double(),
+    "float": lambda m: m.float(),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_casts_of_a_parent_leave_the_network_bit_identical(backbone_weights: dict[str, str], cast: str) -> None:
     holder = torch.nn.Module()
     holder.metric = PerceptionMSE("lpips-squeeze", weights=backbone_weights["squeezenet"])
-    holder.half()
-    assert {p.dtype for p in holder.metric.space.parameters()} == {torch.float32}
-    holder.metric.update(torch.rand(2, 3, 32, 32).half(), torch.rand(2, 3, 32, 32).half())
+    holder.space = get_space("squeezenet", weights=backbone_weights["squeezenet"])
+    preds, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    before = {name: perception_mse(preds, target, space=space) for name, space in
+              (("metric", holder.metric.space), ("space", holder.space))}  # fmt: skip
+    weights = [t.clone() for t in (*holder.metric.space.tensors(), *holder.space.tensors())]
+    CASTS[cast](holder)
+    after = [*holder.metric.space.tensors(), *holder.space.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(weights, after, strict=True))
+    for name, space in (("metric", holder.metric.space), ("space", holder.space)):
+        assert torch.equal(perception_mse(preds, target, space=space), before[name])
+    holder.metric.update(preds.half(), target.half())
     assert torch.isfinite(holder.metric.compute())
+
+
+def test_set_dtype_casts_a_space_on_purpose(backbone_weights: dict[str, str]) -> None:
+    space = get_space("squeezenet", weights=backbone_weights["squeezenet"]).set_dtype(torch.float64)
+    assert {t.dtype for t in space.tensors()} == {torch.float64}
+    assert space.feature_dtype(torch.rand(1)) == torch.float64
+    space.float()  # a parent's cast still does not undo it
+    assert {t.dtype for t in space.tensors()} == {torch.float64}
 
 
 def test_shared_modules_and_clashing_names_are_rejected() -> None:

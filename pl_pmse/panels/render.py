@@ -14,17 +14,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-# Polynomial fits of matplotlib's perceptually uniform maps (within 5/255 of the originals).
-_MAGMA = np.array([
-    (-0.002136485053939582, -0.000749655052795221, -0.005386127855323933),
-    (0.2516605407371642, 0.6775232436837668, 2.494026599312351),
-    (8.353717279216625, -3.577719514958484, 0.3144679030132573),
-    (-27.66873308576866, 14.26473078096533, -13.64921318813922),
-    (52.17613981234068, -27.94360607168351, 12.94416944238394),
-    (-50.76852536473588, 29.04658282127291, 4.23415299384598),
-    (18.65570506591883, -11.48977351997711, -5.601961508734096),
-])  # fmt: skip
-_BLUE, _WHITE, _RED = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
 BACKGROUND = 255
 INK = (30, 30, 30)
 SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
@@ -37,24 +26,27 @@ def default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 @functools.cache
-def _magma_table() -> np.ndarray:
-    """The magma map at 256 levels, ``uint8 [256, 3]`` (as matplotlib samples its colour maps)."""
-    t = np.linspace(0, 1, 256)[:, None]
-    rgb = sum(_MAGMA[k] * t**k for k in range(len(_MAGMA)))
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+def colour_table(name: str) -> np.ndarray:
+    """matplotlib's colour map ``name`` at its 256 levels, ``uint8 [256, 3]`` (the library's own table, no fit)."""
+    import matplotlib
+
+    return matplotlib.colormaps[name](np.linspace(0, 1, 256), bytes=True)[:, :3]
+
+
+def _levels(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (clipped; NaN as 0) to table indices 0..255."""
+    return (np.nan_to_num(np.clip(t, 0, 1)) * 255).round().astype(np.intp)
 
 
 def magma(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (clipped; NaN as 0) to ``uint8`` RGB with the magma colour map, at 256 levels."""
-    levels = np.nan_to_num(np.clip(np.asarray(values, dtype=np.float64), 0, 1) * 255)
-    return _magma_table()[levels.round().astype(np.intp)]
+    """Map values in [0, 1] (clipped; NaN as 0) to ``uint8`` RGB with matplotlib's magma map, at 256 levels."""
+    return colour_table("magma")[_levels(np.asarray(values, dtype=np.float64))]
 
 
 def diverging(values: np.ndarray, limit: float) -> np.ndarray:
-    """Blue (negative) - white (0) - red (positive), symmetric in ``[-limit, limit]``."""
-    t = np.clip(np.asarray(values, dtype=np.float64) / max(limit, 1e-12), -1, 1)[..., None]
-    rgb = np.where(t < 0, _WHITE + (_BLUE - _WHITE) * -t, _WHITE + (_RED - _WHITE) * t)
-    return (rgb * 255).round().astype(np.uint8)
+    """matplotlib's ``coolwarm``: blue (negative), light grey (0), red (positive), symmetric in ``[-limit, limit]``."""
+    t = np.asarray(values, dtype=np.float64) / max(limit, 1e-12)
+    return colour_table("coolwarm")[_levels((t + 1) / 2)]
 
 
 def heatmap(values: Tensor | np.ndarray, vmax: float) -> np.ndarray:

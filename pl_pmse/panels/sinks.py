@@ -1,5 +1,9 @@
 """Where panels go: Weights & Biases first, TensorBoard, or PNG / WAV files under the trainer's log dir.
 
+Loggers are recognised without importing Lightning: the ``WandbLogger`` / ``TensorBoardLogger`` of either namespace
+(``lightning.pytorch`` or ``pytorch_lightning``) and their subclasses by class, any other logger by its
+``experiment`` (a W&B run or a TensorBoard ``SummaryWriter``).
+
 Each sink call does the heavy part (encoding, files) wherever it is called, possibly on a background thread, and
 returns the logger call still to make, a ``Send`` that the callback makes on the training thread (logger objects
 are not thread-safe). Sinks are only used on global rank zero, and every call is the caller's to guard: a failing
@@ -15,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from .png import encode_png
 
@@ -40,17 +43,16 @@ class Sink:
 
 
 class WandbSink(Sink):
-    """``wandb.Image`` / ``wandb.Audio`` / ``wandb.Table`` through the WandbLogger, keyed on ``trainer/global_step``
-    like the scalars.
+    """``wandb.Image`` / ``wandb.Audio`` / ``wandb.Table`` through the logger's ``log_metrics`` (a WandbLogger's, or
+    the run's own ``log`` for another logger of a W&B run), keyed on ``trainer/global_step`` like the scalars.
 
     Pictures reach W&B as PNG files written by :func:`encode_png` (W&B's own encoder, Pillow at its default level,
     takes ~10x longer) under unique names in the run's folder; W&B copies them when they are logged, and they are
     removed then (kept when W&B is set to link media instead).
     """
 
-    def __init__(self, logger: WandbLogger) -> None:
-        self.logger = logger
-        run = logger.experiment  # started here, on the training thread
+    def __init__(self, run: Any, log_metrics: Callable[..., None] | None = None) -> None:
+        self.log_metrics = log_metrics or (lambda metrics, step: run.log({**metrics, "trainer/global_step": step}))
         self._folder = Path(run.dir).parent / "pl_pmse"  # in the run's folder, not synced
         self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))
 
@@ -83,7 +85,7 @@ class WandbSink(Sink):
 
         def send() -> None:
             try:
-                self.logger.log_metrics(metrics, step=step)
+                self.log_metrics(metrics, step=step)
             finally:
                 self._remove(files)
 
@@ -110,8 +112,8 @@ class TensorBoardSink(Sink):
     (Lightning's fallback when ``tensorboard`` is not installed) the writer's own ``add_*`` do both then.
     """
 
-    def __init__(self, logger: TensorBoardLogger) -> None:
-        self.writer = logger.experiment
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
         self._own_summaries = type(self.writer).__module__.startswith("torch.utils.tensorboard")
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send:
@@ -182,12 +184,50 @@ class FileSink(Sink):
         return f"FileSink({self.root})"
 
 
-def sinks_for(loggers: list[Any], file_root: str | Path) -> list[Sink]:
-    """One sink per W&B or TensorBoard logger; PNG/WAV files when there is neither (CSV logger, no logger)."""
+LIGHTNING_NAMESPACES = ("lightning", "pytorch_lightning")
+SERVED_LOGGERS = ("WandbLogger", "TensorBoardLogger", "CSVLogger")
+
+
+def lightning_logger_kind(logger: Any) -> str | None:
+    """``"WandbLogger"``, ``"TensorBoardLogger"`` or ``"CSVLogger"`` for those loggers of either Lightning namespace
+    (subclasses included), else None."""
+    for cls in type(logger).__mro__:
+        if cls.__module__.split(".")[0] in LIGHTNING_NAMESPACES and cls.__name__ in SERVED_LOGGERS:
+            return cls.__name__
+    return None
+
+
+def _experiment_kind(logger: Any) -> str | None:
+    """Duck typing for other loggers: ``"wandb"`` when ``logger.experiment`` is a W&B run, ``"tensorboard"`` when it
+    is a ``SummaryWriter`` (torch's or tensorboardX's)."""
+    try:
+        experiment = logger.experiment
+    except Exception:
+        return None
+    kind = type(experiment)
+    if kind.__module__.startswith("wandb.") and kind.__name__ == "Run":
+        return "wandb"
+    if kind.__name__ == "SummaryWriter" and kind.__module__.split(".")[0] in ("torch", "tensorboardX"):
+        return "tensorboard"
+    return None
+
+
+def sinks_for(loggers: list[Any], file_root: str | Path) -> tuple[list[Sink], list[str]]:
+    """One sink per W&B or TensorBoard logger, PNG/WAV files when there is neither; and the names of the loggers
+    that get no panels (CSV, MLflow, ...), for the caller's warning.
+
+    ``experiment`` is read here, on the training thread of rank zero (it starts the W&B run if needed).
+    """
     sinks: list[Sink] = []
+    unserved: list[str] = []
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            sinks.append(WandbSink(logger))
-        elif isinstance(logger, TensorBoardLogger):
-            sinks.append(TensorBoardSink(logger))
-    return sinks or [FileSink(file_root)]
+        kind = lightning_logger_kind(logger)
+        if kind == "WandbLogger":
+            sinks.append(WandbSink(logger.experiment, logger.log_metrics))
+        elif kind == "TensorBoardLogger":
+            sinks.append(TensorBoardSink(logger.experiment))
+        elif kind != "CSVLogger" and (duck := _experiment_kind(logger)) is not None:
+            sinks.append(WandbSink(logger.experiment) if duck == "wandb" else TensorBoardSink(logger.experiment))
+        else:
+            unserved.append(type(logger).__name__)
+    return (sinks or [FileSink(file_root)]), unserved

@@ -116,7 +116,7 @@ class Backbone(Space):
         self.normalize = checks.check_choice("normalize", normalize, NORMALIZATIONS)
         self.layers = layer_map
         self.min_size = min_size
-        self.module = _freeze(module, keep_inplace)
+        self.__dict__["module"] = _freeze(module, keep_inplace)  # outside the module tree: see Space
         # the normalisation as one affine map per channel, x * gain + bias (LPIPS: [0, 1] -> [-1, 1] first)
         shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
             normalize, ((0.0,), (1.0,))
@@ -125,6 +125,9 @@ class Backbone(Space):
         gain, bias = (2 / scale, (-1 - shift) / scale) if normalize == "lpips" else (1 / scale, -shift / scale)
         self.register_buffer("gain", gain, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+
+    def networks(self) -> tuple[nn.Module, ...]:
+        return (self.module,)
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)

@@ -20,7 +20,13 @@ class Space(nn.Module):
     """Base class of perception spaces.
 
     Subclasses set the class attributes below, pass the default weights of their derived components to
-    ``__init__`` and implement :meth:`features`. The network of a space is frozen and always in eval mode.
+    ``__init__`` and implement :meth:`features`. A space is a measuring instrument:
+
+    - its network (:meth:`networks`) is frozen, always in eval mode and held outside the module tree, so it is in
+      no ``state_dict``, ``parameters()`` or ``named_modules()`` of a model that holds the space (Lightning's
+      "modules in eval mode" check does not see it); the space's own ``train()``/``eval()`` flag changes nothing;
+    - it follows its parents' device moves but not their dtype casts (``.half()``, ``.to(torch.bfloat16)``,
+      Lightning's ``16-true``/``bf16-true``): its values stay bit-identical. :meth:`set_dtype` casts on purpose.
 
     Args:
         feature_weights: default weight of each derived component, in order.
@@ -55,16 +61,50 @@ class Space(nn.Module):
         checks.check_component_names([self.raw_name, *(feature_weights or {})])
         defaults = {self.raw_name: raw_weight, **(feature_weights or {})}
         self.component_weights: dict[str, float] = checks.check_weights(component_weights, defaults)
-        self.train(False)
 
     @property
     def component_names(self) -> tuple[str, ...]:
         """All component names, the raw component first."""
         return tuple(self.component_weights)
 
-    def train(self, mode: bool = True) -> Space:
-        """A space is always in eval mode (its network is a fixed measuring instrument)."""
-        return super().train(False)
+    def networks(self) -> tuple[nn.Module, ...]:
+        """The frozen networks held outside the module tree (a :class:`Backbone`'s); none here."""
+        return ()
+
+    def tensors(self) -> list[Tensor]:
+        """Every parameter and buffer the space measures with, its networks' first."""
+        modules = (*self.networks(), self)
+        return [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+
+    def set_dtype(self, dtype: torch.dtype) -> Space:
+        """Cast the floating-point tensors (networks included) to ``dtype``: the one way to change a space's
+        precision, as ``Metric.set_dtype`` is torchmetrics' for metric states."""
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        with torch.inference_mode(False):
+            for module in (self, *self.networks()):
+                nn.Module._apply(module, cast)
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Space:
+        """Device moves reach the space and its networks; dtype casts from a parent do not (see the class doc).
+
+        ``fn`` is tried on a probe of the space's dtype and device: when it changes the dtype, only the device move
+        it makes is applied. The meta device is refused (a measuring instrument needs its values)."""
+        floats = [t for t in self.tensors() if t.is_floating_point()]
+        dtype, device = (floats[0].dtype, floats[0].device) if floats else (torch.float32, torch.device("cpu"))
+        probe = fn(torch.zeros((), dtype=dtype, device=device))
+        if probe.device.type == "meta":
+            raise ValueError(
+                f"space {self.name!r}: cannot move to the meta device (it holds no values to measure with); keep "
+                f"the metric or space on a real device (cpu, cuda, ...)"
+            )
+        if probe.dtype != dtype:
+            fn = lambda t: t.to(probe.device)  # noqa: E731
+        with torch.inference_mode(False):  # moved inside validation, the weights stay normal tensors (loss use)
+            super()._apply(fn, recurse)
+            for network in self.networks():
+                network._apply(fn)
+        return self
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         """Derived components of a batch ``x`` already mapped to ``expected_range``: ``{name: [N, ...]}``."""
@@ -75,11 +115,11 @@ class Space(nn.Module):
         if self.allowed_ndim is not None:
             checks.check_ndim(x, self.allowed_ndim, self.layout, self.name)
         if len(self.component_weights) > 1:
-            checks.check_device(x, self, self.name)
+            checks.check_device(x, self.tensors(), self.name)
 
     def feature_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype features are computed in: the network's, else the input's (at least float32)."""
-        for tensor in (*self.parameters(), *self.buffers()):
+        for tensor in self.tensors():
             if tensor.is_floating_point():
                 return tensor.dtype
         return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32

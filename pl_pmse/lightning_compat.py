@@ -1,0 +1,38 @@
+"""Both Lightning namespaces: ``lightning.pytorch`` (``import lightning as L``) and ``pytorch_lightning``.
+
+Their classes are distinct (a ``pytorch_lightning.Callback`` is not a ``lightning.pytorch.Callback``), so the
+callback derives from the ``Callback`` of every installed package and the sinks recognise the loggers of every one.
+Nothing else in pl-pmse imports Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def _installed() -> tuple[ModuleType, ...]:
+    packages = []
+    for name in NAMESPACES:
+        try:
+            packages.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    if not packages:
+        raise ImportError(
+            "PerceptionMSECallback needs Lightning: pip install lightning (import lightning as L) or pytorch-lightning"
+        )
+    return tuple(packages)
+
+
+PACKAGES = _installed()
+CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in PACKAGES)
+
+
+def logger_classes(name: str) -> tuple[type, ...]:
+    """The logger class ``name`` (``"WandbLogger"``, ...) of every installed namespace."""
+    return tuple(
+        cls for package in PACKAGES if (cls := getattr(importlib.import_module(f"{package.__name__}.loggers"), name))
+    )
