@@ -85,7 +85,7 @@ def _feature_row(space: str, architecture: str, net: str, quick: bool, device: t
 
     n, size = (4, 64) if quick else (8, 224 if net == "alex" else 128)
     with random_weights(architecture) as weights:
-        ours = PerceptionMSE(space, weights=weights).to(device)
+        ours = PerceptionMSE(space, weights=weights, data_range=1.0).to(device)
         theirs = _torchmetrics_lpips(architecture, net, weights, device)
     last_layer = list(ARCHITECTURES[architecture].layers.values())[-1]
     trunk = ours.space.module.features[: int(last_layer.split(".")[1]) + 1]
@@ -111,7 +111,7 @@ def state_memory(quick: bool, device: torch.device) -> str:
     """Metric state bytes and forward() time over many updates: flat here, growing in torchmetrics LPIPS."""
     updates = 200 if quick else 1000
     with random_weights("squeezenet") as weights:
-        ours = PerceptionMSE("lpips-squeeze", weights=weights).to(device)
+        ours = PerceptionMSE("lpips-squeeze", weights=weights, data_range=1.0).to(device)
         theirs = _torchmetrics_lpips("squeezenet", "squeeze", weights, device)
     preds, target = torch.rand(2, 3, 32, 32, device=device), torch.rand(2, 3, 32, 32, device=device)
     rows = []

@@ -143,12 +143,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if isinstance(space, PerceptionMSE):
             if space_options:
                 raise ValueError(f"space options {sorted(space_options)} do not apply to a ready PerceptionMSE")
-            data_range, nan_strategy, space = space.data_range, space.nan_strategy, space.space
+            ready = space
+            data_range, nan_strategy, space = ready.data_range, ready.nan_strategy, ready.space
+            if data_range is not None and not ready.psnr_clamps:
+                data_range = data_range[1]  # the [0, d] form: PSNR without clamping, as the metric had it
         named = isinstance(space, str) and space in available_spaces()
         if sample_rate is not None and named and "sample_rate" in space_options_of(space):
             space_options.setdefault("sample_rate", sample_rate)  # one sample_rate for the space and the panels
         self.space: Space = get_space(space, **space_options)
+        self._metric_data_range = data_range  # the form given: a (min, max) pair makes PSNR clamp, as torchmetrics'
         self.data_range = checks.check_data_range(data_range)
+        checks.check_data_range_given(self.space, self.data_range)
         self.nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
         for argument, value in (("preds_key", preds_key), ("target_key", target_key), ("prefix", prefix),
                                 ("test_prefix", test_prefix)):  # fmt: skip
@@ -287,7 +292,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if stage is None or len(stage.metrics) != dataloaders:
             stage = self._stages[loop] = _Stage(
                 self.prefixes[loop],
-                [PerceptionMSE(self.space, self.data_range, self.nan_strategy) for _ in range(dataloaders)],
+                [PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy) for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
             )
         return stage

@@ -75,6 +75,17 @@ def check_component_names(names: Sequence[str]) -> None:
         raise ValueError(f"component names must be unique, got {list(names)}")
 
 
+def check_data_range_given(space: Any, data_range: tuple[float, float] | None) -> None:
+    """Spaces whose input convention is commonly either of two (``requires_data_range``) need it stated."""
+    if data_range is None and getattr(space, "requires_data_range", False):
+        raise ValueError(
+            f"data_range: space {space.name!r} needs it stated, because LPIPS inputs come in two conventions that "
+            f"both pass a range check: images in [-1, 1] (the lpips package; torchmetrics' LPIPS with "
+            f"normalize=False) -> data_range=(-1, 1); images in [0, 1] (torchmetrics' normalize=True) -> "
+            f"data_range=1.0"
+        )
+
+
 def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] | None) -> None:
     """Types, dtypes, devices and shapes that every space requires."""
     for argument, value in (("preds", preds), ("target", target)):
@@ -89,6 +100,11 @@ def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] |
             )
         if value.dim() == 0:
             raise ValueError(f"{argument}: expected a batch [N, ...] with at least 1 dimension, got a 0-dim tensor")
+    if preds.is_floating_point() != target.is_floating_point():
+        raise TypeError(
+            f"preds and target: expected the same dtype kind (both floating point or both integer), got "
+            f"{preds.dtype} and {target.dtype}; convert one (e.g. target.float() / 255 with data_range=1.0)"
+        )
     if preds.device != target.device:
         raise ValueError(f"preds and target: expected the same device, got {preds.device} and {target.device}")
     if preds.shape != target.shape:
@@ -124,33 +140,59 @@ def check_device(x: Tensor, tensors: list[Tensor], space: str) -> None:
         )
 
 
-def check_value_range(x: Tensor, bounds: tuple[float, float], space: str, data_range: Any) -> None:
-    """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
+def range_hint(modality: str | None) -> str:
+    """Which ``data_range`` to suggest for data of a modality."""
+    if modality == "audio":
+        return "e.g. data_range=(-32768, 32767) for 16-bit audio"
+    return "e.g. data_range=255 for 8-bit images or data_range=(-1, 1)"
 
-    Values may overshoot the range a little (an unconstrained model output); more than half the span off
-    is a convention mismatch and raises.
-    """
+
+def layout_hint(x: Tensor, modality: str | None) -> str:
+    """A hint when a batch looks like it has its channels last (a common cause of shape errors), else ``""``."""
+    if modality == "image" and x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4:
+        return f"; shape {tuple(x.shape)} looks channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)"
+    if modality == "audio" and x.dim() == 3 and x.shape[-1] <= 8 < x.shape[1]:
+        return f"; shape {tuple(x.shape)} looks like [N, T, C]: pass x.transpose(1, 2) for [N, C, T]"
+    return ""
+
+
+def values_outside(x: Tensor, bounds: tuple[float, float]) -> tuple[float, float] | None:
+    """The finite value range of ``x`` when it lies more than half the span outside ``bounds`` (a convention
+    mismatch: 0..255 data for [0, 1], [-1, 1] for [0, 1]), else None. A host synchronisation."""
     low, high = bounds
     slack = 0.5 * (high - low)
     lo, hi = (float(v) for v in torch.aminmax(x.detach()))
     if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf are nan_strategy's business, not a range error
         finite = x.detach()[torch.isfinite(x.detach())]
         lo, hi = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (low, high)
-    if lo < low - slack or hi > high + slack:
+    return (lo, hi) if lo < low - slack or hi > high + slack else None
+
+
+def check_value_range(
+    x: Tensor, bounds: tuple[float, float], space: str, data_range: Any, modality: str | None
+) -> None:
+    """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
+
+    Values may overshoot the range a little (an unconstrained model output); more than half the span off
+    is a convention mismatch and raises.
+    """
+    found = values_outside(x, bounds)
+    if found is not None:
         raise ValueError(
-            f"preds and target: space {space!r} expects values in [{low:g}, {high:g}] (data_range={data_range!r}), "
-            f"found values in [{lo:g}, {hi:g}]; pass the data_range your data uses, e.g. data_range=255 or "
-            f"data_range=(-1, 1)"
+            f"preds and target: space {space!r} expects values in [{bounds[0]:g}, {bounds[1]:g}] (data_range="
+            f"{data_range!r}), found values in [{found[0]:g}, {found[1]:g}]; pass the data_range your data uses, "
+            f"{range_hint(modality)}"
         )
 
 
 def report_nonfinite(
-    preds: Tensor, target: Tensor, bad: Tensor, nan_strategy: str, component: str | None = None
+    preds: Tensor, target: Tensor, bad: Tensor, nan_strategy: str, component: str | None = None, raw: bool = True
 ) -> None:
     """Explain non-finite per-sample results: raise (``"error"``) or warn (``"warn"``) naming the argument.
 
     ``bad`` holds the indices of samples whose squared error is not finite. When the inputs themselves are
-    finite the squared error overflowed (or a feature network produced NaN/Inf): that is always an error.
+    finite the squared error overflowed (``raw``: the raw component) or the features are not finite: that is always
+    an error.
     """
     indices = bad.tolist()
     shown = f"{indices[:8]}{' ...' if len(indices) > 8 else ''}"
@@ -160,11 +202,16 @@ def report_nonfinite(
         if not bool(torch.isfinite(value[bad]).all())
     ]
     if not culprits:
+        dtype = "float64" if torch.float64 in (preds.dtype, target.dtype) else "float32"
+        largest = max(float(v.detach()[bad].abs().max()) for v in (preds, target))
+        if not raw:
+            cause = f"the space's features are not finite (|values| up to {largest:.3g}): check the inputs' scale"
+        elif dtype == "float64":
+            cause = f"the squared error overflows float64 (|values| up to {largest:.3g}): scale the inputs"
+        else:
+            cause = f"the squared error overflows float32 (|values| up to {largest:.3g}): pass float64 inputs"
         where = f"component {component!r}" if component else "the squared error"
-        raise ValueError(
-            f"preds and target: are finite but {where} is not finite for samples {shown}: the values overflow "
-            f"float32 (pass float64 inputs) or the feature network produced NaN/Inf"
-        )
+        raise ValueError(f"preds and target: are finite but {where} is not finite for samples {shown}; {cause}")
     message = f"{' and '.join(culprits)}: contains NaN or Inf in samples {shown}"
     if nan_strategy == "error":
         raise ValueError(f"{message}; clean the inputs or pass nan_strategy='ignore' or 'warn' to skip such samples")

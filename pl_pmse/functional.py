@@ -55,8 +55,15 @@ def sample_stats(
     them, ``"ignore"`` skips them. Gradients flow when autograd records and an input requires grad.
     """
     checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+    checks.check_data_range_given(space, data_range)
     checks.check_tensor_pair(preds, target, data_range)
-    space.check_input(preds)
+    try:
+        space.check_input(preds)
+    except ValueError as error:
+        hint = checks.layout_hint(preds, space.modality)
+        if hint:
+            raise ValueError(f"{error}{hint}") from None
+        raise
     n = preds.shape[0]
     if n == 0:
         empty = torch.zeros(0, len(space.component_names), dtype=torch.float64, device=preds.device)
@@ -93,7 +100,8 @@ def _drop_nonfinite(
     """
     bad = (~valid).nonzero().flatten()
     column = int((~torch.isfinite(sums[bad].detach())).any(0).nonzero()[0])
-    checks.report_nonfinite(preds, target, bad, nan_strategy, space.component_names[column])
+    name = space.component_names[column]
+    checks.report_nonfinite(preds, target, bad, nan_strategy, name, raw=name == space.raw_name)
     keep = valid.nonzero().flatten()
     kept = sums[keep]
     if sums.requires_grad and keep.numel():

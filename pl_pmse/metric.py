@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from . import checks
 from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
+from .reduction import squared_error_sums
 from .spaces import Space, get_space
 from .spaces.base import split_options
 
@@ -38,7 +39,8 @@ class ExactSumMetric(Metric):
 
     Subclasses call :meth:`_add` in ``update`` and read :meth:`_sums` / :meth:`_counts` in ``compute``; syncing
     is one ``all_reduce`` of the int64 state (see :mod:`pl_pmse.exact`), preceded once per process group by a
-    3-number check that every rank built the same configuration (:meth:`_describe`).
+    check that every rank built the same configuration (:meth:`configuration`). A state carries its configuration:
+    ``state_dict`` saves it, and ``load_state_dict`` / ``merge_state`` refuse a state of another configuration.
     """
 
     full_state_update = False
@@ -54,9 +56,52 @@ class ExactSumMetric(Metric):
         """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
         return self
 
-    def _describe(self) -> str:
-        """The configuration every rank must share (compared across ranks before the first sync)."""
-        return f"{type(self).__name__}|{self._num_sums}|{self._num_counts}"
+    def configuration(self) -> dict[str, str]:
+        """Every setting that decides what the state means, as text: compared across ranks before the first sync,
+        saved with the state and checked when a state is loaded or merged."""
+        return {"metric": type(self).__name__, "state size": str(self.totals.numel())}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """torchmetrics' ``state_dict``; a persistent state (``metric.persistent(True)``) comes with its
+        ``configuration``, checked when the state is loaded."""
+        destination = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        if self._persistent["totals"]:
+            destination[prefix + "configuration"] = self.configuration()
+        return destination
+
+    def _refuse_other_configuration(self, what: str, other: Mapping[str, str] | None, size: int | None) -> None:
+        """Raise naming the settings in which ``other`` (a configuration, when known) and this metric differ."""
+        mine = self.configuration()
+        differences = _differences({"this metric": mine, "the other state": other}) if other is not None else ""
+        if not differences and size is not None and size != self.totals.numel():
+            differences = f"state size is {self.totals.numel()} (this metric), {size} (the other state)"
+        if differences:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state comes from another configuration ({differences}); build "
+                f"the metric as the state was built"
+            )
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved, totals = state_dict.get(prefix + "configuration"), state_dict.get(prefix + "totals")
+        if isinstance(totals, Tensor):  # a state saved before 0.2 has no configuration: its size is checked
+            self._refuse_other_configuration("load_state_dict", saved, totals.numel())
+        state_dict = {key: value for key, value in state_dict.items() if key != prefix + "configuration"}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.totals = self.totals.clone()  # torchmetrics adopts the given tensor; updates write into the state
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another metric's state (or a ``metric_state`` dict) of the same configuration to this one."""
+        if incoming_state is self:
+            raise ValueError(
+                f"{type(self).__name__}.merge_state: a metric merged with itself would count its samples twice; "
+                f"merge a copy (copy.deepcopy(metric)) if that is what you mean"
+            )
+        if isinstance(incoming_state, ExactSumMetric):
+            self._refuse_other_configuration("merge_state", incoming_state.configuration(), None)
+        elif isinstance(incoming_state, Mapping) and isinstance(incoming_state.get("totals"), Tensor):
+            self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
+        super().merge_state(incoming_state)
 
     def _add(self, sums: Tensor, counts: Sequence[int]) -> None:
         """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state."""
@@ -66,10 +111,6 @@ class ExactSumMetric(Metric):
         add_exact(totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), sums.to(totals.device))
         totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
         self.totals = totals
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.totals = self.totals.clone()  # torchmetrics adopts the given tensor; updates write into the state
 
     def synced_state(self) -> Tensor:
         """A CPU copy of the state summed over all processes (one all_reduce: call it on every rank)."""
@@ -120,15 +161,18 @@ class ExactSumMetric(Metric):
         key = (os.getpid(), id(group))
         if key in self._checked_groups:
             return
-        description = self._describe()
-        values = [self.totals.numel(), zlib.crc32(description.encode()) & 0xFFFFF]
+        configuration = self.configuration()
+        values = [self.totals.numel(), zlib.crc32(repr(sorted(configuration.items())).encode()) & 0xFFFFF]
         check = torch.tensor([v for value in values for v in (value, value * value)], device=self.totals.device)
         dist.all_reduce(check, group=group)
         world, sums = dist.get_world_size(group), check.tolist()
         if any(world * squares != total * total for total, squares in zip(sums[::2], sums[1::2], strict=True)):
+            gathered: list[Any] = [None] * world  # every rank is here: the check's result is the same everywhere
+            dist.all_gather_object(gathered, configuration, group=group)
+            differences = _differences({f"rank {rank}": found for rank, found in enumerate(gathered)})
             raise RuntimeError(
-                f"{type(self).__name__}: the metric configuration differs between processes (this rank has "
-                f"{description!r}); every rank must build the same metric"
+                f"{type(self).__name__}: the metric configuration differs between processes ({differences}); every "
+                f"rank must build the same metric"
             )
         self._checked_groups.add(key)
 
@@ -163,7 +207,9 @@ class PerceptionMSE(ExactSumMetric):
         space: a space name (``"pixel"``, ``"vgg16"``, ``"mel"``, ... see ``pl_pmse.available_spaces()``),
             a :class:`~pl_pmse.spaces.Space`, or an ``nn.Module`` (wrapped in a Backbone, pass ``layers=``).
         data_range: value range of the inputs: ``d`` for ``[0, d]`` or ``(min, max)``. Enables ``psnr`` of the
-            raw component, is required for integer inputs, and tells feature spaces how to scale their input.
+            raw component, is required for integer inputs (and for the ``lpips-*`` spaces), and tells feature spaces
+            how to scale their input. ``psnr`` follows torchmetrics' ``PeakSignalNoiseRatio``: with a ``(min, max)``
+            pair it is computed on inputs clamped to the range (the ``pixel`` component never is).
         nan_strategy: ``"error"`` (default) raises on NaN/Inf; ``"warn"`` and ``"ignore"`` skip such samples
             (counted in ``compute_summary()["skipped"]``).
         kwargs: options of the space (``component_weights=``, ``weights=``, ``layers=``, ``sample_rate=``, ...)
@@ -191,12 +237,17 @@ class PerceptionMSE(ExactSumMetric):
         **kwargs: Any,
     ) -> None:
         metric_options, space_options = split_options(kwargs, _TORCHMETRICS_OPTIONS)
+        clamped = isinstance(data_range, Sequence) and not isinstance(data_range, str)  # as torchmetrics' PSNR
         data_range = checks.check_data_range(data_range)
         nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
         resolved = get_space(space, **space_options)
+        checks.check_data_range_given(resolved, data_range)
         k = len(resolved.component_names)
-        super().__init__(num_sums=k, num_counts=k + 2, **metric_options)  # counts: sizes, samples, skipped
+        # sums: one per component (+ the clamped raw error for PSNR); counts: sizes, samples, skipped
+        super().__init__(num_sums=k + clamped, num_counts=k + 2, **metric_options)
         self.data_range, self.nan_strategy = data_range, nan_strategy
+        self.psnr_clamps = clamped and data_range is not None
+        self._range_checked = False  # the first batch after each reset is compared with the assumed range
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
         self.__dict__["_space"] = resolved
         self.last_batch: SampleStats | None = None
@@ -212,7 +263,7 @@ class PerceptionMSE(ExactSumMetric):
         The batch's per-sample results stay available in :attr:`last_batch` (the callback ranks samples
         with them).
         """
-        self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy))
+        self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target)
 
     def forward(self, preds: Tensor, target: Tensor) -> Tensor:
         """Accumulate the batch and return its Perception MSE (float64), differentiable when ``preds`` requires
@@ -222,7 +273,7 @@ class PerceptionMSE(ExactSumMetric):
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
         stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy)
-        self._accumulate(stats)
+        self._accumulate(stats, preds, target)
         self._update_count += 1
         self._computed = None
         self._forward_cache = reduce_samples(stats.total(self.space.component_weights), stats.valid, "mean")
@@ -278,20 +329,51 @@ class PerceptionMSE(ExactSumMetric):
             name=f"Perception MSE ({self.space.name})",
         )  # fmt: skip
 
-    def _describe(self) -> str:
-        space = self.space
-        checksum = math.fsum(float(t.double().sum()) for t in space.tensors())
-        return (
-            f"space={space.name} ({type(space).__name__}), weights={space.component_weights}, "
-            f"data_range={self.data_range}, network checksum={checksum:.17g}"
-        )
+    def configuration(self) -> dict[str, str]:
+        """The space's configuration (:meth:`Space.configuration`) plus ``data_range`` and ``nan_strategy``."""
+        data_range = f"{self.data_range}{' (PSNR clamps to it)' if self.psnr_clamps else ''}"
+        return {**super().configuration(), **self.space.configuration(), "data_range": data_range,
+                "nan_strategy": self.nan_strategy}  # fmt: skip
 
-    def _accumulate(self, stats: SampleStats) -> None:
+    def reset(self) -> None:
+        super().reset()
+        self._range_checked = False
+
+    def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor) -> None:
         sums = stats.sums.detach()
         self.last_batch = SampleStats(stats.names, sums, stats.sizes, stats.valid)
+        if not self._range_checked and stats.valid.any():
+            self._warn_outside_range(preds[stats.valid], target[stats.valid])
+        if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
+            inputs = (x.detach() if x.is_floating_point() else x.detach().double() for x in (preds, target))
+            clamped = squared_error_sums(*(x.clamp(*self.data_range) for x in inputs))
+            sums = torch.cat([sums, clamped.to(sums)[:, None]], 1)
         sums = sums[stats.valid]
         kept = sums.shape[0]
         self._add(sums.T, [*(size * kept for size in stats.sizes), kept, stats.valid.numel() - kept])
+
+    def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
+        """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:
+        data far outside it (0..255 floats with the default [0, 1]) warns once per metric. Feature spaces raise on
+        their own. Checked on the first batch after each reset only (a host synchronisation)."""
+        self._range_checked = True
+        space = self.space
+        if len(space.component_names) > 1 or getattr(self, "_range_warned", False):
+            return
+        bounds = self.data_range or space.expected_range
+        found = [checks.values_outside(x, bounds) for x in (preds, target) if x.is_floating_point()]
+        found = [f for f in found if f is not None]
+        if found:
+            self._range_warned = True
+            low, high = min(f[0] for f in found), max(f[1] for f in found)
+            warnings.warn(
+                f"PerceptionMSE: space {space.name!r} assumes values in [{bounds[0]:g}, {bounds[1]:g}] "
+                f"(data_range={self.data_range}) but found [{low:g}, {high:g}]: the MSE is in the data's own units, "
+                f"but PSNR and the callback's pictures assume that range; pass the data_range your data uses, "
+                f"{checks.range_hint(space.modality)}",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _summary(self) -> dict[str, Tensor]:
         names, weights = self.space.component_names, self.space.component_weights
@@ -304,12 +386,14 @@ class PerceptionMSE(ExactSumMetric):
                 UserWarning,
                 stacklevel=3,
             )
-        mse = dict(zip(names, self._sums(counts[: len(names)]), strict=True))
+        divisors = counts[: len(names)] + counts[:1] * self.psnr_clamps  # the clamped raw error: the raw count
+        ratios = self._sums(divisors)
+        mse = dict(zip(names, ratios, strict=False))
         total = math.fsum(weights[name] * value for name, value in mse.items() if weights[name])
         values = {"total": total if samples else math.nan, **mse, "skipped": float(skipped)}
         if self.data_range is not None:
             span = self.data_range[1] - self.data_range[0]
-            raw = mse[self.space.raw_name]
+            raw = ratios[-1] if self.psnr_clamps else mse[self.space.raw_name]
             values["psnr"] = 10 * math.log10(span**2 / raw) if raw > 0 else (math.inf if raw == 0 else math.nan)
         return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
 
@@ -327,3 +411,14 @@ class PerceptionMSE(ExactSumMetric):
 
     def extra_repr(self) -> str:
         return f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}"
+
+
+def _differences(configurations: Mapping[str, Mapping[str, str]]) -> str:
+    """``"hop_length is 256 (rank 0), 64 (rank 1)"`` for each setting whose values differ, joined by ``"; "``."""
+    keys = dict.fromkeys(key for configuration in configurations.values() for key in configuration)
+    parts = []
+    for key in keys:
+        values = {owner: configuration.get(key, "(absent)") for owner, configuration in configurations.items()}
+        if len(set(values.values())) > 1:
+            parts.append(f"{key} is " + ", ".join(f"{value} ({owner})" for owner, value in values.items()))
+    return "; ".join(parts)

@@ -67,13 +67,15 @@ class ErrorProfile(ExactSumMetric):
         self.data_range = checks.check_data_range(data_range)
         self.sample_rate = sample_rate
         self.min_length = n_fft // 2 + 1
+        self.n_fft, self.hop_length = n_fft, hop_length or n_fft // 4
         if modality == "audio":  # held outside the module tree: its buffers are no state
             self.__dict__["mel"] = torchaudio.transforms.MelSpectrogram(
-                sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length or n_fft // 4, n_mels=n_mels, power=2.0
+                sample_rate=sample_rate, n_fft=n_fft, hop_length=self.hop_length, n_mels=n_mels, power=2.0
             )
 
-    def _describe(self) -> str:
-        return f"ErrorProfile|{self.modality}|{self.grid}|{self.bands}|{self.n_mels}|{self.sample_rate}"
+    def configuration(self) -> dict[str, str]:
+        options = ("modality", "data_range", "grid", "bands", "sample_rate", "n_fft", "hop_length", "n_mels")
+        return {**super().configuration(), **{name: repr(getattr(self, name)) for name in options}}
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulate a batch (no gradients); samples with NaN/Inf are left out."""

@@ -72,6 +72,16 @@ def _callback(**options: object) -> None:
     PerceptionMSECallback(**options)
 
 
+def _load(source: PerceptionMSE, into: PerceptionMSE) -> None:
+    source.persistent(True)
+    source.update(*(torch.rand(2, 3, 32, 32) if source.space.modality != "audio" else torch.rand(2, 4096) - 0.5,) * 2)
+    into.load_state_dict(source.state_dict())
+
+
+def _merge(first: PerceptionMSE, second: PerceptionMSE | None = None) -> None:
+    first.merge_state(first if second is None else second)
+
+
 def _update(space: str = "pixel", **options: object) -> Callable[[torch.Tensor, torch.Tensor], None]:
     metric = PerceptionMSE(space, **options)
     return metric.update
@@ -89,6 +99,11 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("metric.update", "NaN in preds", lambda: _update()(_with(_image(), float("nan")), _image())),
     ("metric.update", "Inf in target", lambda: _update()(_image(), _with(_image(), float("inf"), (0, 2, 7, 7)))),
     ("metric.update", "squared error overflows float32", lambda: _update()(_image() * 1e30, -_image() * 1e30)),
+    ("metric.update", "squared error overflows float64", lambda: _update()(_image().double() * 1e200, -_image().double() * 1e200)),
+    ("metric.update", "float preds, uint8 target", lambda: _update(data_range=1.0)(_image(), (_image() * 255).to(torch.uint8))),
+    ("metric.update", "channels-last images into the pyramid", lambda: _update("pyramid")(_image().permute(0, 2, 3, 1), _image().permute(0, 2, 3, 1))),
+    ("metric.update", "[N, T, C] audio into mel", lambda: _update("mel", sample_rate=16000)(torch.zeros(2, 4000, 2), torch.zeros(2, 4000, 2))),
+    ("metric.update", "16-bit audio as floats into mel", lambda: _update("mel", sample_rate=16000)(torch.rand(2, 4000) * 30000, torch.rand(2, 4000) * 30000)),
     ("metric.update", "preds and target on different devices", lambda: _update()(_image(), _image().to("meta"))),
     ("metric.update", "samples with no element", lambda: _update()(torch.zeros(2, 0), torch.zeros(2, 0))),
     ("metric.update", "images into an audio space", lambda: _update("waveform")(_image(), _image())),
@@ -107,6 +122,13 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSE", "a weight for an unknown component", lambda: PerceptionMSE(component_weights={"relu1_2": 1.0})),
     ("PerceptionMSE", "a negative component weight", lambda: PerceptionMSE(component_weights={"pixel": -1})),
     ("PerceptionMSE", "mel without sample_rate", lambda: PerceptionMSE("mel")),
+    ("PerceptionMSE", "an lpips space without data_range", lambda: PerceptionMSE("lpips-squeeze", weights=_squeezenet())),
+    ("metric.to", "the meta device", lambda: PerceptionMSE().to("meta")),
+    ("metric.load_state_dict", "a pyramid state into a pixel metric", lambda: _load(PerceptionMSE("pyramid"), PerceptionMSE())),
+    ("metric.load_state_dict", "a state of the same size from another space", lambda: _load(PerceptionMSE("pyramid", levels=3), PerceptionMSE("mrstft"))),
+    ("metric.merge_state", "pixel with waveform", lambda: _merge(PerceptionMSE(), PerceptionMSE("waveform"))),
+    ("metric.merge_state", "data_range 1 with 255", lambda: _merge(PerceptionMSE(data_range=1.0), PerceptionMSE(data_range=255))),
+    ("metric.merge_state", "a metric with itself", lambda: _merge(PerceptionMSE())),
     ("get_space", "pyramid with 1 level", lambda: get_space("pyramid", levels=1)),
     ("get_space", "a weights file that does not exist", lambda: get_space("vgg16", weights="/nonexistent/vgg16.pth")),
     ("get_space", "a weights file that is not a checkpoint", lambda: get_space("vgg16", weights=_garbage())),
@@ -126,8 +148,8 @@ DISTRIBUTED = (
     "DDP (any compute)",
     "ranks built different metrics",
     "RuntimeError",
-    "PerceptionMSE: the metric configuration differs between processes (this rank has '...'); every rank must "
-    "build the same metric",
+    "PerceptionMSE: the metric configuration differs between processes (hop_length is 256 (rank 0), 64 (rank 1)); "
+    "every rank must build the same metric",
 )
 
 

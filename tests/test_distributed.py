@@ -137,7 +137,8 @@ def test_one_collective_per_compute(ddp) -> None:
 
 def mismatch_task(rank: int, world_size: int, options: tuple[dict, dict]) -> str:
     metric = PerceptionMSE(**options[rank])
-    metric.update(torch.rand(2, 4), torch.rand(2, 4))
+    audio = metric.space.modality == "audio"
+    metric.update(*(torch.rand(2, 4096) - 0.5 if audio else torch.rand(2, 4) for _ in range(2)))
     try:
         metric.compute()
     except RuntimeError as error:
@@ -147,14 +148,20 @@ def mismatch_task(rank: int, world_size: int, options: tuple[dict, dict]) -> str
     return "no error"
 
 
-MISMATCHES = [
-    ({"data_range": 1.0}, {"data_range": 255.0}),
-    ({"space": "pixel"}, {"space": "waveform"}),
-    ({"space": "waveform"}, {"space": "mrstft", "fft_sizes": (4,)}),  # another state size: gloo would abort
+MEL = {"space": "mel", "sample_rate": 16000}
+MISMATCHES = [  # (rank 0's options, rank 1's options, what the error must name)
+    ({"data_range": 1.0}, {"data_range": 255.0}, "data_range is (0.0, 1.0) (rank 0), (0.0, 255.0) (rank 1)"),
+    ({"space": "pixel"}, {"space": "waveform"}, "space is pixel (PixelSpace) (rank 0), waveform"),
+    ({"space": "waveform"}, {"space": "mrstft", "fft_sizes": (4,)}, "state size is"),  # gloo would abort
+    ({**MEL, "hop_length": 256}, {**MEL, "hop_length": 64}, "hop_length is 256 (rank 0), 64 (rank 1)"),
+    ({**MEL, "eps": 1e-5}, {**MEL, "eps": 1.0}, "eps is 1e-05 (rank 0), 1.0 (rank 1)"),
+    ({"space": "mrstft"}, {"space": "mrstft", "hop_sizes": (64, 128, 256)}, "hop_sizes is None (rank 0), (64, 128"),
+    ({"component_weights": {"pixel": 1.0}}, {"component_weights": {"pixel": 2.0}}, "component_weights is"),
+    ({"nan_strategy": "error"}, {"nan_strategy": "warn"}, "nan_strategy is error (rank 0), warn (rank 1)"),
 ]
 
 
-def test_configuration_mismatch_is_reported_not_a_crash(ddp) -> None:
-    for options in MISMATCHES:
-        for message in ddp.run(mismatch_task, options):
-            assert "differs between processes" in message
+def test_configuration_mismatch_is_reported_naming_the_setting(ddp) -> None:
+    for *options, named in MISMATCHES:
+        for message in ddp.run(mismatch_task, tuple(options)):
+            assert "differs between processes" in message and named in message, message

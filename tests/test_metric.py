@@ -46,6 +46,46 @@ def test_equals_torchmetrics_mse_and_psnr(dtype: torch.dtype, shape: tuple[int, 
     torch.testing.assert_close(ours.compute_summary()["psnr"], expected_psnr, rtol=tolerance, atol=0)
 
 
+def torchmetrics_psnr_rows() -> list[tuple[str, torch.Tensor, torch.Tensor, object]]:
+    """torchmetrics' own PSNR test rows (tests/unittests/image/test_psnr.py, dim=None): integer-valued float images
+    with 10 or 5 levels, data_range 10, 5 and (0.0, 1.0); plus the clamping row of issue 15."""
+    generator = torch.Generator().manual_seed(42)
+    shape = (4, 8, 32, 32)
+    inputs = [
+        tuple(torch.randint(n, shape, generator=generator, dtype=torch.float32) for n in levels)
+        for levels in ((10, 10), (5, 10), (10, 5))
+    ]
+    rows = [("10/10 levels, 10", *inputs[0], 10), ("5/10 levels, 10", *inputs[1], 10),
+            ("10/5 levels, 5", *inputs[2], 5), ("10/10 levels, (0.0, 1.0)", *inputs[0], (0.0, 1.0))]  # fmt: skip
+    preds = torch.linspace(0, 1.5, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
+    return [*rows, ("preds [0, 1.5], target [0.5, 1], (0, 1)", preds, 0.5 + preds / 3, (0, 1))]
+
+
+@pytest.mark.parametrize("row", torchmetrics_psnr_rows(), ids=lambda row: row[0])
+def test_psnr_equals_torchmetrics_for_every_data_range_form(row) -> None:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    _, preds, target, data_range = row
+    ours, psnr, mse = (
+        PerceptionMSE(data_range=data_range),
+        PeakSignalNoiseRatio(data_range=data_range),
+        MeanSquaredError(),
+    )
+    for metric in (ours, psnr, mse):
+        for part in range(preds.shape[0]):
+            metric.update(preds[part], target[part])
+    summary = ours.compute_summary()
+    torch.testing.assert_close(summary["psnr"].float(), psnr.compute(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(summary["pixel"].float(), mse.compute(), rtol=1e-6, atol=0)  # never clamped
+    if isinstance(data_range, tuple):  # skimage, as torchmetrics' test uses it: clamp, then the span
+        low, high = data_range
+        expected = peak_signal_noise_ratio(target.clamp(low, high).double().numpy(),
+                                           preds.clamp(low, high).double().numpy(), data_range=high - low)  # fmt: skip
+    else:
+        expected = peak_signal_noise_ratio(target.double().numpy(), preds.double().numpy(), data_range=data_range)
+    assert summary["psnr"].item() == pytest.approx(expected, rel=1e-6)  # float32 differences, as torchmetrics
+
+
 def test_equals_torchmetrics_float32_defaults() -> None:
     ours, mse, psnr = PerceptionMSE(data_range=2.0), MeanSquaredError(), PeakSignalNoiseRatio(data_range=2.0)
     for preds, target in random_batches(30, (3, 8, 8)):
@@ -179,7 +219,8 @@ def test_state_dict_holds_no_network_and_round_trips() -> None:
     metric.persistent(True)
     metric.update(torch.rand(3, 5), torch.rand(3, 5))
     state = metric.state_dict()
-    assert list(state) == ["totals"] and list(metric.parameters()) == []
+    assert list(state) == ["totals", "configuration"] and list(metric.parameters()) == []
+    assert state["configuration"]["space"] == "pixel (PixelSpace)"
     restored = PerceptionMSE()
     restored.load_state_dict(state)
     assert torch.equal(restored.compute(), metric.compute())
@@ -253,3 +294,89 @@ def test_forward_with_grad_stores_the_same_bits_as_update() -> None:
     by_update.update(preds, target)
     value = by_forward(preds.clone().requires_grad_(), target)
     assert torch.equal(by_update.totals, by_forward.totals) and value.requires_grad
+
+
+def some_batch(metric: PerceptionMSE) -> tuple[torch.Tensor, torch.Tensor]:
+    if metric.space.modality == "audio":
+        return torch.rand(2, 4096) - 0.5, torch.rand(2, 4096) - 0.5
+    return torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+
+
+def test_a_state_carries_its_configuration() -> None:
+    source = PerceptionMSE("pyramid", levels=3)
+    source.persistent(True)
+    source.update(*some_batch(source))
+    state = source.state_dict()
+    same = PerceptionMSE("pyramid", levels=3)
+    same.load_state_dict(dict(state))
+    assert torch.equal(same.compute(), source.compute())
+    legacy = {key: value for key, value in state.items() if key != "configuration"}  # saved before 0.2
+    PerceptionMSE("pyramid", levels=3).load_state_dict(legacy)
+    size = state["totals"].numel()
+    refused = [
+        (PerceptionMSE(), state, rf"state size is 75 \(this metric\), {size} \(the other state\)"),
+        (PerceptionMSE(), legacy, rf"state size is 75 \(this metric\), {size} \(the other state\)"),
+        (PerceptionMSE("pyramid", levels=4), state, r"levels is 4 \(this metric\), 3 \(the other state\)"),
+        (PerceptionMSE("mrstft"), state, r"space is mrstft \(MultiResolutionSTFT\) \(this metric\), pyramid"),
+        (PerceptionMSE("pyramid", levels=3, data_range=255), state, r"data_range is \(0.0, 255.0\)"),
+    ]
+    for other, saved, pattern in refused:
+        other.update(*some_batch(other))
+        before, count = other.totals.clone(), other.update_count
+        with pytest.raises(ValueError, match=pattern):
+            other.load_state_dict(dict(saved))
+        assert torch.equal(other.totals, before) and other.update_count == count
+
+
+def test_merge_state_refuses_other_configurations_and_itself() -> None:
+    first, second = PerceptionMSE(data_range=1.0), PerceptionMSE(data_range=1.0)
+    batches = [some_batch(first) for _ in range(2)]
+    first.update(*batches[0])
+    second.update(*batches[1])
+    waveform, other_range = PerceptionMSE("waveform", data_range=1.0), PerceptionMSE(data_range=255)
+    for other in (waveform, other_range):
+        other.update(*some_batch(other))
+    refused = [(waveform, "space is pixel"), (other_range, "data_range is"), (first, "merged with itself"),
+               ({"totals": torch.zeros(3, dtype=torch.int64)}, r"state size is 75 \(this metric\), 3")]  # fmt: skip
+    for other, pattern in refused:
+        before = first.totals.clone()
+        with pytest.raises(ValueError, match=pattern):
+            first.merge_state(other)
+        assert torch.equal(first.totals, before)
+    first.merge_state(second)
+    reference = PerceptionMSE(data_range=1.0)
+    for batch in batches:
+        reference.update(*batch)
+    assert torch.equal(first.compute(), reference.compute())
+
+
+def test_raw_values_far_outside_the_range_warn_once_per_metric() -> None:
+    metric = PerceptionMSE("pixel")
+    with pytest.warns(UserWarning, match=r"assumes values in \[0, 1\] .* found \[.*\].*data_range=255 for 8-bit"):
+        metric.update(torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 8, 8) * 255)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metric.update(torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 8, 8) * 255)  # once per metric
+        PerceptionMSE("pixel", data_range=255).update(torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 8, 8))
+        PerceptionMSE("waveform").update(torch.rand(2, 99) * 1.2 - 0.6, torch.rand(2, 99) * 2 - 1)  # overshoot: fine
+    with pytest.warns(UserWarning, match=r"space 'waveform' assumes values in \[-1, 1\].*16-bit audio"):
+        PerceptionMSE("waveform").update(torch.rand(2, 99) * 30000, torch.rand(2, 99))
+
+
+def test_lpips_spaces_need_the_data_range_stated(backbone_weights: dict[str, str]) -> None:
+    from pl_pmse import PerceptionMSECallback, perception_mse
+
+    path = backbone_weights["squeezenet"]
+    for build in (lambda: PerceptionMSE("lpips-squeeze", weights=path),
+                  lambda: PerceptionMSECallback("lpips-squeeze", weights=path),
+                  lambda: perception_mse(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), "lpips-squeeze",
+                                         weights=path)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"data_range: .* \[-1, 1\] .* data_range=\(-1, 1\).* data_range=1.0"):
+            build()
+    a = perception_mse(torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32), "lpips-squeeze", weights=path,
+                       data_range=(-1, 1))  # fmt: skip
+    b = perception_mse(torch.full((1, 3, 32, 32), 0.5), torch.ones(1, 3, 32, 32), "lpips-squeeze", weights=path,
+                       data_range=1.0)  # fmt: skip
+    torch.testing.assert_close(a, b)  # 0 in [-1, 1] is 0.5 in [0, 1]

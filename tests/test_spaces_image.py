@@ -38,7 +38,8 @@ def test_lpips_spaces_equal_the_lpips_package(space: str, backbone_weights: dict
     reference = lpips_reference(net, backbone_weights[architecture])
     preds, target = torch.rand(5, 3, 48, 40), torch.rand(5, 3, 48, 40)
     expected = reference(preds, target, normalize=True).flatten().double()
-    ours = perception_mse(preds, target, space=space, weights=backbone_weights[architecture], reduction="none")
+    ours = perception_mse(preds, target, space=space, weights=backbone_weights[architecture], reduction="none",
+                          data_range=1.0)  # fmt: skip
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-7)
     # the metric over several batches is the mean LPIPS; the pixel component is reported but weighs 0
     metric = PerceptionMSE(space, weights=backbone_weights[architecture], data_range=1.0)
@@ -238,7 +239,7 @@ def test_lpips_calibration_from_a_path_and_its_checks(tmp_path, backbone_weights
     path = tmp_path / "alex.pth"
     torch.save(state, path)
     a = perception_mse(torch.rand(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), space="lpips-alex",
-                       weights=backbone_weights["alexnet"], calibration=path)  # fmt: skip
+                       weights=backbone_weights["alexnet"], calibration=path, data_range=1.0)  # fmt: skip
     assert a > 0
     state["lin1.model.1.weight"] = -state["lin1.model.1.weight"]
     torch.save(state, path)
@@ -316,12 +317,19 @@ def test_whole_model_state_dict_files_load(tmp_path) -> None:
     assert torch.equal(loaded.features[12].expand3x3.weight, full.features[12].expand3x3.weight)
 
 
-def test_random_weights_are_an_explicit_opt_in() -> None:
+def test_random_weights_are_torchvisions_initialisation_seeded_and_reproducible() -> None:
     torch.manual_seed(3)
+    before = torch.get_rng_state()
     a = load_backbone("squeezenet", "random")
-    torch.manual_seed(3)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
+    torch.manual_seed(0)
     b = torchvision.models.squeezenet1_1(weights=None)
-    assert torch.equal(a.features[0].weight, b.features[0].weight)  # torchvision's own initialisation
+    assert torch.equal(a.features[0].weight, b.features[0].weight)  # torchvision's own initialisation, seed 0
+    preds, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    first, second = (PerceptionMSE("squeezenet", weights="random") for _ in range(2))
+    first.update(preds, target)
+    second.update(preds, target)
+    assert torch.equal(first.compute(), second.compute())  # two metrics built alike agree
 
 
 def test_a_space_built_or_moved_in_inference_mode_still_trains(backbone_weights: dict[str, str]) -> None:
@@ -350,17 +358,17 @@ CASTS = {
 @pytest.mark.parametrize("cast", list(CASTS))
 def test_casts_of_a_parent_leave_the_network_bit_identical(backbone_weights: dict[str, str], cast: str) -> None:
     holder = torch.nn.Module()
-    holder.metric = PerceptionMSE("lpips-squeeze", weights=backbone_weights["squeezenet"])
+    holder.metric = PerceptionMSE("lpips-squeeze", weights=backbone_weights["squeezenet"], data_range=1.0)
     holder.space = get_space("squeezenet", weights=backbone_weights["squeezenet"])
     preds, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    before = {name: perception_mse(preds, target, space=space) for name, space in
+    before = {name: perception_mse(preds, target, space=space, data_range=1.0) for name, space in
               (("metric", holder.metric.space), ("space", holder.space))}  # fmt: skip
     weights = [t.clone() for t in (*holder.metric.space.tensors(), *holder.space.tensors())]
     CASTS[cast](holder)
     after = [*holder.metric.space.tensors(), *holder.space.tensors()]
     assert all(torch.equal(a, b) for a, b in zip(weights, after, strict=True))
     for name, space in (("metric", holder.metric.space), ("space", holder.space)):
-        assert torch.equal(perception_mse(preds, target, space=space), before[name])
+        assert torch.equal(perception_mse(preds, target, space=space, data_range=1.0), before[name])
     holder.metric.update(preds.half(), target.half())
     assert torch.isfinite(holder.metric.compute())
 

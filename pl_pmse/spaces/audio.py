@@ -16,6 +16,7 @@ class AudioSpace(Space):
     """Audio batches: mono ``[N, T]`` or multichannel ``[N, C, T]``, float in [-1, 1] by default."""
 
     raw_name = "waveform"
+    modality = "audio"
     expected_range = (-1.0, 1.0)
     layout = "audio [N, T] or [N, C, T]"
     allowed_ndim = (2, 3)
@@ -92,6 +93,10 @@ class MelSpace(AudioSpace):
             sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4,
             f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, norm=norm, mel_scale=mel_scale,
         )  # fmt: skip
+
+    @property
+    def sample_rate(self) -> int:
+        return self.transform.sample_rate
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         return {"mel": torch.log(self.transform(x) + self.eps)}

@@ -63,6 +63,9 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
+RANDOM_WEIGHTS_SEED = 0  # weights="random": torchvision's initialisation under this seed, the same in every process
+
+
 class _Captured(Exception):
     """Raised by the last hook: the rest of the network is not needed."""
 
@@ -94,6 +97,7 @@ class Backbone(Space):
         ('pixel', 'low', 'high')
     """
 
+    modality = "image"
     layout = "images [N, C, H, W]"
     allowed_ndim = (4,)
 
@@ -189,7 +193,13 @@ class LPIPSSpace(Backbone):
     inside the square root here, outside in ``lpips``, which only matters for near-zero feature vectors and keeps
     the gradient finite there). Layer weights default to 1 and the pixel
     weight to 0, so the total is LPIPS.
+
+    ``data_range`` must be given: LPIPS is fed [-1, 1] images by the ``lpips`` package and by torchmetrics (unless
+    ``normalize=True``), [0, 1] images elsewhere, and either kind passes a range check. See
+    :func:`pl_pmse.checks.check_data_range_given`.
     """
+
+    requires_data_range = True
 
     def __init__(self, module: nn.Module, calibration: dict[str, Tensor], eps: float = 1e-10, **options: Any):
         super().__init__(module, normalize="lpips", **options)
@@ -220,11 +230,15 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
     """A torchvision classifier (head dropped) with ``weights`` = ``"imagenet"``, ``"random"`` or a path.
 
     A path must hold a torchvision-format ``state_dict`` of the whole model (the head's keys are not needed).
+    ``"random"`` is torchvision's initialisation under the seed ``RANDOM_WEIGHTS_SEED`` (0), so two networks built
+    alike, in one process or several, are equal; the global random state is not touched.
     """
     arch = ARCHITECTURES[architecture]
     builder = getattr(torchvision.models, arch.builder)
-    if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation
-        model = builder(weights=None)
+    if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation, seeded: reproducible
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = builder(weights=None)
         model.classifier = nn.Identity()
         return model
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced

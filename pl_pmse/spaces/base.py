@@ -7,8 +7,11 @@ itself; derived components (network layers, pyramid bands, spectrograms) come fr
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +50,17 @@ class Space(nn.Module):
 
     name: str = "custom"
     raw_name: str = "pixel"
+    modality: str | None = None  # "image", "audio", or None (any data): chooses panels and layout hints
     expected_range: tuple[float, float] = (0.0, 1.0)
     layout: str = "a batch [N, ...]"
     allowed_ndim: tuple[int, ...] | None = None
+    requires_data_range: bool = False  # True where two input conventions are common (LPIPS: [0, 1] and [-1, 1])
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass constructor records its arguments (see :meth:`configuration`)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_options(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -61,6 +72,32 @@ class Space(nn.Module):
         checks.check_component_names([self.raw_name, *(feature_weights or {})])
         defaults = {self.raw_name: raw_weight, **(feature_weights or {})}
         self.component_weights: dict[str, float] = checks.check_weights(component_weights, defaults)
+
+    @property
+    def sample_rate(self) -> int | None:
+        """The audio's sample rate in Hz where the space knows it (``mel``), else None."""
+        return None
+
+    def configuration(self) -> dict[str, str]:
+        """Every setting that decides what the space measures, as text: its class, the arguments it was built
+        with, its component weights and a checksum of its tensors (network weights, filter banks).
+
+        Compared across processes before the first sync and with saved or merged metric states.
+
+        Example:
+            >>> get_space("mel", sample_rate=16000, hop_length=64).configuration()["hop_length"]
+            '64'
+        """
+        options = {key: _as_text(value) for key, value in self.__dict__.get("_options", {}).items()}
+        tensors = self.tensors()
+        checksum = [math.fsum(float(t.double().abs().sum()) for t in tensors),
+                    math.fsum(float(t.double().sum()) for t in tensors)]  # fmt: skip
+        return {
+            "space": f"{self.name} ({type(self).__qualname__})",
+            **options,
+            "component_weights": repr(self.component_weights),
+            "tensors": f"{len(tensors)} tensors, {sum(t.numel() for t in tensors)} values, checksum {checksum}",
+        }
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -140,13 +177,41 @@ class Space(nn.Module):
         if len(self.component_weights) > 1:
             n = preds.shape[0]
             both = self.to_expected_range(torch.cat([preds, target]), data_range)
-            checks.check_value_range(both, self.expected_range, self.name, data_range)
+            checks.check_value_range(both, self.expected_range, self.name, data_range, self.modality)
             for name, value in self.features(both).items():
                 out[name] = (value[:n], value[n:])
         return out
 
     def extra_repr(self) -> str:
         return f"component_weights={self.component_weights}"
+
+
+def _recording_options(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a constructor so that the outermost one (the built class's) records its bound arguments."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording(self: Space, *args: Any, **kwargs: Any) -> None:
+        if "_options" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            options = {k: v for k, v in bound.arguments.items() if k != "self"}
+            for name, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    options.update(options.pop(name))
+            object.__setattr__(self, "_options", options)  # before nn.Module.__init__: a plain attribute
+        init(self, *args, **kwargs)
+
+    return recording
+
+
+def _as_text(value: Any) -> str:
+    """An option as text; modules and tensors are named only (their values are in the tensor checksum)."""
+    if isinstance(value, (nn.Module, Tensor)):
+        return f"<{type(value).__name__}>"
+    if isinstance(value, Mapping) and any(isinstance(v, (nn.Module, Tensor)) for v in value.values()):
+        return f"<{type(value).__name__} of {len(value)} tensors>"
+    return repr(value)
 
 
 _FACTORIES: dict[str, Callable[..., Space]] = {}

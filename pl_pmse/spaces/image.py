@@ -55,6 +55,7 @@ class LaplacianPyramid(Space):
     """
 
     name = "pyramid"
+    modality = "image"
     layout = "images [N, C, H, W]"
     allowed_ndim = (4,)
 
