@@ -372,7 +372,7 @@ class PerceptionMSE(ExactSumMetric):
                 f"but PSNR and the callback's pictures assume that range; pass the data_range your data uses, "
                 f"{checks.range_hint(space.modality)}",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of update(): through torchmetrics' and our update wrappers
             )
 
     def _summary(self) -> dict[str, Tensor]:

@@ -452,3 +452,18 @@ def test_tensorboardx_writers_get_their_own_add_calls_on_the_training_thread() -
     assert writer.calls == [("add_image", "val/pmse/panels/worst", 7), ("add_text", "val/pmse/panels/worst/caption", 7),
                             ("add_audio", "val/pmse/audio/worst_target/0", 7),
                             ("add_text", "val/pmse/audio/worst_target/0/caption", 7)]  # fmt: skip
+
+
+def as_8bit(outputs, batch):
+    """Module level: ddp_spawn pickles the callback with its extract function."""
+    return outputs["preds"] * 255, outputs["target"] * 255
+
+
+def test_0_255_floats_with_the_default_range_warn_once_through_the_callback(tmp_path) -> None:
+    callback = PerceptionMSECallback("pixel", extract=as_8bit, panels=False)
+    trainer = trainer_for(tmp_path, False, [callback], max_epochs=2, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    (warning,) = [w for w in caught if "assumes values in [0, 1]" in str(w.message)]
+    assert "data_range=255" in str(warning.message)

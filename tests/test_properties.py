@@ -18,6 +18,9 @@ from pl_pmse.exact import exact_bins, exact_ratio
 from pl_pmse.panels.png import encode_png
 from pl_pmse.reduction import squared_error_sums
 
+# arbitrary values, not images in [0, 1]: the raw spaces' range hint is expected here
+pytestmark = pytest.mark.filterwarnings("ignore:PerceptionMSE. space .* assumes values in:UserWarning")
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOLERANCE = {torch.float16: 1e-6, torch.bfloat16: 1e-6, torch.float32: 1e-6, torch.float64: 1e-12}
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
