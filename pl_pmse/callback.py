@@ -8,6 +8,7 @@ zero, never during the sanity check, and a failing logger only warns.
 from __future__ import annotations
 
 import heapq
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from . import checks
+from .distributed import check_same_everywhere, own_samples, sampler_of
 from .lightning_compat import CALLBACK_BASES
 from .metric import PerceptionMSE
 from .panels import audio as audio_panels
@@ -63,6 +65,15 @@ class _Stage:
     profiles: list[ErrorProfile]
     worst: list[list[_Sample]] = field(default_factory=list)
     fixed: list[_Sample] = field(default_factory=list)
+    own: list[int | None] = field(default_factory=list)  # per dataloader: this rank's own samples (None: unknown)
+    seen: list[int] = field(default_factory=list)  # per dataloader: samples received this epoch
+
+    def counted(self, index: int, rows: int) -> int:
+        """How many leading rows of the next batch of dataloader ``index`` count: the padding repeats of a
+        DistributedSampler are the last samples a rank receives (see :mod:`pl_pmse.distributed`)."""
+        start, own = self.seen[index], self.own[index]
+        self.seen[index] += rows
+        return rows if own is None else max(0, min(rows, own - start))
 
     def key(self, name: str, index: int) -> str:
         """``<prefix>/<name>`` (``name=""``: the prefix), with Lightning's dataloader suffix when there are several."""
@@ -183,6 +194,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._sinks: list[Sink] | None = None
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
+        self._checked_everywhere = False
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
         self._outbox: list[tuple[str, Send]] = []
@@ -214,7 +226,31 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         loop = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
         if loop is not None:  # built here, not in the first loop; rebuilt there for several dataloaders
             self._check_unique_prefix(trainer.callbacks, loop)
+            self._check_same_everywhere(trainer)
             self._stage(loop, dataloaders=1)
+            self._quiet_sync_dist_advice(loop)
+
+    def configuration(self) -> dict[str, str]:
+        """Every option that shapes the callback's collectives and logged keys, and its metrics' configuration:
+        compared across ranks once per fit/validate/test, at setup."""
+        options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile",
+                   "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
+        metric = PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy).configuration()
+        return {"callback": type(self).__name__, **{name: repr(getattr(self, name)) for name in options}, **metric}
+
+    def _check_same_everywhere(self, trainer: pl.Trainer) -> None:
+        """One collective at setup, before any other of the callback's: a rank built with other options would
+        otherwise mispair collectives later (a hang) or sum unlike states (a silent wrong number)."""
+        self._checked_everywhere = False
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            check_same_everywhere(self.configuration(), type(self).__name__, device=trainer.strategy.root_device)
+            self._checked_everywhere = True
+
+    def _quiet_sync_dist_advice(self, loop: str) -> None:
+        """Lightning advises ``sync_dist=True`` for every epoch-level value logged under DDP; ours are synced
+        already (one all_reduce for all of them), so the advice is silenced for our keys only."""
+        prefix = re.escape(self.prefixes[loop])
+        warnings.filterwarnings("ignore", f"It is recommended to use `self.log\\('{prefix}(/[^']*)?', ")
 
     def _check_unique_prefix(self, callbacks: list[Any], loop: str) -> None:
         """Two callbacks logging under one prefix would overwrite each other's keys and panels: refuse."""
@@ -246,13 +282,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(wait=False)
-        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        self._start("validate", len(counts) or 1, pl_module)
+        self._start(trainer, "validate", _as_list(trainer.val_dataloaders), pl_module)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(wait=False)
-        self._start("test", len(trainer.num_test_batches) or 1, pl_module)
+        self._start(trainer, "test", _as_list(trainer.test_dataloaders), pl_module)
 
     @override
     def on_validation_batch_end(
@@ -278,13 +313,26 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     # -- accumulation (every rank) ---------------------------------------------------------------------------
 
-    def _start(self, loop: str, dataloaders: int, pl_module: pl.LightningModule) -> None:
-        stage = self._stage(loop, dataloaders)
+    def _start(self, trainer: pl.Trainer, loop: str, dataloaders: list[Any], pl_module: pl.LightningModule) -> None:
+        stage = self._stage(loop, len(dataloaders) or 1)
         for metric in (*stage.metrics, *stage.profiles):
             metric.to(pl_module.device)
             metric.reset()
         stage.worst = [[] for _ in stage.metrics]
         stage.fixed = []
+        stage.seen = [0 for _ in stage.metrics]
+        stage.own = [own_samples(sampler_of(loader)) for loader in dataloaders] or [None]
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        unknown = [index for index, own in enumerate(stage.own) if own is None]
+        if distributed and unknown and "sampler" not in self._warned:
+            self._warned.add("sampler")
+            warnings.warn(
+                f"PerceptionMSECallback: {loop} dataloader(s) {unknown} have no DistributedSampler (a custom sampler "
+                f"or an IterableDataset), so the samples that pad the ranks to equal length cannot be told apart: "
+                f"{self.prefixes[loop]} counts every sample each rank receives",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _stage(self, loop: str, dataloaders: int) -> _Stage:
         """The loop's metrics, one per dataloader (built on first use or when the number of dataloaders changes)."""
@@ -295,6 +343,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 [PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy) for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
             )
+            if self._checked_everywhere:  # compared at setup with the callback's options: no check at first sync
+                for metric in (*stage.metrics, *stage.profiles):
+                    metric.configuration_checked()
         return stage
 
     def _new_profile(self) -> ErrorProfile:
@@ -305,6 +356,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     def _batch(self, trainer: pl.Trainer, loop: str, outputs: Any, batch: Any, batch_idx: int, index: int) -> None:
         preds, target = self._pair(outputs, batch)
         stage = self._stages[loop]
+        counted = stage.counted(index, preds.shape[0])
+        if counted < preds.shape[0]:  # padding repeats of the DistributedSampler: left out of everything
+            preds, target = preds[:counted], target[:counted]
         metric = stage.metrics[index]
         metric.update(preds, target)
         if not self._draws_panels(trainer, loop):
@@ -370,7 +424,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 if name == "skipped" and self.nan_strategy == "error":
                     continue
                 key = stage.key("" if name == "total" else name, index)
-                pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
         if not self._draws_panels(trainer, loop):
             return
@@ -590,6 +644,15 @@ def _single_threaded() -> None:
     OpenMP's thread count is per thread; other process-wide settings this touches are restored by the caller."""
     torch.get_num_threads()  # this thread's own OpenMP setting is initialised first ...
     torch.set_num_threads(1)  # ... then lowered
+
+
+def _as_list(dataloaders: Any) -> list[Any]:
+    """Lightning's ``val_dataloaders`` / ``test_dataloaders``: one loader, a list or dict of them, or None."""
+    if dataloaders is None:
+        return []
+    if isinstance(dataloaders, Mapping):
+        return list(dataloaders.values())
+    return list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
 
 
 def _describe_pair(pair: Any) -> str:

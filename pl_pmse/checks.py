@@ -115,6 +115,18 @@ def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] |
         raise ValueError(f"preds and target: every sample needs at least one element, got shape {tuple(preds.shape)}")
 
 
+def check_mask(mask: Any, preds: Tensor) -> None:
+    """``mask``: a bool tensor ``[N]`` on the inputs' device, one entry per sample."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 1:
+        shown = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask: expected a bool tensor [N] saying which samples count, got a {shown}")
+    if preds.dim() == 0 or mask.shape[0] != preds.shape[0] or mask.device != preds.device:
+        raise ValueError(
+            f"mask: expected one entry per sample ({preds.shape[0] if preds.dim() else 0}) on {preds.device}, got "
+            f"{mask.shape[0]} on {mask.device}"
+        )
+
+
 def check_ndim(x: Tensor, allowed: Sequence[int], layout: str, space: str) -> None:
     """The batch must have one of the ``allowed`` numbers of dimensions (``layout`` describes them)."""
     if x.dim() not in allowed:

@@ -6,7 +6,6 @@ import functools
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
+from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
 from .reduction import squared_error_sums
@@ -73,12 +73,12 @@ class ExactSumMetric(Metric):
     def _refuse_other_configuration(self, what: str, other: Mapping[str, str] | None, size: int | None) -> None:
         """Raise naming the settings in which ``other`` (a configuration, when known) and this metric differ."""
         mine = self.configuration()
-        differences = _differences({"this metric": mine, "the other state": other}) if other is not None else ""
-        if not differences and size is not None and size != self.totals.numel():
-            differences = f"state size is {self.totals.numel()} (this metric), {size} (the other state)"
-        if differences:
+        found = differences({"this metric": mine, "the other state": other}) if other is not None else ""
+        if not found and size is not None and size != self.totals.numel():
+            found = f"state size is {self.totals.numel()} (this metric), {size} (the other state)"
+        if found:
             raise ValueError(
-                f"{type(self).__name__}.{what}: the state comes from another configuration ({differences}); build "
+                f"{type(self).__name__}.{what}: the state comes from another configuration ({found}); build "
                 f"the metric as the state was built"
             )
 
@@ -159,22 +159,14 @@ class ExactSumMetric(Metric):
         ``world * sum(x**2) == sum(x)**2``) turns that into a clear error on every rank.
         """
         key = (os.getpid(), id(group))
-        if key in self._checked_groups:
-            return
-        configuration = self.configuration()
-        values = [self.totals.numel(), zlib.crc32(repr(sorted(configuration.items())).encode()) & 0xFFFFF]
-        check = torch.tensor([v for value in values for v in (value, value * value)], device=self.totals.device)
-        dist.all_reduce(check, group=group)
-        world, sums = dist.get_world_size(group), check.tolist()
-        if any(world * squares != total * total for total, squares in zip(sums[::2], sums[1::2], strict=True)):
-            gathered: list[Any] = [None] * world  # every rank is here: the check's result is the same everywhere
-            dist.all_gather_object(gathered, configuration, group=group)
-            differences = _differences({f"rank {rank}": found for rank, found in enumerate(gathered)})
-            raise RuntimeError(
-                f"{type(self).__name__}: the metric configuration differs between processes ({differences}); every "
-                f"rank must build the same metric"
-            )
-        self._checked_groups.add(key)
+        if key not in self._checked_groups:
+            check_same_everywhere(self.configuration(), type(self).__name__, group, self.totals.device)
+            self.configuration_checked(group)
+
+    def configuration_checked(self, group: Any = None) -> None:
+        """Record that :meth:`configuration` was compared across the ranks of ``group`` by the caller (the
+        callback checks its metrics with its own options, once per fit), so the first sync skips its own check."""
+        self._checked_groups.add((os.getpid(), id(group or self.process_group)))
 
     def _wrap_update(self, update: Callable) -> Callable:
         """torchmetrics counts an update before running it; undo that when the update is rejected."""
@@ -257,21 +249,24 @@ class PerceptionMSE(ExactSumMetric):
         """The perception space (frozen, eval mode, not part of the state_dict)."""
         return self.__dict__["_space"]
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
+    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Accumulate a batch; a rejected batch raises and leaves the state untouched.
 
-        The batch's per-sample results stay available in :attr:`last_batch` (the callback ranks samples
-        with them).
+        ``mask`` (bool ``[N]``) says which samples count; the others are left out entirely (not counted as skipped),
+        e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. The
+        batch's per-sample results stay available in :attr:`last_batch` (for the counted samples, in order).
         """
+        preds, target = _counted(preds, target, mask)
         self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target)
 
-    def forward(self, preds: Tensor, target: Tensor) -> Tensor:
-        """Accumulate the batch and return its Perception MSE (float64), differentiable when ``preds`` requires
-        grad; the state receives the same bits as from :meth:`update`."""
+    def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Accumulate the batch and return its Perception MSE (float64) over the counted samples, differentiable
+        when ``preds`` requires grad; the state receives the same bits as from :meth:`update`."""
         if self.dist_sync_on_step:
-            return super().forward(preds, target)
+            return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
+        preds, target = _counted(preds, target, mask)
         stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy)
         self._accumulate(stats, preds, target)
         self._update_count += 1
@@ -413,12 +408,9 @@ class PerceptionMSE(ExactSumMetric):
         return f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}"
 
 
-def _differences(configurations: Mapping[str, Mapping[str, str]]) -> str:
-    """``"hop_length is 256 (rank 0), 64 (rank 1)"`` for each setting whose values differ, joined by ``"; "``."""
-    keys = dict.fromkeys(key for configuration in configurations.values() for key in configuration)
-    parts = []
-    for key in keys:
-        values = {owner: configuration.get(key, "(absent)") for owner, configuration in configurations.items()}
-        if len(set(values.values())) > 1:
-            parts.append(f"{key} is " + ", ".join(f"{value} ({owner})" for owner, value in values.items()))
-    return "; ".join(parts)
+def _counted(preds: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The samples ``mask`` counts (all when it is None or all True: no copy)."""
+    if mask is None or not isinstance(preds, Tensor) or not isinstance(target, Tensor):
+        return preds, target  # the pair's own checks report non-tensors
+    checks.check_mask(mask, preds)
+    return (preds, target) if bool(mask.all()) else (preds[mask], target[mask])

@@ -104,6 +104,8 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("metric.update", "channels-last images into the pyramid", lambda: _update("pyramid")(_image().permute(0, 2, 3, 1), _image().permute(0, 2, 3, 1))),
     ("metric.update", "[N, T, C] audio into mel", lambda: _update("mel", sample_rate=16000)(torch.zeros(2, 4000, 2), torch.zeros(2, 4000, 2))),
     ("metric.update", "16-bit audio as floats into mel", lambda: _update("mel", sample_rate=16000)(torch.rand(2, 4000) * 30000, torch.rand(2, 4000) * 30000)),
+    ("metric.update", "a mask of floats", lambda: PerceptionMSE().update(_image(), _image(), mask=torch.ones(2))),
+    ("metric.update", "a mask of another length", lambda: PerceptionMSE().update(_image(), _image(), mask=torch.ones(3, dtype=torch.bool))),
     ("metric.update", "preds and target on different devices", lambda: _update()(_image(), _image().to("meta"))),
     ("metric.update", "samples with no element", lambda: _update()(torch.zeros(2, 0), torch.zeros(2, 0))),
     ("metric.update", "images into an audio space", lambda: _update("waveform")(_image(), _image())),
@@ -148,8 +150,8 @@ DISTRIBUTED = (
     "DDP (any compute)",
     "ranks built different metrics",
     "RuntimeError",
-    "PerceptionMSE: the metric configuration differs between processes (hop_length is 256 (rank 0), 64 (rank 1)); "
-    "every rank must build the same metric",
+    "PerceptionMSE: the configuration differs between processes (hop_length is 256 (rank 0), 64 (rank 1)); every "
+    "rank must build the same PerceptionMSE",
 )
 
 

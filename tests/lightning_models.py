@@ -77,6 +77,36 @@ class Denoiser(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+def degrade(clean: torch.Tensor) -> torch.Tensor:
+    """A per-sample, element-wise degradation: the same bits whatever the batch (exactness tests)."""
+    return (0.75 * clean + 0.125 + 0.05 * torch.sin(37 * clean)).clamp(0, 1)
+
+
+class Scaler(pl.LightningModule):
+    """``preds = degrade(target) * scale`` with one trainable scale: every value is batch-independent, so a
+    multi-process run must reproduce the one-process Perception MSE bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, clean: torch.Tensor) -> torch.Tensor:
+        return degrade(clean) * self.scale
+
+    def training_step(self, batch, batch_idx):
+        (clean,) = batch
+        return nn.functional.mse_loss(self(clean), clean)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        (clean,) = batch
+        return {"preds": self(clean), "target": clean}
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 class AudioEnhancer(pl.LightningModule):
     """A 1-d conv net that removes noise from tones."""
 
@@ -109,10 +139,15 @@ class AudioEnhancer(pl.LightningModule):
 
 
 class ImageData(pl.LightningDataModule):
-    def __init__(self, train: int = 16, val: int = 10, batch_size: int = 4, size: int = 32, val_loaders: int = 1):
+    """``val`` samples per validation set (a list: one set of each size), ``val_loaders`` sets of ``val``."""
+
+    def __init__(
+        self, train: int = 16, val: int | list[int] = 10, batch_size: int = 4, size: int = 32, val_loaders: int = 1
+    ):
         super().__init__()
         self.train_set = TensorDataset(smooth_images(train, size, seed=1))
-        self.val_sets = [TensorDataset(smooth_images(val, size, seed=2 + i)) for i in range(val_loaders)]
+        sizes = val if isinstance(val, list) else [val] * val_loaders
+        self.val_sets = [TensorDataset(smooth_images(n, size, seed=2 + i)) for i, n in enumerate(sizes)]
         self.batch_size = batch_size
 
     def train_dataloader(self):

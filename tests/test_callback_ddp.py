@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -62,17 +63,18 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     logged = [row["val/pmse"] for row in rows if "val/pmse" in row]
     assert logged == pytest.approx([entry["val/pmse"] for entry in ranks[0]], rel=1e-6)
 
-    # the last epoch, recomputed in this process from the same batches each rank saw
+    # the last epoch, recomputed in this process from the same batches each rank saw, less rank 1's padding repeat
     model.eval()
     dataset = data.val_sets[0].tensors[0]
     reference = PerceptionMSE("pixel", data_range=1.0)
     with torch.no_grad():
-        for indices in ([0, 2, 4, 6], [8], [1, 3, 5, 7], [0]):
+        for indices in ([0, 2, 4, 6], [8], [1, 3, 5, 7]):
             reference.update(*model._pair((dataset[indices],)))
     assert logged[-1] == pytest.approx(reference.compute().item(), rel=1e-6)
 
     worst = [row["val/pmse/panels/worst/captions"][0] for row in rows if "val/pmse/panels/worst/captions" in row]
-    assert len(worst) == 2 and "(rank 1)" in worst[-1] and worst[-1].count("batch ") == 10  # k from every rank
+    # k=10 from every rank, but only the 9 samples of the set: the repeat that pads rank 1 is not a candidate
+    assert len(worst) == 2 and "(rank 1)" in worst[-1] and worst[-1].count("batch ") == 9
     panels = list((run / "files" / "media" / "images").rglob("*.png"))
     assert len([p for p in panels if "/panels/" in str(p)]) == 8  # 4 panels x 2 epochs, drawn once (rank 0)
 
@@ -111,3 +113,149 @@ def test_ddp_script_fit_with_audio_panels(tmp_path) -> None:
     assert ranks[0] == ranks[1] and '"epoch": 0' in ranks[0]  # both ranks ran and agree
     wavs = list(tmp_path.rglob("pmse_panels/**/*.wav"))
     assert len(wavs) == 2 * (1 + 2)  # target and prediction of 1 fixed and 2 worst, written once by rank 0
+
+
+# ---- every sample once: padded validation sets on 2 and 3 processes and on 2 "nodes" -------------------------
+
+
+def expected_runs(folder: Path, world: int) -> dict[str, dict]:
+    """Each run's records (one per rank, all equal) next to the one-process values over the whole set."""
+    from pl_pmse import ErrorProfile
+    from tests.ddp_runs import RUNS
+    from tests.lightning_models import Scaler
+
+    runs = {}
+    for name, (loop, space, options) in RUNS.items():
+        if not (folder / f"{name}.rank0.json").exists():
+            continue
+        records = [json.loads((folder / f"{name}.rank{rank}.json").read_text()) for rank in range(world)]
+        model = Scaler()
+        with torch.no_grad():
+            model.scale.fill_(records[0]["scale"])
+        prefix = "test/pmse" if loop == "test" else "val/pmse"
+        sets = ImageData(**options).val_sets
+        expected, profile = {}, None
+        for index, dataset in enumerate(sets):
+            target = dataset.tensors[0]
+            with torch.no_grad():
+                preds = model(target)
+            metric = PerceptionMSE(space, data_range=1.0)
+            metric.update(preds, target)
+            for key, value in metric.compute_summary().items():
+                if key == "skipped":
+                    continue
+                suffix = f"/dataloader_idx_{index}" if len(sets) > 1 else ""
+                expected[(prefix if key == "total" else f"{prefix}/{key}") + suffix] = value.item()
+            if index == 0 and loop != "test":
+                profile = ErrorProfile("image", data_range=1.0)
+                profile.update(preds, target)
+                profile = {key: value.tolist() for key, value in profile.compute().items()}
+        runs[name] = {"records": records, "expected": expected, "profile": profile, "sizes": [len(d) for d in sets]}
+    return runs
+
+
+def check_runs(folder: Path, world: int, names: set[str]) -> None:
+    runs = expected_runs(folder, world)
+    assert set(runs) == names
+    for name, run in runs.items():
+        first = run["records"][0]
+        for record in run["records"]:  # identical on every rank
+            assert record == first, (name, {key for key in first if record[key] != first[key]})
+        assert first["logged"] == run["expected"], name  # the one-process value, bit for bit
+        assert first["dtypes"] == ["torch.float64"] and first["warnings"] == [], (name, first["warnings"])
+        if run["profile"] is not None:
+            assert first["profile"] == run["profile"], name  # the error profile: the set itself, exactly
+        if not name.startswith("test"):
+            captions = sorted((folder / name).rglob("panels/worst/step=*.txt"))  # one per dataloader, in order
+            counts = [caption.read_text().count("batch ") for caption in captions]
+            assert counts == run["sizes"], name  # worst_k=20: every sample of each set, once
+
+
+def launch(command: list[str], cwd: Path, timeout: int = 240) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_environment())  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_padded_sets_count_each_sample_once_on_every_rank(tmp_path, world: int) -> None:
+    """Sizes 7 and 9, batch sizes 2 and 4, validate / fit / test / two dataloaders, Lightning's ``ddp``."""
+    process = launch([sys.executable, str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path), str(world)], tmp_path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    from tests.ddp_runs import RUNS
+
+    check_runs(tmp_path, world, set(RUNS))
+
+
+def test_two_nodes_of_two_processes_launched_as_on_a_cluster(tmp_path) -> None:
+    """torchrun --nnodes 2 twice over localhost, Lightning num_nodes=2: val/pmse equals the one-process value."""
+    from tests.distributed import free_port
+
+    port, names = free_port(), "validate-7-pixel,fit-7-pixel"
+    nodes = [
+        launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path), "2", "2", names], tmp_path)
+        for node in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    check_runs(tmp_path, 4, set(names.split(",")))
+
+
+# ---- one configuration everywhere, and never a hang -----------------------------------------------------------
+
+FAULT_SCRIPT = """
+import os, sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+from pl_pmse.callback import PerceptionMSECallback
+from tests.lightning_models import ImageData, Scaler, loggers, pl, strategies
+
+CASE = {case!r}
+RANK1 = os.environ.get("LOCAL_RANK", "0") == "1"  # Lightning's ddp sets it for the ranks it starts
+
+
+class Faulty(Scaler):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        if RANK1 and batch_idx == 1 and CASE == "rank 1 raises":
+            raise RuntimeError("rank 1 failed in validation_step")
+        if RANK1 and batch_idx == 1 and CASE == "rank 1 is killed":
+            os._exit(9)
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
+
+if __name__ == "__main__":
+    options = {{"panels": not RANK1}} if CASE == "panels on rank 0 only" else {{}}
+    if CASE == "panels_every_n_epochs 2 on rank 1":
+        options = {{"panels_every_n_epochs": 2 if RANK1 else 1}}
+    if CASE == "pyramid levels":
+        options = {{"levels": 2 if RANK1 else 3}}
+    callback = PerceptionMSECallback("pyramid" if CASE == "pyramid levels" else "pixel", **options)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=2, logger=False, callbacks=[callback],
+                         strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=600)),
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False)
+    trainer.fit(Faulty(), ImageData(train=4, val=9, batch_size=2))
+"""
+
+FAULTS = {  # case: what the output must say (the collective timeout is 600 s: ending within 60 s is not a timeout)
+    "panels on rank 0 only": "panels is True (rank 0), False (rank 1)",
+    "panels_every_n_epochs 2 on rank 1": "panels_every_n_epochs is 1 (rank 0), 2 (rank 1)",
+    "pyramid levels": "levels is 3 (rank 0), 2 (rank 1)",
+    "rank 1 raises": "rank 1 failed in validation_step",
+    "rank 1 is killed": "",
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_mismatches_and_failing_ranks_end_every_rank_fast(tmp_path, case: str) -> None:
+    script = tmp_path / "fault.py"
+    script.write_text(textwrap.dedent(FAULT_SCRIPT.format(root=str(ROOT), case=case)))
+    start = time.monotonic()
+    process = launch([sys.executable, str(script)], tmp_path)
+    output, _ = process.communicate(timeout=300)
+    elapsed = time.monotonic() - start
+    assert process.returncode != 0 and elapsed < 60, (elapsed, output[-3000:])
+    assert FAULTS[case] in output, output[-3000:]
+    print(f"{case}: every rank ended in {elapsed:.1f} s")

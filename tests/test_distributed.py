@@ -165,3 +165,58 @@ def test_configuration_mismatch_is_reported_naming_the_setting(ddp) -> None:
     for *options, named in MISMATCHES:
         for message in ddp.run(mismatch_task, tuple(options)):
             assert "differs between processes" in message and named in message, message
+
+
+def sampler_task(rank: int, world_size: int, size: int, batch_size: int) -> list[float]:
+    """The metric alone (as with Fabric or plain torch.distributed): sample_mask leaves the padding repeats out."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from pl_pmse.distributed import sample_mask
+
+    generator = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.rand(size, 3, 8, 8, generator=generator), torch.rand(size, 3, 8, 8, generator=generator))
+    sampler = DistributedSampler(data, shuffle=True, seed=3)  # the repeats are the last samples, whatever the shuffle
+    metric, seen = PerceptionMSE(data_range=1.0), 0
+    for preds, target in DataLoader(data, batch_size=batch_size, sampler=sampler):
+        metric.update(preds, target, mask=sample_mask(sampler, seen, len(preds)))
+        seen += len(preds)
+    return [value.item() for value in metric.compute_summary().values()]
+
+
+@pytest.mark.parametrize(("size", "batch_size"), [(7, 2), (9, 4), (3, 4)])
+def test_sample_mask_gives_the_whole_set_value_with_the_metric_alone(ddp, size: int, batch_size: int) -> None:
+    generator = torch.Generator().manual_seed(5)
+    preds, target = torch.rand(size, 3, 8, 8, generator=generator), torch.rand(size, 3, 8, 8, generator=generator)
+    single = PerceptionMSE(data_range=1.0)
+    single.update(preds, target)
+    expected = [value.item() for value in single.compute_summary().values()]
+    assert ddp.run(sampler_task, size, batch_size) == [expected, expected]
+
+
+def unknown_sampler_task(rank: int, world_size: int) -> list[str]:
+    import warnings
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+
+    from pl_pmse.callback import PerceptionMSECallback
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    callback = PerceptionMSECallback("pixel")
+    module = SimpleNamespace(device=torch.device("cpu"))
+    known = DataLoader(range(7), sampler=DistributedSampler(range(7)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback._start(None, "validate", [known], module)
+        callback._start(None, "validate", [known, DataLoader(range(5)), DataLoader(Stream())], module)
+        callback._start(None, "validate", [known, DataLoader(range(5)), DataLoader(Stream())], module)
+    return [str(w.message) for w in caught]
+
+
+def test_an_unknown_sampler_under_ddp_warns_once(ddp) -> None:
+    for messages in ddp.run(unknown_sampler_task):
+        (message,) = messages
+        assert "validate dataloader(s) [1, 2] have no DistributedSampler" in message and "counts every" in message

@@ -1,0 +1,91 @@
+"""Distributed helpers: one configuration on every rank, and the samples a ``DistributedSampler`` only repeats.
+
+``DistributedSampler`` (as Lightning installs it for validation and test, ``drop_last=False``) pads the dataset to
+``ceil(N / W) * W`` indices by repeating its first ones, then rank ``r`` takes positions ``r, r + W, r + 2W, ...``
+of that list. Position ``p`` is a repeat exactly when ``p >= N``, whatever the shuffle: so the repeats are the LAST
+samples a rank receives, and rank ``r`` has ``len(range(r, N, W))`` samples of its own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DistributedSampler
+
+
+def own_samples(sampler: Any) -> int | None:
+    """How many of the samples this rank receives from ``sampler`` are the dataset's own (the rest are padding
+    repeats), or None when that is not known: not a ``DistributedSampler`` (a custom sampler, an IterableDataset)."""
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    if sampler.drop_last:
+        return sampler.num_samples  # no repeats: the tail is dropped instead
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
+
+
+def sampler_of(dataloader: Any) -> Any:
+    """The sampler that orders a DataLoader's samples (through a batch sampler if there is one)."""
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        return sampler
+    return getattr(getattr(dataloader, "batch_sampler", None), "sampler", sampler)
+
+
+def sample_mask(sampler: Any, start: int, count: int, device: torch.device | str | None = None) -> Tensor:
+    """Which of ``count`` samples, starting at the ``start``-th this rank received from ``sampler`` in this pass,
+    are the dataset's own (True) rather than ``DistributedSampler`` padding (False); all True for other samplers.
+
+    For users of the metric alone (Fabric, plain ``torch.distributed``): pass it to ``PerceptionMSE.update(...,
+    mask=...)`` and the result is the value over the dataset itself, on any number of processes.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DistributedSampler
+        >>> sampler = DistributedSampler(range(7), num_replicas=2, rank=1, shuffle=False)  # 3 own + 1 repeat
+        >>> sample_mask(sampler, start=2, count=2)
+        tensor([ True, False])
+    """
+    own = own_samples(sampler)
+    positions = torch.arange(start, start + count, device=device)
+    return positions < own if own is not None else torch.ones(count, dtype=torch.bool, device=device)
+
+
+def check_same_everywhere(
+    configuration: Mapping[str, str], owner: str, group: Any = None, device: torch.device | None = None
+) -> None:
+    """Raise on every rank when ``configuration`` is not the same on all ranks (a collective: call it on all).
+
+    One ``all_reduce`` of 2 numbers (a hash and its square: all equal iff ``world * sum(x**2) == sum(x)**2``); only
+    on a mismatch are the configurations gathered, to name each differing setting with its value per rank.
+    """
+    digest = zlib.crc32(repr(sorted(configuration.items())).encode()) & 0xFFFFF
+    check = torch.tensor([digest, digest * digest], dtype=torch.int64, device=device)
+    dist.all_reduce(check, group=group)
+    world = dist.get_world_size(group)
+    total, squares = check.tolist()
+    if world * squares == total * total:
+        return
+    gathered: list[Any] = [None] * world  # every rank is here: the check's result is the same everywhere
+    dist.all_gather_object(gathered, dict(configuration), group=group)
+    raise RuntimeError(
+        f"{owner}: the configuration differs between processes "
+        f"({differences({f'rank {rank}': found for rank, found in enumerate(gathered)})}); every rank must build "
+        f"the same {owner}"
+    )
+
+
+def differences(configurations: Mapping[str, Mapping[str, str] | None]) -> str:
+    """``"hop_length is 256 (rank 0), 64 (rank 1)"`` for each setting whose values differ, joined by ``"; "``."""
+    present = {owner: configuration for owner, configuration in configurations.items() if configuration is not None}
+    keys = dict.fromkeys(key for configuration in present.values() for key in configuration)
+    parts = []
+    for key in keys:
+        values = {owner: configuration.get(key, "(absent)") for owner, configuration in present.items()}
+        if len(set(values.values())) > 1:
+            parts.append(f"{key} is " + ", ".join(f"{value} ({owner})" for owner, value in values.items()))
+    return "; ".join(parts)
