@@ -61,7 +61,7 @@ def _callback_batch(outputs: object) -> None:
     from pl_pmse import PerceptionMSECallback
 
     callback = PerceptionMSECallback("pixel")
-    callback._start("validate", 1, SimpleNamespace(device=torch.device("cpu")))
+    callback._start(None, "validate", [], SimpleNamespace(device=torch.device("cpu")))
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_rank=0)
     callback._batch(trainer, "validate", outputs, None, 0, 0)
 
