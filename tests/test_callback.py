@@ -7,7 +7,6 @@ import io
 import pickle
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from torchmetrics import MeanSquaredError
 
 from pl_pmse import ErrorProfile, PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
+from pl_pmse.callback.worker import PanelWorker
 from pl_pmse.panels import image as image_panels
 from tests.lightning_models import AudioData, AudioEnhancer, Denoiser, ImageData, cli, cpu_trainer, pl
 from tests.lightning_models import callbacks as pl_callbacks
@@ -114,26 +114,37 @@ def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wan
         threads["intra-op threads"].add(torch.get_num_threads())
         return draw(*args, **kwargs)
 
+    delivering = threading.Event()  # set while the training thread waits in a delivery window
+    deliver = PanelWorker.deliver
+
+    def recorded_deliver(self, wait):
+        delivering.set()
+        try:
+            return deliver(self, wait)
+        finally:
+            delivering.clear()
+
     def recorded_log(self, metrics, step=None):
         if any(key.startswith("val/pmse/panels/") for key in metrics):
-            threads["logged"].add(threading.current_thread().name)
+            threads["logged"].add((threading.current_thread().name, delivering.is_set()))
         return log_metrics(self, metrics, step)
 
     monkeypatch.setattr(image_panels, "comparison_grid", recorded_draw)
     monkeypatch.setattr(WandbLogger, "log_metrics", recorded_log)
+    monkeypatch.setattr(PanelWorker, "deliver", recorded_deliver)
     callback = PerceptionMSECallback("pixel", data_range=1.0)
     training_threads = torch.get_num_threads()
     trainer_for(tmp_path, wandb_logger, [callback], max_epochs=3, num_sanity_val_steps=0).fit(Denoiser(), ImageData())
     assert threads["drawn"] and all(name.startswith("pl_pmse_panels") for name in threads["drawn"])
     # single-threaded torch there (a second OpenMP team slows training down), the training thread unchanged
     assert threads["intra-op threads"] == {1} and torch.get_num_threads() == training_threads
-    assert threads["logged"] == {threading.main_thread().name}
+    # logger calls: on the panel thread, only while the training thread waits (never beside Lightning's logging)
+    assert threads["logged"] == {("pl_pmse_panels", True)}
     _, rows = finished_history(tmp_path)
     assert len([row for row in rows if "val/pmse/panels/worst/filenames" in row]) == 3  # all delivered by fit's end
-    assert callback._executor is None and callback._job is None  # teardown waited and shut the thread down
-    callback._executor = ThreadPoolExecutor(1)
-    assert pickle.loads(pickle.dumps(callback))._executor is None  # ddp_spawn pickles callbacks
-    callback._executor.shutdown()
+    assert callback._worker._thread is None and callback._worker._epoch is None  # teardown delivered, thread let go
+    copy = pickle.loads(pickle.dumps(callback))  # ddp_spawn pickles callbacks: a fresh worker on the other side
+    assert copy._worker._thread is None and copy._worker.timeout == callback._worker.timeout
     assert not list((next(iter(run_dirs(tmp_path))) / "pl_pmse").iterdir())  # W&B copied the PNGs; ours are gone
 
 
@@ -148,7 +159,8 @@ def test_a_failing_error_profile_loses_only_its_own_panels(tmp_path, monkeypatch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
-    assert len([w for w in caught if "profile broke" in str(w.message)]) == 1
+    reports = [str(w.message) for w in caught if "profile broke" in str(w.message)]
+    assert len(reports) == 2 and "panels of validate epoch 0: 1 logger or drawing call(s) failed" in reports[0]
     drawn = {path.parent.name for path in Path(trainer.log_dir, "pmse_panels").rglob("*.png")}
     assert drawn == {"fixed", "worst"}
 
@@ -290,8 +302,8 @@ def test_audio_files_sink_and_missing_soundfile_warns_once(tmp_path, monkeypatch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(AudioEnhancer(), AudioData())
-    messages = [str(w.message) for w in caught if "soundfile" in str(w.message)]
-    assert len(messages) == 1 and "pip install soundfile" in messages[0]
+    messages = [str(w.message) for w in caught if "soundfile" in str(w.message)]  # one report per epoch
+    assert len(messages) == 2 and all("pip install soundfile" in message for message in messages)
     assert "val/pmse" in trainer.callback_metrics
     assert list(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))
 
@@ -305,7 +317,7 @@ class FailingWandb(WandbLogger):
         super().log_metrics(metrics, step)
 
 
-def test_failing_logger_warns_once_and_training_continues(tmp_path, monkeypatch) -> None:
+def test_failing_logger_reports_once_per_epoch_and_training_continues(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = FailingWandb(project="pl-pmse-tests", save_dir=str(tmp_path), offline=True)
     callback = PerceptionMSECallback("pixel", data_range=1.0)
@@ -314,7 +326,7 @@ def test_failing_logger_warns_once_and_training_continues(tmp_path, monkeypatch)
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     failures = [str(w.message) for w in caught if "W&B is down" in str(w.message)]
-    assert len(failures) == 1 and "training continues" in failures[0]
+    assert len(failures) == 3 and all("W&B is down (x4); training continues" in f for f in failures)  # per epoch
     _, rows = finished_history(tmp_path)
     assert len([row for row in rows if "val/pmse" in row]) == 3
     assert any("val/pmse/worst_table/path" in row for row in rows)  # tables still went through

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import threading
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -40,11 +43,12 @@ class PoisonedDenoiser(Denoiser):
         return out
 
 
-def test_disk_full_on_media_write_warns_once_and_training_continues(tmp_path, monkeypatch) -> None:
+def test_disk_full_leaves_no_partial_file_and_reports_every_failure_per_epoch(tmp_path, monkeypatch) -> None:
     real_write = Path.write_bytes
 
     def disk_full(path: Path, data: bytes) -> int:
-        if path.suffix == ".png":
+        if ".png" in path.name:  # as a full disk does: part of the file, then the error
+            real_write(path, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, data)
 
@@ -54,8 +58,10 @@ def test_disk_full_on_media_write_warns_once_and_training_continues(tmp_path, mo
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     failures = [str(w.message) for w in caught if "No space left" in str(w.message)]
-    assert len(failures) == 1 and "FileSink" in failures[0]
+    assert len(failures) == 3 and all("4 logger or drawing call(s) failed" in f and "FileSink" in f for f in failures)
     assert trainer.current_epoch == 3 and "val/pmse" in trainer.callback_metrics
+    written = [path for path in Path(trainer.log_dir, "pmse_panels").rglob("*") if path.is_file()]
+    assert not written  # no partial picture, no temporary file (and no caption for a picture that failed)
 
 
 @pytest.mark.parametrize("strategy", ["warn", "ignore"])
@@ -155,3 +161,116 @@ def test_ddp_error_on_one_rank_fails_fast_instead_of_hanging(tmp_path) -> None:
     with pytest.raises(Exception, match=r"contains NaN or Inf"):
         trainer.fit(PoisonedDenoiser(epoch=0, batch=0, rank=1), ImageData())
     assert time.monotonic() - start < 120
+
+
+# ---- delivery never stalls training beyond panel_timeout ------------------------------------------------------
+
+
+def test_a_hung_logger_costs_at_most_the_budget_and_is_then_skipped(tmp_path, monkeypatch) -> None:
+    from pl_pmse.panels.sinks import TensorBoardSink
+
+    calls = []
+
+    def hung_image(self, key, image, caption, step):
+        def send():
+            calls.append(key)
+            time.sleep(30)  # a W&B / TensorBoard call that never answers in time
+
+        return send
+
+    monkeypatch.setattr(TensorBoardSink, "image", hung_image)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0)
+    trainer = trainer_for(tmp_path, [callback], logger=loggers.TensorBoardLogger(tmp_path), max_epochs=3)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    elapsed = time.monotonic() - start
+    assert elapsed < 12, elapsed  # 3 epochs x 4 panels x 30 s before; now 1 s for the one call that hung
+    assert len(calls) == 1  # the sink that overran is not called again
+    reports = [str(w.message) for w in caught if "panels of validate epoch" in str(w.message)]
+    assert "no answer within the 1 s budget; TensorBoardSink is skipped now" in reports[0]
+    assert "3 panel(s) were dropped" in reports[0] and all("dropped" in report for report in reports[1:])
+
+
+def test_slow_drawing_is_dropped_at_the_budget_and_teardown_waits_at_most_that(tmp_path, monkeypatch) -> None:
+    draw = image_panels.comparison_grid
+
+    def slow_draw(*args, **kwargs):
+        time.sleep(20)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(image_panels, "comparison_grid", slow_draw)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0, profile=False)
+    trainer = trainer_for(tmp_path, [callback], max_epochs=2)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    assert time.monotonic() - start < 10  # before: 2 epochs x 20 s of drawing waited for
+    reports = [str(w.message) for w in caught if "panels of validate epoch" in str(w.message)]
+    assert len(reports) == 2 and all("were dropped" in report for report in reports)
+
+
+class Interrupt(pl.Callback):
+    """Ctrl-C during the second training epoch, while the first epoch's panels are still being drawn."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_with_panels_in_flight_ends_at_once(tmp_path, monkeypatch) -> None:
+    draw = image_panels.comparison_grid
+    monkeypatch.setattr(image_panels, "comparison_grid", lambda *a, **k: (time.sleep(30), draw(*a, **k))[1])
+    callback = PerceptionMSECallback("pixel", data_range=1.0, profile=False)
+    trainer = trainer_for(tmp_path, [callback, Interrupt()], max_epochs=3)
+    start = time.monotonic()
+    with warnings.catch_warnings(), contextlib.suppress(SystemExit, KeyboardInterrupt):
+        warnings.simplefilter("ignore")
+        trainer.fit(Denoiser(), ImageData())
+    assert time.monotonic() - start < 8  # before: it waited for the drawing (80 s observed)
+    assert trainer.interrupted
+    thread = next(t for t in threading.enumerate() if t.name == "pl_pmse_panels")
+    assert thread.daemon  # a daemon: the interpreter does not wait for it at exit
+
+
+def test_system_exit_in_the_panel_thread_does_not_end_the_fit(tmp_path, monkeypatch) -> None:
+    def exits(*args, **kwargs):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(image_panels, "comparison_grid", exits)
+    trainer = trainer_for(tmp_path, [PerceptionMSECallback("pixel", data_range=1.0)], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Denoiser(), ImageData())
+    assert trainer.current_epoch == 2 and not trainer.interrupted
+    assert any("SystemExit" in str(w.message) for w in caught)
+    assert list(Path(trainer.log_dir, "pmse_panels").rglob("error_map/*.png"))  # the other panels were drawn
+
+
+def test_keys_cannot_leave_the_panel_folder(tmp_path) -> None:
+    from pl_pmse.panels.sinks import FileSink
+
+    with pytest.raises(ValueError, match=r"prefix: expected a key like 'val/pmse'.*got '\.\./\.\./x'"):
+        PerceptionMSECallback("pixel", prefix="../../x")
+    root = tmp_path / "panels"
+    FileSink(root).image("../../escaped/key", np.zeros((4, 4, 3), np.uint8), "caption", 1)
+    assert not list(tmp_path.glob("escaped*")) and list(root.rglob("step=000001.png"))
+
+
+@pytest.mark.parametrize(
+    ("state", "warned"),
+    [({"fixed_positions": None}, "not valid"), ({"fixed_positions": [[0, "a"]]}, "not valid"),
+     ({"fixed_positions": [[50, 0], [0, 1]], "fixed_frozen": True}, "1 of the 2 fixed panel samples")],
+)  # fmt: skip
+def test_restored_fixed_samples_are_validated(tmp_path, state: dict, warned: str) -> None:
+    callback = PerceptionMSECallback("pixel", data_range=1.0, num_panel_samples=2, profile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.load_state_dict(state)
+        trainer_for(tmp_path, [callback], max_epochs=2).fit(Denoiser(), ImageData())
+    assert any(warned in str(w.message) for w in caught)
+    assert len(callback._fixed_positions) == 2 and callback._fixed_frozen  # chosen afresh
+    captions = sorted(Path(tmp_path).rglob("panels/fixed/step=*.txt"))
+    assert captions[-1].read_text().count("batch ") == 2  # the last epoch draws both fixed samples

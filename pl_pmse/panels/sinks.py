@@ -159,29 +159,45 @@ class TensorBoardSink(Sink):
 
 
 class FileSink(Sink):
-    """``<root>/<key>/step=<step>.png`` and ``...-<i>.wav`` (soundfile), captions in a ``.txt`` beside them."""
+    """``<root>/<key>/step=<step>.png`` and ``...-<i>.wav`` (soundfile), captions in a ``.txt`` beside them.
+
+    Every file is written whole or not at all (a temporary file renamed into place), and keys cannot leave ``root``
+    (``..`` and empty parts are dropped).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     def _path(self, key: str, step: int, suffix: str) -> Path:
-        folder = self.root.joinpath(*key.split("/"))
+        folder = self.root.joinpath(*(part for part in key.split("/") if part not in ("", ".", "..")))
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"step={step:06d}{suffix}"
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> None:
-        self._path(key, step, ".png").write_bytes(encode_png(image))
-        self._path(key, step, ".txt").write_text(caption + "\n")
+        _write_whole(self._path(key, step, ".png"), lambda path: path.write_bytes(encode_png(image)))
+        _write_whole(self._path(key, step, ".txt"), lambda path: path.write_text(caption + "\n"))
 
     def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> None:
         import soundfile
 
         for index, clip in enumerate(clips):
-            soundfile.write(self._path(key, step, f"-{index}.wav"), clip, sample_rate)
-        self._path(key, step, ".txt").write_text("\n".join(captions) + "\n")
+            _write_whole(self._path(key, step, f"-{index}.wav"),
+                         lambda path, c=clip: soundfile.write(path, c, sample_rate, format="WAV"))  # fmt: skip
+        _write_whole(self._path(key, step, ".txt"), lambda path: path.write_text("\n".join(captions) + "\n"))
 
     def __repr__(self) -> str:
         return f"FileSink({self.root})"
+
+
+def _write_whole(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary)`` then rename it to ``path``: a reader (or a full disk) never sees a partial file."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 LIGHTNING_NAMESPACES = ("lightning", "pytorch_lightning")

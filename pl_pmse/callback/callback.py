@@ -11,7 +11,6 @@ import heapq
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,17 +21,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from typing_extensions import override
 
-from . import checks
-from .distributed import check_same_everywhere, own_samples, sampler_of
-from .lightning_compat import CALLBACK_BASES
-from .metric import PerceptionMSE
-from .panels import audio as audio_panels
-from .panels import image as image_panels
-from .panels.render import stack, to_rgb, upscale
-from .panels.sinks import Send, Sink, sinks_for
-from .profile import ErrorProfile
-from .spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
-from .spaces.base import space_options as space_options_of
+from .. import checks
+from ..distributed import check_same_everywhere, own_samples, sampler_of
+from ..lightning_compat import CALLBACK_BASES
+from ..metric import PerceptionMSE
+from ..panels import audio as audio_panels
+from ..panels import image as image_panels
+from ..panels.render import stack, to_rgb, upscale
+from ..panels.sinks import Send, Sink, sinks_for
+from ..profile import ErrorProfile
+from ..spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
+from ..spaces.base import space_options as space_options_of
+from .worker import Epoch, PanelWorker
 
 if TYPE_CHECKING:  # either namespace at run time: see lightning_compat
     import lightning.pytorch as pl
@@ -116,7 +116,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel.
         panels_every_n_epochs: draw every n-th validation epoch.
         background_panels: draw and encode panels on a background thread, so that training goes on meanwhile;
-            the logger calls stay on the training thread, at the next training batch or when the loop ends.
+            the logger calls are made at the next training batch (or when the loop ends) while the training thread
+            waits, so they never run beside Lightning's own logging.
+        panel_timeout: the most the training thread waits for one epoch's panels, in seconds, drawing and logger
+            calls together (default 10). Panels that miss it are dropped with one warning that counts them, and a
+            logger that overran is not called again; teardown waits at most this too, Ctrl-C not at all.
         profile: accumulate the dataset error map / spectra / mel-band profile.
         modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
         sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
@@ -140,6 +144,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         worst_k: int = 4,
         panels_every_n_epochs: int = 1,
         background_panels: bool = True,
+        panel_timeout: float = 10.0,
         profile: bool = True,
         error_map_grid: int = 32,
         spectrum_bands: int = 32,
@@ -170,6 +175,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                                 ("test_prefix", test_prefix)):  # fmt: skip
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
+        for argument, value in (("prefix", prefix), ("test_prefix", test_prefix)):
+            if value.startswith("/") or {".", ".."} & set(value.split("/")) or "\\" in value:
+                raise ValueError(
+                    f"{argument}: expected a key like 'val/pmse' ('/'-separated names, no '.' or '..' parts, no "
+                    f"leading '/': it also names the panel folders), got {value!r}"
+                )
         if extract is not None and not callable(extract):
             raise TypeError(f"extract: expected a function (outputs, batch) -> (preds, target), got {extract!r}")
         counts = {"num_panel_samples": (num_panel_samples, 0), "worst_k": (worst_k, 0),
@@ -195,12 +206,10 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
         self._checked_everywhere = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._job: Future | None = None  # the panels of the last drawn epoch: the logger calls still to make
-        self._outbox: list[tuple[str, Send]] = []
+        self._worker = PanelWorker(panel_timeout, background_panels)
 
-    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the thread and loggers out
-        return {**self.__dict__, "_executor": None, "_job": None, "_outbox": [], "_sinks": None}
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the loggers out
+        return {**self.__dict__, "_sinks": None}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -215,8 +224,21 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._fixed_positions = [tuple(p) for p in state_dict.get("fixed_positions", [])]
-        self._fixed_frozen = bool(state_dict.get("fixed_frozen", bool(self._fixed_positions)))
+        positions, frozen = state_dict.get("fixed_positions", []), state_dict.get("fixed_frozen")
+        valid = isinstance(positions, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
+            for p in positions
+        )
+        if not valid or not isinstance(frozen, (bool, type(None))):
+            warnings.warn(
+                f"PerceptionMSECallback: the checkpoint's fixed panel samples are not valid (fixed_positions="
+                f"{positions!r}, fixed_frozen={frozen!r}); the fixed samples are chosen afresh",
+                UserWarning,
+                stacklevel=2,
+            )
+            positions, frozen = [], False
+        self._fixed_positions = [tuple(p) for p in positions]
+        self._fixed_frozen = bool(self._fixed_positions) if frozen is None else frozen
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -266,27 +288,25 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._flush(wait=False)
+        self._worker.deliver(wait=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._flush(wait=True)
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
+        self._worker.close(wait=True)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "exception")
+        """Ctrl-C or an error: panels in flight are dropped at once (the worker is a daemon thread)."""
+        self._worker.close(wait=False)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(wait=False)
+        self._worker.deliver(wait=False)
         self._start(trainer, "validate", _as_list(trainer.val_dataloaders), pl_module)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(wait=False)
+        self._worker.deliver(wait=False)
         self._start(trainer, "test", _as_list(trainer.test_dataloaders), pl_module)
 
     @override
@@ -430,6 +450,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return
         states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
         worst = [self._gather_worst(samples) for samples in stage.worst]
+        if self._fixed_frozen and trainer.is_global_zero and loop == "validate":
+            self._check_fixed_found(len(stage.fixed))
         self._fixed_frozen = self._fixed_frozen or bool(self._fixed_positions)
         if trainer.is_global_zero:
             step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
@@ -440,7 +462,21 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 (stage.key("", index), fixed if index == 0 else [], worst[index], states[index] if states else None)
                 for index in range(len(stage.metrics))
             ]
-            self._submit(lambda: self._render(jobs, step))
+            label = f"{loop} epoch {trainer.current_epoch}"
+            self._worker.submit(label, lambda epoch: self._render(epoch, jobs, step))
+
+    def _check_fixed_found(self, found: int) -> None:
+        """Restored positions that this validation set does not have (a smaller set, another batch size): warn
+        and choose the fixed samples afresh from the next epoch on, instead of silently drawing fewer."""
+        if found < len(self._fixed_positions):
+            warnings.warn(
+                f"PerceptionMSECallback: {len(self._fixed_positions) - found} of the {len(self._fixed_positions)} "
+                f"fixed panel samples restored from the checkpoint ({self._fixed_positions}) are not in this "
+                f"validation set; the fixed samples are chosen afresh from the next epoch on",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._fixed_positions, self._fixed_frozen = [], False
 
     def _open_sinks(self, loggers: list[Any]) -> list[Sink]:
         """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went."""
@@ -463,50 +499,21 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             samples = [sample for part in gathered for sample in part]
         return sorted(samples, reverse=True)[: self.worst_k]
 
-    # -- panels: drawn and encoded on the panel thread, sent to the loggers on the training thread ---------------
+    # -- panels: drawn and encoded on the panel thread, logged within bounded delivery windows ---------------------
 
-    def _submit(self, render: Callable[[], list[tuple[str, Send]]]) -> None:
-        self._flush(wait=True)  # one epoch's panels in flight at most
-        if self.background_panels:
-            self._job = self._panel_thread().submit(render)
-        else:
-            self._job = Future()
-            self._job.set_result(self._guarded("drawing panels", render) or [])
-            self._flush(wait=True)
-
-    def _panel_thread(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            threads = torch.get_num_threads()
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pl_pmse_panels", initializer=_single_threaded)
-            self._executor.submit(lambda: None).result()  # the initializer has run ...
-            torch.set_num_threads(threads)  # ... give the process default back: the panel thread keeps its 1
-        return self._executor
-
-    def _flush(self, wait: bool) -> None:
-        """Make the logger calls of the drawn panels; ``wait`` for panels still being drawn."""
-        job = self._job
-        if job is None or not (wait or job.done()):
-            return
-        self._job = None
-        for what, send in self._guarded("drawing panels", job.result) or []:
-            self._guarded(f"{what} (logging)", send)
-
-    def _render(self, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> list[tuple[str, Send]]:
-        """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs; returns the logger
-        calls still to make."""
-        self._outbox = []
+    def _render(self, epoch: Epoch, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> None:
+        """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs (on the worker)."""
         for prefix, fixed, worst, profile_state in jobs:
             profile = None
             if profile_state:  # a failure here leaves out the profile panels only
-                profile = self._guarded(
+                profile = epoch.guard(
                     f"computing the {prefix} error profile", lambda p=profile_state: p[0].profile_of(p[1])
                 )
-            for key, draw in self._panels(prefix, fixed, worst, profile, step):
-                self._guarded(f"drawing {key}", draw)  # one failing panel does not hide the others
-        return self._outbox
+            for key, draw in self._panels(epoch, prefix, fixed, worst, profile, step):
+                epoch.guard(f"drawing {key}", draw)  # one failing panel does not hide the others
 
     def _panels(
-        self, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
+        self, epoch: Epoch, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
     ) -> list[tuple[str, Callable[[], None]]]:
         """The panels due this epoch, as ``(key, draw)`` pairs."""
         image = self.modality == "image"
@@ -514,100 +521,71 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         for name, samples in (("fixed", fixed), ("worst", worst)):
             key = f"{prefix}/panels/{name}"
             if samples and image and samples[0].target.dim() == 3:
-                panels.append((key, lambda k=key, s=samples: self._image_panel(k, s, step)))
+                panels.append((key, lambda k=key, s=samples: self._image_panel(epoch, k, s, step)))
                 if name == "worst":
                     table = f"{prefix}/worst_table"
-                    panels.append((table, lambda t=table, s=samples: self._table(t, s, step)))
+                    panels.append((table, lambda t=table, s=samples: self._table(epoch, t, s, step)))
             elif samples and not image and self.sample_rate:
                 clips = f"{prefix}/audio/{name}"
-                panels.append((key, lambda k=key, c=clips, s=samples: self._audio_panels(k, c, s, step)))
+                panels.append((key, lambda k=key, c=clips, s=samples: self._audio_panels(epoch, k, c, s, step)))
         if profile is None or not self._counted(profile):
             return panels
         if image:
             drawings = [
-                (
-                    "error_map",
-                    lambda: image_panels.error_map_panel(profile["error_map"]),
-                    "mean squared error over the whole set, pooled",
-                ),
-                (
-                    "spectrum",
-                    lambda: image_panels.spectrum_panel(profile),
-                    "radial power spectra: error, target, prediction",
-                ),
-            ]
+                ("error_map", lambda: image_panels.error_map_panel(profile["error_map"]),
+                 "mean squared error over the whole set, pooled"),
+                ("spectrum", lambda: image_panels.spectrum_panel(profile),
+                 "radial power spectra: error, target, prediction"),
+            ]  # fmt: skip
         else:
             drawings = [
-                (
-                    "mel_profile",
-                    lambda: audio_panels.mel_profile_panel(profile),
-                    "per mel band: squared log-mel error; target and prediction power",
-                )
-            ]
+                ("mel_profile", lambda: audio_panels.mel_profile_panel(profile),
+                 "per mel band: squared log-mel error; target and prediction power"),
+            ]  # fmt: skip
         for name, draw, caption in drawings:
             key = f"{prefix}/panels/{name}"
-            panels.append((key, lambda k=key, d=draw, c=caption: self._send_image(k, d(), c, step)))
+            panels.append((key, lambda k=key, d=draw, c=caption: self._send_image(epoch, k, d(), c, step)))
         return panels
 
-    def _image_panel(self, key: str, samples: list[_Sample], step: int) -> None:
+    def _image_panel(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
         picture, vmax = image_panels.comparison_grid([(s.target, s.preds) for s in samples], self._image_range)
         captions = "; ".join(s.caption() for s in samples)
-        self._send_image(key, picture, f"rows: {captions}. Error scale 0 to {vmax:.4g}", step)
+        self._send_image(epoch, key, picture, f"rows: {captions}. Error scale 0 to {vmax:.4g}", step)
 
-    def _audio_panels(self, panel_key: str, clip_key: str, samples: list[_Sample], step: int) -> None:
+    def _audio_panels(self, epoch: Epoch, panel_key: str, clip_key: str, samples: list[_Sample], step: int) -> None:
         rows = [
             stack([audio_panels.spectrogram_panel(s.target, s.preds, self.sample_rate),
                    audio_panels.waveform_overlay(s.target, s.preds)], axis=0)
             for s in samples
         ]  # fmt: skip
         captions = [s.caption() for s in samples]
-        self._send_image(panel_key, stack(rows, axis=0), "; ".join(captions), step)
+        self._send_image(epoch, panel_key, stack(rows, axis=0), "; ".join(captions), step)
         for role, pick in (("target", lambda s: s.target), ("prediction", lambda s: s.preds)):
             clips = [audio_panels.clip(pick(s), self.data_range) for s in samples]
             labels = [f"{role}: {caption}" for caption in captions]
-            self._deliver("audio", lambda sink, k=f"{clip_key}_{role}", c=clips, t=labels: sink.audio(
+            self._deliver(epoch, "audio", lambda sink, k=f"{clip_key}_{role}", c=clips, t=labels: sink.audio(
                 k, c, self.sample_rate, t, step))  # fmt: skip
 
-    def _table(self, key: str, samples: list[_Sample], step: int) -> None:
+    def _table(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
         names = list(samples[0].components)
         rows = [[s.label, s.value, *(s.components[n] for n in names),
                  upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]
                 for s in samples]  # fmt: skip
         self._deliver(
-            "table", lambda sink: sink.table(key, ["sample", "pmse", *names, "target", "prediction"], rows, step)
+            epoch, "table", lambda sink: sink.table(key, ["sample", "pmse", *names, "target", "prediction"], rows, step)
         )
 
-    def _send_image(self, key: str, picture: np.ndarray, caption: str, step: int) -> None:
-        self._deliver("image", lambda sink: sink.image(key, picture, caption, step))
+    def _send_image(self, epoch: Epoch, key: str, picture: np.ndarray, caption: str, step: int) -> None:
+        self._deliver(epoch, "image", lambda sink: sink.image(key, picture, caption, step))
 
-    def _deliver(self, kind: str, call: Callable[[Sink], Send | None]) -> None:
-        """Hand a panel to every sink; what a sink leaves to send goes to the outbox."""
+    def _deliver(self, epoch: Epoch, kind: str, call: Callable[[Sink], Send | None]) -> None:
+        """Prepare a panel for every sink (encoding, files: here, on the worker); the logger calls left to make
+        wait for the epoch's delivery window."""
         for sink in self._sinks or []:
             what = f"{sink!r} {kind}"
-
-            def prepare(sink: Sink = sink, what: str = what) -> None:
-                send = call(sink)
-                if send is not None:
-                    self._outbox.append((what, send))
-
-            self._guarded(what, prepare)
-
-    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run a rendering or logger call and return its result; a failure warns once per kind, returns None and
-        training goes on."""
-        try:
-            return call()
-        except Exception as error:
-            if what not in self._warned:
-                self._warned.add(what)
-                hint = " (pip install soundfile for audio clips)" if "soundfile" in repr(error).lower() else ""
-                warnings.warn(
-                    f"PerceptionMSECallback: {what} failed: {type(error).__name__}: {error}{hint}; training "
-                    f"continues and further failures of this kind are not reported",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return None
+            send = epoch.guard(what, lambda sink=sink: call(sink))
+            if send is not None:
+                epoch.send(repr(sink), f"{what} (logging)", send)
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -636,14 +614,6 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     @property
     def _image_range(self) -> tuple[float, float]:
         return self.data_range or (0.0, 1.0)
-
-
-def _single_threaded() -> None:
-    """Panel-thread initializer: its torch ops run on one OpenMP thread. Parallel torch ops on a second thread
-    start a second OpenMP team, and that slowed every later op of the training thread by ~20% (2 cores, measured).
-    OpenMP's thread count is per thread; other process-wide settings this touches are restored by the caller."""
-    torch.get_num_threads()  # this thread's own OpenMP setting is initialised first ...
-    torch.set_num_threads(1)  # ... then lowered
 
 
 def _as_list(dataloaders: Any) -> list[Any]:

@@ -1,0 +1,172 @@
+"""The panel worker: one daemon thread that draws an epoch's panels and makes its logger calls, with bounded waits.
+
+The training thread hands over one epoch's drawing at a time (:meth:`PanelWorker.submit`) and later opens a
+*delivery window* (:meth:`PanelWorker.deliver`): the logger calls of the drawn panels run on the worker thread while
+the training thread waits, so they never run beside Lightning's own logging. The training thread waits at most
+``timeout`` seconds per epoch in all (drawing it still waits for, plus logger calls); what misses that is dropped
+with one warning that counts it. A sink that overran is not called again. Failures (a sink raising, a disk full,
+even ``SystemExit`` from a sink) are counted per epoch and reported in one warning; none reaches training.
+
+Ctrl-C: the thread is a daemon and :meth:`close` with ``wait=False`` returns at once, so the process ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Send = Callable[[], None]
+Draw = Callable[["Epoch"], None]  # draws one epoch's panels; calls epoch.send(sink name, what, send) per logger call
+
+
+@dataclass
+class Epoch:
+    """One epoch's panels on their way: the logger calls drawn so far, and what failed or was dropped."""
+
+    label: str
+    budget: float
+    sends: list[tuple[str, str, Send]] = field(default_factory=list)  # (sink, what, call)
+    failures: Counter = field(default_factory=Counter)  # "what: ErrorType: message" -> count
+    dropped: int = 0
+    drawn: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, sink: str, what: str, call: Send) -> None:
+        self.sends.append((sink, what, call))
+
+    def guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run ``call``; count any failure (``SystemExit`` included) instead of raising it."""
+        try:
+            return call()
+        except BaseException as error:
+            self.failures[f"{what}: {type(error).__name__}: {error}"] += 1
+            return None
+
+
+class PanelWorker:
+    """One daemon thread, an explicit queue, bounded waits (see the module doc)."""
+
+    def __init__(self, timeout: float, background: bool = True) -> None:
+        self.timeout, self.background = timeout, background
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._epoch: Epoch | None = None  # drawn or being drawn, not yet delivered
+        self._broken: set[str] = set()  # sinks that overran a delivery window
+
+    def submit(self, label: str, draw: Draw) -> None:
+        """Hand over an epoch's drawing; the previous epoch's panels are delivered (or dropped) first."""
+        self.deliver(wait=True)
+        epoch = self._epoch = Epoch(label, self.timeout)
+        if self.background:
+            self._run_on_thread(lambda: self._draw(epoch, draw))
+        else:
+            self._draw(epoch, draw)
+
+    def deliver(self, wait: bool) -> None:
+        """Make the logger calls of the drawn epoch, on the worker thread, waiting within the epoch's budget.
+
+        ``wait=False`` (a training batch): only if the drawing is done. ``wait=True`` (the next validation epoch,
+        teardown): wait for the drawing too, within the budget.
+        """
+        epoch = self._epoch
+        if epoch is None or not (wait or epoch.drawn.is_set()):
+            return
+        self._epoch = None
+        if not self._waited(epoch, epoch.drawn.wait):
+            epoch.dropped += max(1, len(epoch.sends))  # not even drawn in time: count what it had
+        else:
+            for index, (sink, what, call) in enumerate(epoch.sends):
+                if sink in self._broken:
+                    epoch.dropped += 1
+                    continue
+                done = threading.Event()
+                self._run_on_thread(lambda c=call, w=what, d=done: (epoch.guard(w, c), d.set()))
+                if not self._waited(epoch, done.wait):
+                    self._broken.add(sink)
+                    epoch.failures[
+                        f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
+                    ] += 1
+                    epoch.dropped += len(epoch.sends) - index - 1
+                    break
+        self._report(epoch)
+
+    def close(self, wait: bool = True) -> None:
+        """Deliver what is left (``wait``: within the budget) and let the thread go; never blocks beyond it."""
+        if wait:
+            self.deliver(wait=True)
+        elif self._epoch is not None:
+            self._epoch.dropped += len(self._epoch.sends) or 1
+            self._report(self._epoch)
+            self._epoch = None
+        if self._thread is not None:
+            self._queue.put(None)  # the thread ends after its current job; a hung job holds only a daemon thread
+            self._thread = None
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: a fresh worker on the other side
+        return {"timeout": self.timeout, "background": self.background}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _draw(self, epoch: Epoch, draw: Draw) -> None:
+        try:
+            epoch.guard("drawing panels", lambda: draw(epoch))
+        finally:
+            epoch.drawn.set()
+
+    def _waited(self, epoch: Epoch, wait: Callable[[float], bool]) -> bool:
+        """Wait with what is left of the epoch's budget; charge the time waited."""
+        start = time.monotonic()
+        done = wait(max(0.0, epoch.budget))
+        epoch.budget -= time.monotonic() - start
+        return done
+
+    def _run_on_thread(self, job: Callable[[], Any]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._queue = queue.Queue()  # a hung thread keeps its own queue
+            threads, started = torch.get_num_threads(), threading.Event()
+            self._thread = threading.Thread(target=_serve, args=(self._queue, started), name="pl_pmse_panels",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+            started.wait()
+            torch.set_num_threads(threads)  # the process default back: the worker thread keeps its 1
+        self._queue.put(job)
+
+    @staticmethod
+    def _report(epoch: Epoch) -> None:
+        if not (epoch.failures or epoch.dropped):
+            return
+        failed = sum(epoch.failures.values())
+        kinds = "; ".join(f"{what} (x{count})" if count > 1 else what for what, count in epoch.failures.items())
+        if "soundfile" in kinds.lower():
+            kinds += " (pip install soundfile for audio clips)"
+        warnings.warn(
+            f"PerceptionMSECallback: panels of {epoch.label}: {failed} logger or drawing call(s) failed"
+            + (f" and {epoch.dropped} panel(s) were dropped" if epoch.dropped else "")
+            + (f": {kinds}" if kinds else "")
+            + "; training continues",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _serve(jobs: queue.Queue, started: threading.Event) -> None:
+    """The worker thread: single-threaded torch (a second OpenMP team slowed every op of the training thread by
+    ~20% on 2 cores; OpenMP's count is per thread once initialised, so the caller restores its own); jobs guard
+    themselves."""
+    torch.get_num_threads()  # this thread's own OpenMP setting is initialised first ...
+    torch.set_num_threads(1)  # ... then lowered
+    started.set()
+    while (job := jobs.get()) is not None:
+        with contextlib.suppress(BaseException):  # jobs count their own failures; the thread must survive
+            job()
