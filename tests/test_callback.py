@@ -102,7 +102,15 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
     fixed = [row["val/pmse/panels/fixed/captions"][0] for row in rows if "val/pmse/panels/fixed/captions" in row]
     assert fixed[0].split(":")[0] == fixed[1].split(":")[0] == "rows"
     assert [c.split(": pmse")[0] for c in fixed[0].split("; ")] == [c.split(": pmse")[0] for c in fixed[1].split("; ")]
-    assert any("val/pmse/worst_table/path" in row for row in rows)
+    # one error scale per panel key, fixed from the first epoch, so that epochs compare at a glance
+    scales = [caption.split("Error scale 0 to ")[1].split(" ")[0] for caption in fixed]
+    assert scales[0] == scales[1] and callback.state_dict()["error_scales"]["val/pmse/panels/fixed"] > 0
+    # ALL panels of an epoch in ONE history row, at the step of the epoch's scalars; with the interactive charts
+    panel_rows = [row for row in rows if any(key.startswith("val/pmse/panels/") for key in row)]
+    assert len(panel_rows) == 2
+    for row in panel_rows:
+        assert {f"{key}/filenames" for key in panel_keys} <= set(row)
+        assert "val/pmse/worst_table/path" in row and any(key.startswith("val/pmse/charts/spectrum") for key in row)
 
 
 def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wandb_logger, monkeypatch) -> None:
@@ -326,10 +334,12 @@ def test_failing_logger_reports_once_per_epoch_and_training_continues(tmp_path, 
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     failures = [str(w.message) for w in caught if "W&B is down" in str(w.message)]
-    assert len(failures) == 3 and all("W&B is down (x4); training continues" in f for f in failures)  # per epoch
+    # one report per epoch; the epoch's panels are ONE W&B row, so the failed call carried all of them
+    assert len(failures) == 3 and all(
+        "WandbSink epoch row (logging): ConnectionError: W&B is down" in f for f in failures
+    )
     _, rows = finished_history(tmp_path)
-    assert len([row for row in rows if "val/pmse" in row]) == 3
-    assert any("val/pmse/worst_table/path" in row for row in rows)  # tables still went through
+    assert len([row for row in rows if "val/pmse" in row]) == 3  # the scalars all went through
 
 
 def test_checkpoint_and_early_stopping_monitor_val_pmse(tmp_path) -> None:
@@ -479,3 +489,26 @@ def test_0_255_floats_with_the_default_range_warn_once_through_the_callback(tmp_
         trainer.fit(Denoiser(), ImageData())
     (warning,) = [w for w in caught if "assumes values in [0, 1]" in str(w.message)]
     assert "data_range=255" in str(warning.message)
+
+
+def test_panel_pictures_read_at_a_glance() -> None:
+    from pl_pmse.panels import audio as audio_panels
+    from pl_pmse.panels.render import _tick_label
+
+    pairs = [(torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.5))] * 2
+    plain, _ = image_panels.comparison_grid(pairs, (0.0, 1.0))
+    labelled, vmax = image_panels.comparison_grid(pairs, (0.0, 1.0), vmax=1.0, labels=["a: pmse 1", "b: pmse 2"])
+    assert labelled.shape[0] == plain.shape[0] + 2 * 16 and vmax == 1.0  # a title strip on each row; the given scale
+    # log axes within one decade read as values, not as the same "1e+2" three times
+    labels = [_tick_label(v, log=True) for v in np.linspace(2.0, 2.3, 4)]
+    assert len(set(labels)) == 4 and labels[0] == "1e+02"
+    # spectrograms get a frequency axis in Hz, and the waveform below stays in line with them
+    spectrogram = audio_panels.spectrogram_panel(torch.randn(4000) * 0.1, torch.randn(4000) * 0.1, 8000)
+    waveform = audio_panels.waveform_overlay(torch.randn(4000), torch.randn(4000))
+    assert spectrogram.shape[1] == waveform.shape[1] == 640 + audio_panels.AXIS_MARGIN
+
+
+def test_the_audio_profile_uses_the_metrics_own_mel_analysis() -> None:
+    callback = PerceptionMSECallback("mel", sample_rate=8000, n_fft=512, hop_length=128, n_mels=40)
+    profile = callback._new_profile()
+    assert (profile.n_fft, profile.hop_length, profile.n_mels) == (512, 128, 40)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchaudio
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -202,6 +203,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._stages: dict[str, _Stage] = {}
         self._fixed_positions: list[tuple[int, int]] = []
         self._fixed_frozen = False
+        self._error_scales: dict[str, float] = {}  # per panel key, from its first epoch: comparable across epochs
         self._sinks: list[Sink] | None = None
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
@@ -220,7 +222,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fixed_positions": [list(p) for p in self._fixed_positions], "fixed_frozen": self._fixed_frozen}
+        return {"fixed_positions": [list(p) for p in self._fixed_positions], "fixed_frozen": self._fixed_frozen,
+                "error_scales": dict(self._error_scales)}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -239,6 +242,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             positions, frozen = [], False
         self._fixed_positions = [tuple(p) for p in positions]
         self._fixed_frozen = bool(self._fixed_positions) if frozen is None else frozen
+        scales = state_dict.get("error_scales", {})
+        if isinstance(scales, Mapping) and all(
+            isinstance(k, str) and isinstance(v, float) and 0 < v < float("inf") for k, v in scales.items()
+        ):
+            self._error_scales = dict(scales)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -369,8 +377,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         return stage
 
     def _new_profile(self) -> ErrorProfile:
-        if self.modality == "audio":
-            return ErrorProfile("audio", self.data_range, sample_rate=self.sample_rate)
+        if self.modality == "audio":  # on the metric's own mel analysis where the space has one
+            mel = getattr(self.space, "transform", None)
+            analysis = {"n_fft": mel.n_fft, "hop_length": mel.hop_length, "n_mels": mel.mel_scale.n_mels} if (
+                isinstance(mel, torchaudio.transforms.MelSpectrogram)) else {}  # fmt: skip
+            return ErrorProfile("audio", self.data_range, sample_rate=self.sample_rate, **analysis)
         return ErrorProfile("image", self.data_range, grid=self.error_map_grid, bands=self.spectrum_bands)
 
     def _batch(self, trainer: pl.Trainer, loop: str, outputs: Any, batch: Any, batch_idx: int, index: int) -> None:
@@ -511,6 +522,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 )
             for key, draw in self._panels(epoch, prefix, fixed, worst, profile, step):
                 epoch.guard(f"drawing {key}", draw)  # one failing panel does not hide the others
+        self._deliver(epoch, "epoch row", lambda sink: sink.flush(step))  # W&B: all panels in one history row
 
     def _panels(
         self, epoch: Epoch, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
@@ -532,8 +544,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return panels
         if image:
             drawings = [
-                ("error_map", lambda: image_panels.error_map_panel(profile["error_map"]),
-                 "mean squared error over the whole set, pooled"),
+                ("error_map", lambda: self._error_map(f"{prefix}/panels/error_map", profile["error_map"]),
+                 "mean squared error over the whole set, pooled (scale fixed from the first epoch)"),
                 ("spectrum", lambda: image_panels.spectrum_panel(profile),
                  "radial power spectra: error, target, prediction"),
             ]  # fmt: skip
@@ -545,12 +557,32 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         for name, draw, caption in drawings:
             key = f"{prefix}/panels/{name}"
             panels.append((key, lambda k=key, d=draw, c=caption: self._send_image(epoch, k, d(), c, step)))
+        chart = f"{prefix}/charts/{'spectrum' if image else 'mel_profile'}"
+        panels.append((chart, lambda: self._chart(epoch, chart, profile, image)))
         return panels
 
+    def _chart(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], image: bool) -> None:
+        """The spectrum / mel-band profile as an interactive line chart (W&B), beside the drawn panel."""
+        names = {"error": "error", "target": "target", "preds": "prediction"}
+        series = {label: profile[name].tolist() for name, label in names.items()}
+        title = "radial power spectrum, mean over the set" if image else "per mel band, mean over the set"
+        x_label = "frequency (cycles / pixel)" if image else "frequency (Hz)"
+        x = profile["frequency"].tolist()
+        self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
+
     def _image_panel(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
-        picture, vmax = image_panels.comparison_grid([(s.target, s.preds) for s in samples], self._image_range)
-        captions = "; ".join(s.caption() for s in samples)
-        self._send_image(epoch, key, picture, f"rows: {captions}. Error scale 0 to {vmax:.4g}", step)
+        labels = [s.caption() for s in samples]
+        picture, vmax = image_panels.comparison_grid(
+            [(s.target, s.preds) for s in samples], self._image_range, self._error_scales.get(key), labels
+        )
+        self._error_scales.setdefault(key, vmax)  # the first epoch's scale stays: epochs compare at a glance
+        caption = f"rows: {'; '.join(labels)}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
+        self._send_image(epoch, key, picture, caption, step)
+
+    def _error_map(self, key: str, error_map: Tensor) -> np.ndarray:
+        picture = image_panels.error_map_panel(error_map, vmax=self._error_scales.get(key))
+        self._error_scales.setdefault(key, float(error_map.max()) or 1.0)
+        return picture
 
     def _audio_panels(self, epoch: Epoch, panel_key: str, clip_key: str, samples: list[_Sample], step: int) -> None:
         rows = [

@@ -14,6 +14,7 @@ from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, line_plot, 
 
 DYNAMIC_RANGE_DB = 80.0
 DIFFERENCE_LIMIT_DB = 40.0
+AXIS_MARGIN = 40  # the spectrograms' frequency labels; the waveform below is shifted alike, so that time lines up
 
 
 def mono(x: Tensor) -> Tensor:
@@ -54,15 +55,37 @@ def spectrogram_panel(
     target_db, preds_db = (log_mel_db(mono(x), sample_rate).flip(0) for x in (target, preds))
     top = float(torch.maximum(target_db.max(), preds_db.max()))
     scale = lambda db: ((db - (top - DYNAMIC_RANGE_DB)) / DYNAMIC_RANGE_DB).numpy()  # noqa: E731
+    axis = lambda picture: _frequency_axis(picture, target_db.shape[0], sample_rate)  # noqa: E731
     rows = [
-        titled(_stretch(magma(scale(target_db)), height, width), f"target log-mel (dB, top {top:.1f})"),
-        titled(_stretch(magma(scale(preds_db)), height, width), "prediction log-mel (same scale)"),
+        titled(axis(_stretch(magma(scale(target_db)), height, width)), f"target log-mel (dB, top {top:.1f})"),
+        titled(axis(_stretch(magma(scale(preds_db)), height, width)), "prediction log-mel (same scale)"),
         titled(
-            _stretch(diverging((preds_db - target_db).numpy(), DIFFERENCE_LIMIT_DB), height, width),
+            axis(_stretch(diverging((preds_db - target_db).numpy(), DIFFERENCE_LIMIT_DB), height, width)),
             f"prediction - target (blue -{DIFFERENCE_LIMIT_DB:.0f} dB, red +{DIFFERENCE_LIMIT_DB:.0f} dB)",
         ),
     ]
     return stack(rows, axis=0)
+
+
+def mel_band_centres(n_mels: int, sample_rate: int) -> np.ndarray:
+    """Centre frequencies (Hz) of ``n_mels`` HTK mel bands from 0 to ``sample_rate / 2``, lowest first."""
+    top = 2595 * np.log10(1 + sample_rate / 2 / 700)
+    mels = top * np.arange(1, n_mels + 1) / (n_mels + 1)
+    return 700 * (10 ** (mels / 2595) - 1)
+
+
+def _frequency_axis(picture: np.ndarray, n_mels: int, sample_rate: int, margin: int = AXIS_MARGIN) -> np.ndarray:
+    """A labelled frequency axis (Hz, on the mel scale) left of a spectrogram drawn highest band at the top."""
+    centres = mel_band_centres(n_mels, sample_rate)[::-1]
+    strip = Image.new("RGB", (margin, picture.shape[0]), (BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(strip)
+    for fraction in (0.0, 0.33, 0.66, 1.0):
+        row = min(picture.shape[0] - 1, int(fraction * (picture.shape[0] - 1)))
+        hertz = centres[min(n_mels - 1, int(fraction * (n_mels - 1)))]
+        text = f"{hertz / 1000:.1f}k" if hertz >= 1000 else f"{hertz:.0f}"
+        draw.line([(margin - 4, row), (margin - 1, row)], fill=(30, 30, 30))
+        draw.text((2, max(0, min(row - 5, picture.shape[0] - 11))), text, fill=(30, 30, 30))
+    return np.concatenate([np.asarray(strip), picture], 1)
 
 
 def waveform_overlay(target: Tensor, preds: Tensor, width: int = 640, height: int = 140) -> np.ndarray:
@@ -72,7 +95,7 @@ def waveform_overlay(target: Tensor, preds: Tensor, width: int = 640, height: in
     image = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
     draw = ImageDraw.Draw(image)
     middle = height / 2
-    for signal, colour in zip(signals, ((150, 150, 150), SERIES_COLOURS[0]), strict=True):
+    for signal, colour in zip(signals, ((150, 150, 150), SERIES_COLOURS[1]), strict=True):
         columns = np.array_split(signal, width) if signal.size >= width else [signal[[i]] for i in range(signal.size)]
         step = width / len(columns)
         for index, column in enumerate(columns):
@@ -80,7 +103,8 @@ def waveform_overlay(target: Tensor, preds: Tensor, width: int = 640, height: in
             low, high = float(column.min()), float(column.max())
             draw.line([(x, middle - high / limit * middle * 0.95), (x, middle - low / limit * middle * 0.95)],
                       fill=colour)  # fmt: skip
-    return titled(np.asarray(image), f"waveform: target (grey), prediction (blue); peak {limit:.3g}")
+    picture = np.pad(np.asarray(image), [(0, 0), (AXIS_MARGIN, 0), (0, 0)], constant_values=BACKGROUND)
+    return titled(picture, f"waveform: target (grey), prediction (blue); peak {limit:.3g}")  # in line with the rows
 
 
 def mel_profile_panel(profile: Mapping[str, Tensor]) -> np.ndarray:

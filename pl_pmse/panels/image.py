@@ -13,11 +13,15 @@ MIN_SIDE = 96
 
 
 def comparison_grid(
-    pairs: Sequence[tuple[Tensor, Tensor]], data_range: tuple[float, float]
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    data_range: tuple[float, float],
+    vmax: float | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Rows of target | prediction | squared error (mean over channels), on ONE error scale for the panel.
+    """Rows of target | prediction | squared error (mean over channels), each row titled with its ``labels`` entry
+    (its values), on ONE error scale: ``vmax`` (kept fixed across epochs by the caller) or this panel's largest.
 
-    Returns the picture and the top of the error scale (in squared data units), for the caption.
+    Returns the picture and the top of the error scale (in squared data units).
 
     Example:
         >>> import torch
@@ -26,22 +30,23 @@ def comparison_grid(
         (dtype('uint8'), 0.25)
     """
     errors = [(p.double() - t.double()).square().mean(0) for t, p in pairs]
-    vmax = max(float(e.max()) for e in errors)
+    vmax = vmax if vmax is not None else max(float(e.max()) for e in errors) or 1.0
     rows = []
     for index, ((target, preds), error) in enumerate(zip(pairs, errors, strict=True)):
         cells = [upscale(to_rgb(x, data_range), MIN_SIDE) for x in (target, preds)]
         cells.append(upscale(heatmap(error, vmax), MIN_SIDE))
         if index == 0:
             cells = [titled(cell, title) for cell, title in zip(cells, ("target", "prediction", "error"), strict=True)]
-        rows.append(stack(cells, axis=1))
+        row = stack(cells, axis=1)
+        rows.append(titled(row, labels[index]) if labels else row)
     grid = stack(rows, axis=0)
     bar = colorbar(cells[-1].shape[1], vmax)
     return stack([grid, np.pad(bar, [(0, 0), (grid.shape[1] - bar.shape[1], 0), (0, 0)], constant_values=255)], 0), vmax
 
 
-def error_map_panel(error_map: Tensor, size: int = 256) -> np.ndarray:
-    """The mean squared-error map over the dataset (pooled grid), on its own scale."""
-    vmax = float(error_map.max())
+def error_map_panel(error_map: Tensor, size: int = 256, vmax: float | None = None) -> np.ndarray:
+    """The mean squared-error map over the dataset (pooled grid), on ``vmax`` (fixed by the caller) or its own."""
+    vmax = vmax if vmax is not None else float(error_map.max()) or 1.0
     picture = upscale(heatmap(error_map, vmax), size)
     return stack([titled(picture, "mean squared error, whole set"), colorbar(picture.shape[1], vmax)], axis=0)
 

@@ -16,7 +16,8 @@ from torch import Tensor
 
 BACKGROUND = 255
 INK = (30, 30, 30)
-SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+# Okabe & Ito's colour-blind-safe set: black, blue, orange, bluish green (error, target, prediction, ...)
+SERIES_COLOURS = ((0, 0, 0), (0, 114, 178), (230, 159, 0), (0, 158, 115))
 
 
 @functools.cache
@@ -129,11 +130,12 @@ def line_plot(
     for yv in _ticks(y_low, y_high, integer=log_y):
         _, py = point(x_low, yv)
         draw.line([(left - 4, py), (left, py)], fill=INK)
-        draw.text((4, py - 6), f"1e{yv:+.0f}" if log_y else f"{yv:.3g}", fill=INK, font=font)
+        draw.text((4, py - 6), _tick_label(yv, log_y), fill=INK, font=font)
     for xv in _ticks(x_low, x_high):
         px, _ = point(xv, y_low)
         draw.line([(px, height - bottom), (px, height - bottom + 4)], fill=INK)
-        draw.text((px - 12, height - bottom + 6), f"{xv:.3g}", fill=INK, font=font)
+        text = f"{xv:.3g}"
+        draw.text((min(px - 12, width - 6 * len(text) - 2), height - bottom + 6), text, fill=INK, font=font)
     draw.text((left, 6), title, fill=INK, font=font)
     draw.text((width // 2 - 40, height - 16), x_label, fill=INK, font=font)
     for index, (name, ys) in enumerate(values.items()):
@@ -145,6 +147,13 @@ def line_plot(
         draw.line([(width - right - 130, legend_y), (width - right - 110, legend_y)], fill=colour, width=3)
         draw.text((width - right - 104, legend_y - 6), name, fill=colour, font=font)
     return np.asarray(image)
+
+
+def _tick_label(value: float, log: bool) -> str:
+    """A y tick: ``1e+02`` on whole decades of a log axis, the value itself (``10 ** value`` on a log axis) else."""
+    if log and float(value).is_integer():
+        return f"1e{value:+03.0f}"
+    return f"{10**value if log else value:.3g}"
 
 
 def _ticks(low: float, high: float, integer: bool = False, count: int = 5) -> list[float]:

@@ -5,7 +5,8 @@ Loggers are recognised without importing Lightning: the ``WandbLogger`` / ``Tens
 ``experiment`` (a W&B run or a TensorBoard ``SummaryWriter``).
 
 Each sink call does the heavy part (encoding, files) wherever it is called, possibly on a background thread, and
-returns the logger call still to make, a ``Send`` that the callback makes on the training thread (logger objects
+returns the logger call still to make (or keeps it for :meth:`Sink.flush`), a ``Send`` that the callback makes in a
+delivery window while the training thread waits (logger objects
 are not thread-safe). Sinks are only used on global rank zero, and every call is the caller's to guard: a failing
 logger must never stop training (see ``PerceptionMSECallback``).
 """
@@ -38,13 +39,22 @@ class Sink:
         """Optional: a table of values and thumbnails (W&B only)."""
         return None
 
+    def lines(self, key: str, x: list[float], series: dict[str, list[float]], title: str, x_label: str) -> None:
+        """Optional: an interactive line chart (W&B only; the other sinks have the drawn plot)."""
+
+    def flush(self, step: int) -> Send | None:
+        """Optional: a last logger call for the epoch, after all its panels (W&B: its one history row)."""
+        return None
+
     def __repr__(self) -> str:
         return type(self).__name__
 
 
 class WandbSink(Sink):
-    """``wandb.Image`` / ``wandb.Audio`` / ``wandb.Table`` through the logger's ``log_metrics`` (a WandbLogger's, or
-    the run's own ``log`` for another logger of a W&B run), keyed on ``trainer/global_step`` like the scalars.
+    """``wandb.Image`` / ``wandb.Audio`` / ``wandb.Table`` / line charts, ALL of one epoch in ONE history row at the
+    epoch's ``trainer/global_step`` (as the scalars): the panel calls only prepare, :meth:`flush` returns the one
+    logger call, through the logger's ``log_metrics`` (a WandbLogger's, or the run's own ``log`` for another logger
+    of a W&B run).
 
     Pictures reach W&B as PNG files written by :func:`encode_png` (W&B's own encoder, Pillow at its default level,
     takes ~10x longer) under unique names in the run's folder; W&B copies them when they are logged, and they are
@@ -55,33 +65,40 @@ class WandbSink(Sink):
         self.log_metrics = log_metrics or (lambda metrics, step: run.log({**metrics, "trainer/global_step": step}))
         self._folder = Path(run.dir).parent / "pl_pmse"  # in the run's folder, not synced
         self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))
+        self._pending: dict[str, Any] = {}
+        self._files: list[Path] = []
 
-    def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send:
-        return self._prepare(lambda files: {key: [self._image(image, files, caption)]}, step)
+    def image(self, key: str, image: np.ndarray, caption: str, step: int) -> None:
+        self._add(lambda files: {key: [self._image(image, files, caption)]})
 
-    def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> Send:
+    def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> None:
         import wandb
 
-        audios = [wandb.Audio(clip, sample_rate, caption) for clip, caption in zip(clips, captions, strict=True)]
-        return self._prepare(lambda files: {key: audios}, step)
+        self._add(lambda files: {key: [wandb.Audio(c, sample_rate, t) for c, t in zip(clips, captions, strict=True)]})
 
-    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> Send:
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         import wandb
 
         def build(files: list[Path]) -> dict[str, Any]:
             cells = [[self._image(v, files) if isinstance(v, np.ndarray) else v for v in row] for row in rows]
             return {key: wandb.Table(columns=columns, data=cells)}
 
-        return self._prepare(build, step)
+        self._add(build)
 
-    def _prepare(self, build: Callable[[list[Path]], dict[str, Any]], step: int) -> Send:
-        """``build(files)`` makes the W&B objects (listing the PNG files it writes); the returned call logs them."""
-        files: list[Path] = []
-        try:
-            metrics = build(files)
-        except BaseException:
-            self._remove(files)
-            raise
+    def lines(self, key: str, x: list[float], series: dict[str, list[float]], title: str, x_label: str) -> None:
+        """An interactive W&B line chart (one line per series), to compare runs and epochs."""
+        import wandb
+
+        keys = list(series)
+        self._add(lambda files: {key: wandb.plot.line_series(xs=x, ys=[series[k] for k in keys], keys=keys,
+                                                              title=title, xname=x_label)})  # fmt: skip
+
+    def flush(self, step: int) -> Send | None:
+        """The one logger call of the epoch's panels (None when there are none)."""
+        metrics, files = self._pending, self._files
+        self._pending, self._files = {}, []
+        if not metrics:
+            return None
 
         def send() -> None:
             try:
@@ -90,6 +107,16 @@ class WandbSink(Sink):
                 self._remove(files)
 
         return send
+
+    def _add(self, build: Callable[[list[Path]], dict[str, Any]]) -> None:
+        """``build(files)`` makes W&B objects (listing the PNG files it writes) for the epoch's row."""
+        files: list[Path] = []
+        try:
+            self._pending.update(build(files))
+        except BaseException:
+            self._remove(files)
+            raise
+        self._files += files
 
     def _image(self, image: np.ndarray, files: list[Path], caption: str | None = None) -> Any:
         import wandb
