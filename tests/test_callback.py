@@ -512,3 +512,25 @@ def test_the_audio_profile_uses_the_metrics_own_mel_analysis() -> None:
     callback = PerceptionMSECallback("mel", sample_rate=8000, n_fft=512, hop_length=128, n_mels=40)
     profile = callback._new_profile()
     assert (profile.n_fft, profile.hop_length, profile.n_mels) == (512, 128, 40)
+
+
+class ShowsInput(Denoiser):
+    """Returns the model input beside the pair, for the panels' input column."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        (clean,) = batch
+        noisy = (clean + 0.2 * torch.randn_like(clean)).clamp(0, 1)
+        return {"preds": self(noisy), "target": clean, "input": noisy}
+
+
+def test_an_input_returned_by_validation_step_gets_its_own_column(tmp_path) -> None:
+    widths = {}
+    for name, model in (("without", Denoiser()), ("with", ShowsInput())):
+        callback = PerceptionMSECallback("pixel", data_range=1.0, profile=False, num_panel_samples=1, worst_k=1)
+        trainer = trainer_for(tmp_path / name, CSVLogger(tmp_path / name), [callback], max_epochs=1,
+                              num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(model, ImageData())
+        (picture,) = Path(trainer.log_dir, "pmse_panels").rglob("panels/fixed/*.png")
+        with Image.open(picture) as image:
+            widths[name] = image.size[0]
+    assert widths["with"] > widths["without"] + 90  # one more 96-pixel column

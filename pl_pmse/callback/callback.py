@@ -51,6 +51,7 @@ class _Sample:
     components: dict[str, float] = field(compare=False)
     preds: Tensor = field(compare=False)
     target: Tensor = field(compare=False)
+    input: Tensor | None = field(default=None, compare=False)  # the model input, when validation_step returns it
 
     def caption(self) -> str:
         parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
@@ -109,6 +110,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             are used). Other keyword options go to the space (``weights=``, ``layers=``, ...).
         preds_key, target_key: keys of the pair in the dict that ``validation_step`` returns; a returned
             ``(preds, target)`` tuple works too.
+        input_key: key of the model input in that dict (optional): image panels then show it in a first column
+            (at its own size: a low-resolution input of a super-resolution model too). ``None``: no input column.
         prefix, test_prefix: key prefixes of the validation and test loops.
         extract: ``(outputs, batch) -> (preds, target)`` for any other layout (define it at module level for
             ``ddp_spawn``, which pickles the callback).
@@ -134,6 +137,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self,
         space: str | nn.Module | PerceptionMSE = "pixel",
         preds_key: str = "preds",
+        input_key: str | None = "input",
         target_key: str = "target",
         prefix: str = "val/pmse",
         test_prefix: str = "test/pmse",
@@ -191,6 +195,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
         self.preds_key, self.target_key, self.extract = preds_key, target_key, extract
+        self.input_key = input_key
         self.prefixes = {"validate": prefix, "test": test_prefix}
         self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
         self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
@@ -386,6 +391,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _batch(self, trainer: pl.Trainer, loop: str, outputs: Any, batch: Any, batch_idx: int, index: int) -> None:
         preds, target = self._pair(outputs, batch)
+        inputs = self._input_of(outputs, preds)
         stage = self._stages[loop]
         counted = stage.counted(index, preds.shape[0])
         if counted < preds.shape[0]:  # padding repeats of the DistributedSampler: left out of everything
@@ -406,7 +412,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
-            copies = (x[row].to("cpu", torch.float32, copy=True) for x in (preds, target))  # the panel thread's own
+            copies = [x[row].to("cpu", torch.float32, copy=True) if x is not None else None
+                      for x in (preds, target, inputs)]  # fmt: skip  # the panel thread's own
             sample = _Sample(value, label, components, *copies)
             if fixed:
                 stage.fixed.append(sample)
@@ -424,6 +431,13 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             for row, ok in enumerate(stats.valid.tolist())
             if ok
         ]
+
+    def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
+        """The model input for the panels' input column: ``outputs[input_key]`` when it is a batch of images."""
+        value = outputs.get(self.input_key) if isinstance(outputs, Mapping) and self.input_key else None
+        if isinstance(value, Tensor) and value.dim() == 4 and value.shape[0] == preds.shape[0]:
+            return value.detach()
+        return None
 
     def _pair(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
         if self.extract is not None:
@@ -572,8 +586,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _image_panel(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
         labels = [s.caption() for s in samples]
+        inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
         picture, vmax = image_panels.comparison_grid(
-            [(s.target, s.preds) for s in samples], self._image_range, self._error_scales.get(key), labels
+            [(s.target, s.preds) for s in samples], self._image_range, self._error_scales.get(key), labels, inputs
         )
         self._error_scales.setdefault(key, vmax)  # the first epoch's scale stays: epochs compare at a glance
         caption = f"rows: {'; '.join(labels)}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"

@@ -17,9 +17,11 @@ def comparison_grid(
     data_range: tuple[float, float],
     vmax: float | None = None,
     labels: Sequence[str] | None = None,
+    inputs: Sequence[Tensor] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Rows of target | prediction | squared error (mean over channels), each row titled with its ``labels`` entry
-    (its values), on ONE error scale: ``vmax`` (kept fixed across epochs by the caller) or this panel's largest.
+    """Rows of [input |] target | prediction | squared error (mean over channels), each row titled with its
+    ``labels`` entry (its values), on ONE error scale: ``vmax`` (kept fixed across epochs by the caller) or this
+    panel's largest. ``inputs``: the model inputs, shown first at their own size (a low-resolution input too).
 
     Returns the picture and the top of the error scale (in squared data units).
 
@@ -33,10 +35,12 @@ def comparison_grid(
     vmax = vmax if vmax is not None else max(float(e.max()) for e in errors) or 1.0
     rows = []
     for index, ((target, preds), error) in enumerate(zip(pairs, errors, strict=True)):
-        cells = [upscale(to_rgb(x, data_range), MIN_SIDE) for x in (target, preds)]
+        shown = (inputs[index], target, preds) if inputs else (target, preds)
+        cells = [upscale(to_rgb(x, data_range), MIN_SIDE) for x in shown]
         cells.append(upscale(heatmap(error, vmax), MIN_SIDE))
         if index == 0:
-            cells = [titled(cell, title) for cell, title in zip(cells, ("target", "prediction", "error"), strict=True)]
+            titles = ("input", "target", "prediction", "error")[-len(cells) :]
+            cells = [titled(cell, title) for cell, title in zip(cells, titles, strict=True)]
         row = stack(cells, axis=1)
         rows.append(titled(row, labels[index]) if labels else row)
     grid = stack(rows, axis=0)
