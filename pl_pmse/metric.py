@@ -21,7 +21,7 @@ from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
 from .reduction import squared_error_sums
 from .spaces import Space, get_space
-from .spaces.base import split_options
+from .spaces.registry import split_options
 
 _TORCHMETRICS_OPTIONS = (
     "compute_on_cpu",

@@ -61,8 +61,12 @@ class ErrorProfile(ExactSumMetric):
                 raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
         if modality == "audio" and (not isinstance(sample_rate, int) or sample_rate <= 0):
             raise ValueError(f"sample_rate: the audio profile needs the sample rate in Hz, got {sample_rate!r}")
-        sizes = (grid * grid + 3 * bands) if modality == "image" else 3 * n_mels
-        super().__init__(num_sums=sizes, num_counts=1, **kwargs)
+        per_row = bands if modality == "image" else n_mels
+        # the state's parts, in the order the per-sample values are concatenated (see _image/_audio_values)
+        parts = {"error_map": (grid, grid)} if modality == "image" else {}
+        parts.update({"error": (per_row,), "target": (per_row,), "preds": (per_row,)})
+        super().__init__(num_sums=sum(math.prod(shape) for shape in parts.values()), num_counts=1, **kwargs)
+        self.parts = parts
         self.modality, self.grid, self.bands, self.n_mels = modality, grid, bands, n_mels
         self.data_range = checks.check_data_range(data_range)
         self.sample_rate = sample_rate
@@ -103,17 +107,17 @@ class ErrorProfile(ExactSumMetric):
         """:meth:`compute` of a state, e.g. one taken by :meth:`synced_state` (no collective: any rank or thread)."""
         samples = self._counts(state)[0]
         values = torch.tensor(self._sums([samples] * self._num_sums, state), dtype=torch.float64)
+        sizes = [math.prod(shape) for shape in self.parts.values()]
+        named = {name: part.view(shape) for (name, shape), part in
+                 zip(self.parts.items(), values.split(sizes), strict=True)}  # fmt: skip
         if self.modality == "image":
-            error_map, spectra = values[: self.grid**2], values[self.grid**2 :].view(3, self.bands)
             frequency = (torch.arange(self.bands, dtype=torch.float64) + 0.5) / self.bands * math.sqrt(0.5)
-            return {"error_map": error_map.view(self.grid, self.grid), "frequency": frequency,
-                    "error": spectra[0], "target": spectra[1], "preds": spectra[2]}  # fmt: skip
-        profiles = values.view(3, self.n_mels)
+            return {**named, "frequency": frequency}
         hertz = torchaudio.functional.melscale_fbanks(
             self.mel.n_fft // 2 + 1, 0.0, self.sample_rate / 2, self.n_mels, self.sample_rate
         )
         centres = (hertz * torch.linspace(0, self.sample_rate / 2, hertz.shape[0])[:, None]).sum(0) / hertz.sum(0)
-        return {"frequency": centres.double(), "error": profiles[0], "target": profiles[1], "preds": profiles[2]}
+        return {**named, "frequency": centres.double()}
 
     def _image_values(self, preds: Tensor, target: Tensor) -> Tensor:
         count, _, height, width = preds.shape

@@ -18,9 +18,9 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(pl_pmse.__path__, "pl_pms
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str, monkeypatch) -> None:
-    from pl_pmse.spaces import base
+    from pl_pmse.spaces import registry
 
-    monkeypatch.setattr(base, "_FACTORIES", dict(base._FACTORIES))  # examples may register spaces
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # examples may register spaces
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

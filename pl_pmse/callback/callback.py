@@ -31,8 +31,8 @@ from ..panels import image as image_panels
 from ..panels.render import stack, to_rgb, upscale
 from ..panels.sinks import Send, Sink, sinks_for
 from ..profile import ErrorProfile
-from ..spaces import AudioSpace, MelSpace, Space, available_spaces, get_space
-from ..spaces.base import space_options as space_options_of
+from ..spaces import Space, available_spaces, get_space
+from ..spaces.registry import space_options as space_options_of
 from .worker import Epoch, PanelWorker
 
 if TYPE_CHECKING:  # either namespace at run time: see lightning_compat
@@ -201,8 +201,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
         self.background_panels = background_panels
         self.error_map_grid, self.spectrum_bands, self.prog_bar = error_map_grid, spectrum_bands, prog_bar
-        if isinstance(self.space, MelSpace) and sample_rate is None:
-            sample_rate = self.space.transform.sample_rate
+        if sample_rate is None:  # the space says its sample rate where it knows it (mel)
+            sample_rate = self.space.sample_rate
         self.sample_rate = sample_rate
         self.modality = self._resolve_modality(checks.check_choice("modality", modality, MODALITIES))
         self._stages: dict[str, _Stage] = {}
@@ -643,7 +643,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _resolve_modality(self, modality: str) -> str:
         if modality == "auto":
-            modality = "audio" if isinstance(self.space, AudioSpace) or self.sample_rate else "image"
+            modality = "audio" if self.space.modality == "audio" or self.sample_rate else "image"
         if modality == "audio" and not self.sample_rate and self.panels:
             warnings.warn("PerceptionMSECallback: audio panels need sample_rate=...; drawing none", UserWarning, 2)
             self.profile = False

@@ -9,7 +9,8 @@ import torchaudio
 from torch import Tensor, nn
 
 from .. import checks
-from .base import Space, register_space
+from .base import Space
+from .registry import register_space
 
 
 class AudioSpace(Space):

@@ -20,7 +20,8 @@ import torchvision
 from torch import Tensor, nn
 
 from .. import checks
-from .base import Space, register_space
+from .base import Space
+from .registry import register_module_space, register_space
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # LPIPS' ScalingLayer, applied to inputs in [-1, 1]
@@ -70,6 +71,7 @@ class _Captured(Exception):
     """Raised by the last hook: the rest of the network is not needed."""
 
 
+@register_module_space
 class Backbone(Space):
     """Perception space of a network's feature maps at named layers, plus the raw pixels.
 

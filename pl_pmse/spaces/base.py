@@ -1,4 +1,4 @@
-"""The Space protocol and the registry of space names.
+"""The Space protocol (the registry of space names is in :mod:`pl_pmse.spaces.registry`).
 
 A space maps a batch to named components. The raw component (``"pixel"`` or ``"waveform"``) is the input
 itself; derived components (network layers, pyramid bands, spectrograms) come from ``features``, run ONCE on
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -85,6 +85,7 @@ class Space(nn.Module):
         Compared across processes before the first sync and with saved or merged metric states.
 
         Example:
+            >>> from pl_pmse.spaces import get_space
             >>> get_space("mel", sample_rate=16000, hop_length=64).configuration()["hop_length"]
             '64'
         """
@@ -212,76 +213,3 @@ def _as_text(value: Any) -> str:
     if isinstance(value, Mapping) and any(isinstance(v, (nn.Module, Tensor)) for v in value.values()):
         return f"<{type(value).__name__} of {len(value)} tensors>"
     return repr(value)
-
-
-_FACTORIES: dict[str, Callable[..., Space]] = {}
-
-
-def register_space(name: str) -> Callable[[Callable[..., Space]], Callable[..., Space]]:
-    """Register a factory (a Space subclass or a function returning a Space) under ``name``.
-
-    Example:
-        >>> @register_space("my-pixel")
-        ... class MyPixel(Space):
-        ...     name = "my-pixel"
-        >>> get_space("my-pixel").component_names
-        ('pixel',)
-    """
-
-    def decorator(factory: Callable[..., Space]) -> Callable[..., Space]:
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_spaces() -> tuple[str, ...]:
-    """The registered space names, sorted."""
-    return tuple(sorted(_FACTORIES))
-
-
-def get_space(space: str | nn.Module = "pixel", **options: object) -> Space:
-    """Resolve ``space`` (a registered name, a :class:`Space`, or any ``nn.Module``) to a Space.
-
-    ``options`` go to the space's constructor; an ``nn.Module`` becomes a
-    :class:`~pl_pmse.spaces.backbones.Backbone` (pass ``layers=[...]``).
-    """
-    if isinstance(space, Space):
-        if options:
-            raise ValueError(f"space options {sorted(options)} only apply when space is given by name")
-        return space
-    if isinstance(space, nn.Module):
-        from .backbones import Backbone
-
-        return Backbone(space, **options)  # type: ignore[arg-type]
-    if not isinstance(space, str) or space not in _FACTORIES:
-        raise ValueError(f"space: expected one of {list(available_spaces())}, a Space or an nn.Module, got {space!r}")
-    factory = _FACTORIES[space]
-    _check_options(space, factory, options)
-    return factory(**options)
-
-
-def space_options(name: str) -> tuple[str, ...]:
-    """The keyword options a registered space accepts.
-
-    Example:
-        >>> space_options("pixel")
-        ('component_weights',)
-    """
-    return tuple(p for p in inspect.signature(_FACTORIES[name]).parameters if p != "self")
-
-
-def _check_options(name: str, factory: Callable[..., Space], options: Mapping[str, object]) -> None:
-    parameters = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    unknown = sorted(set(options) - set(parameters))
-    if unknown:
-        accepted = [p for p in parameters if p != "self"]
-        raise TypeError(f"space {name!r}: unknown option(s) {unknown}; it accepts {accepted}")
-
-
-def split_options(options: Mapping[str, object], names: Sequence[str]) -> tuple[dict, dict]:
-    """Split keyword options into those named in ``names`` and the rest."""
-    chosen = {k: v for k, v in options.items() if k in names}
-    return chosen, {k: v for k, v in options.items() if k not in names}

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
-from .base import Space, register_space
+from .base import Space
+from .registry import register_space
 
 _BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 # ITU-R BT.601 luma and chroma of RGB in [0, 1]
