@@ -57,6 +57,10 @@ class _Sample:
         parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
         return f"{self.label}: pmse {self.value:.4g} ({parts})"
 
+    def title(self) -> str:
+        """The short form written on the panel's row (the caption has every component)."""
+        return f"{self.label}: pmse {self.value:.4g}"
+
 
 @dataclass
 class _Stage:
@@ -585,13 +589,14 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
 
     def _image_panel(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
-        labels = [s.caption() for s in samples]
+        labels = [s.title() for s in samples]
         inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
         picture, vmax = image_panels.comparison_grid(
             [(s.target, s.preds) for s in samples], self._image_range, self._error_scales.get(key), labels, inputs
         )
         self._error_scales.setdefault(key, vmax)  # the first epoch's scale stays: epochs compare at a glance
-        caption = f"rows: {'; '.join(labels)}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
+        rows = "; ".join(s.caption() for s in samples)
+        caption = f"rows: {rows}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
         self._send_image(epoch, key, picture, caption, step)
 
     def _error_map(self, key: str, error_map: Tensor) -> np.ndarray:

@@ -113,7 +113,7 @@ def mel_profile_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
     error = line_plot(frequency, {"squared log-mel error": as_float(profile["error"])},
                       "error per mel band, mean over the set (log10)", "frequency (Hz)")  # fmt: skip
     power = line_plot(frequency, {"target": as_float(profile["target"]), "prediction": as_float(profile["preds"])},
-                      "mel power per band, mean over the set (log10)", "frequency (Hz)")  # fmt: skip
+                      "mel power per band, mean over the set (log10)", "frequency (Hz)", first_colour=1)  # fmt: skip
     return stack([error, power], axis=0)
 
 

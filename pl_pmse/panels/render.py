@@ -106,8 +106,10 @@ def line_plot(
     x_label: str,
     log_y: bool = True,
     size: tuple[int, int] = (520, 320),
+    first_colour: int = 0,
 ) -> np.ndarray:
-    """A small line plot with axes, tick labels and a legend (no plotting library needed)."""
+    """A small line plot with axes, tick labels and a legend (no plotting library needed); series take
+    ``SERIES_COLOURS`` in order from ``first_colour`` (so that target and prediction keep their colours)."""
     width, height = size
     left, right, top, bottom = 64, 16, 26, 40
     image = Image.new("RGB", size, (BACKGROUND,) * 3)
@@ -139,7 +141,7 @@ def line_plot(
     draw.text((left, 6), title, fill=INK, font=font)
     draw.text((width // 2 - 40, height - 16), x_label, fill=INK, font=font)
     for index, (name, ys) in enumerate(values.items()):
-        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        colour = SERIES_COLOURS[(first_colour + index) % len(SERIES_COLOURS)]
         points = [point(xv, yv) for xv, yv in zip(xs, ys, strict=True) if np.isfinite(yv)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
