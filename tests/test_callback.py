@@ -367,7 +367,7 @@ def test_state_survives_checkpoint_and_resume(tmp_path) -> None:
     assert second.state_key == first.state_key != other.state_key
     resumed = trainer_for(tmp_path, False, [second, other], max_epochs=2, num_sanity_val_steps=0)
     resumed.fit(Denoiser(), ImageData(), ckpt_path=checkpoint.last_model_path)
-    assert second._fixed_positions == [(0, 0), (0, 1), (0, 2)] and second._fixed_frozen
+    assert second._fixed.positions == [(0, 0), (0, 1), (0, 2)] and second._fixed.frozen
     assert "val/other" in resumed.callback_metrics
 
 

@@ -271,6 +271,6 @@ def test_restored_fixed_samples_are_validated(tmp_path, state: dict, warned: str
         callback.load_state_dict(state)
         trainer_for(tmp_path, [callback], max_epochs=2).fit(Denoiser(), ImageData())
     assert any(warned in str(w.message) for w in caught)
-    assert len(callback._fixed_positions) == 2 and callback._fixed_frozen  # chosen afresh
+    assert len(callback._fixed.positions) == 2 and callback._fixed.frozen  # chosen afresh
     captions = sorted(Path(tmp_path).rglob("panels/fixed/step=*.txt"))
     assert captions[-1].read_text().count("batch ") == 2  # the last epoch draws both fixed samples

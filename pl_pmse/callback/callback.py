@@ -7,7 +7,6 @@ zero, never during the sanity check, and a failing logger only warns.
 
 from __future__ import annotations
 
-import heapq
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from ..panels.sinks import Send, Sink, sinks_for
 from ..profile import ErrorProfile
 from ..spaces import Space, available_spaces, get_space
 from ..spaces.registry import space_options as space_options_of
+from .selection import FixedSamples, Sample, WorstSamples, candidates
 from .worker import Epoch, PanelWorker
 
 if TYPE_CHECKING:  # either namespace at run time: see lightning_compat
@@ -42,26 +42,6 @@ MODALITIES = ("auto", "image", "audio")
 Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
 
 
-@dataclass(order=True)
-class _Sample:
-    """One sample kept for a panel: its Perception MSE, components and tensors (on the CPU)."""
-
-    value: float
-    label: str = field(compare=False)
-    components: dict[str, float] = field(compare=False)
-    preds: Tensor = field(compare=False)
-    target: Tensor = field(compare=False)
-    input: Tensor | None = field(default=None, compare=False)  # the model input, when validation_step returns it
-
-    def caption(self) -> str:
-        parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
-        return f"{self.label}: pmse {self.value:.4g} ({parts})"
-
-    def title(self) -> str:
-        """The short form written on the panel's row (the caption has every component)."""
-        return f"{self.label}: pmse {self.value:.4g}"
-
-
 @dataclass
 class _Stage:
     """Metrics and panel buffers of one loop (validation or test), one entry per dataloader."""
@@ -69,8 +49,8 @@ class _Stage:
     prefix: str
     metrics: list[PerceptionMSE]
     profiles: list[ErrorProfile]
-    worst: list[list[_Sample]] = field(default_factory=list)
-    fixed: list[_Sample] = field(default_factory=list)
+    worst: list[WorstSamples] = field(default_factory=list)
+    fixed: list[Sample] = field(default_factory=list)
     own: list[int | None] = field(default_factory=list)  # per dataloader: this rank's own samples (None: unknown)
     seen: list[int] = field(default_factory=list)  # per dataloader: samples received this epoch
 
@@ -210,8 +190,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self.sample_rate = sample_rate
         self.modality = self._resolve_modality(checks.check_choice("modality", modality, MODALITIES))
         self._stages: dict[str, _Stage] = {}
-        self._fixed_positions: list[tuple[int, int]] = []
-        self._fixed_frozen = False
+        self._fixed = FixedSamples(num_panel_samples)
         self._error_scales: dict[str, float] = {}  # per panel key, from its first epoch: comparable across epochs
         self._sinks: list[Sink] | None = None
         self._file_root = Path("pmse_panels")
@@ -231,26 +210,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fixed_positions": [list(p) for p in self._fixed_positions], "fixed_frozen": self._fixed_frozen,
-                "error_scales": dict(self._error_scales)}  # fmt: skip
+        return {**self._fixed.state_dict(), "error_scales": dict(self._error_scales)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        positions, frozen = state_dict.get("fixed_positions", []), state_dict.get("fixed_frozen")
-        valid = isinstance(positions, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
-            for p in positions
-        )
-        if not valid or not isinstance(frozen, (bool, type(None))):
-            warnings.warn(
-                f"PerceptionMSECallback: the checkpoint's fixed panel samples are not valid (fixed_positions="
-                f"{positions!r}, fixed_frozen={frozen!r}); the fixed samples are chosen afresh",
-                UserWarning,
-                stacklevel=2,
-            )
-            positions, frozen = [], False
-        self._fixed_positions = [tuple(p) for p in positions]
-        self._fixed_frozen = bool(self._fixed_positions) if frozen is None else frozen
+        self._fixed.load_state_dict(state_dict)
         scales = state_dict.get("error_scales", {})
         if isinstance(scales, Mapping) and all(
             isinstance(k, str) and isinstance(v, float) and 0 < v < float("inf") for k, v in scales.items()
@@ -355,7 +319,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         for metric in (*stage.metrics, *stage.profiles):
             metric.to(pl_module.device)
             metric.reset()
-        stage.worst = [[] for _ in stage.metrics]
+        stage.worst = [WorstSamples(self.worst_k) for _ in stage.metrics]
         stage.fixed = []
         stage.seen = [0 for _ in stage.metrics]
         stage.own = [own_samples(sampler_of(loader)) for loader in dataloaders] or [None]
@@ -408,33 +372,19 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             stage.profiles[index].update(preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
         worst = stage.worst[index]
-        for row, value, components in self._candidates(metric):
-            if keep_fixed and not self._fixed_frozen and len(self._fixed_positions) < self.num_panel_samples:
-                self._fixed_positions.append((batch_idx, row))
-            fixed = keep_fixed and (batch_idx, row) in self._fixed_positions
-            among_worst = self.worst_k and (len(worst) < self.worst_k or value > worst[0].value)
+        for row, value, components in candidates(metric.last_batch, self.space.component_weights):
+            fixed = keep_fixed and self._fixed.offer(batch_idx, row)
+            among_worst = worst.wants(value)
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
             copies = [x[row].to("cpu", torch.float32, copy=True) if x is not None else None
                       for x in (preds, target, inputs)]  # fmt: skip  # the panel thread's own
-            sample = _Sample(value, label, components, *copies)
+            sample = Sample(value, label, components, *copies)
             if fixed:
                 stage.fixed.append(sample)
             if among_worst:
-                (heapq.heappush if len(worst) < self.worst_k else heapq.heapreplace)(worst, sample)
-
-    def _candidates(self, metric: PerceptionMSE) -> list[tuple[int, float, dict[str, float]]]:
-        """``(row, Perception MSE, component MSEs)`` of the valid samples of the last batch."""
-        stats = metric.last_batch
-        if stats is None or stats.sums.shape[0] == 0:
-            return []
-        totals, mse = stats.total(self.space.component_weights).tolist(), stats.mse().tolist()
-        return [
-            (row, totals[row], dict(zip(stats.names, mse[row], strict=True)))
-            for row, ok in enumerate(stats.valid.tolist())
-            if ok
-        ]
+                worst.add(sample)
 
     def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
         """The model input for the panels' input column: ``outputs[input_key]`` when it is a batch of images."""
@@ -478,10 +428,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if not self._draws_panels(trainer, loop):
             return
         states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
-        worst = [self._gather_worst(samples) for samples in stage.worst]
-        if self._fixed_frozen and trainer.is_global_zero and loop == "validate":
-            self._check_fixed_found(len(stage.fixed))
-        self._fixed_frozen = self._fixed_frozen or bool(self._fixed_positions)
+        worst = [samples.gathered() for samples in stage.worst]  # collectives: every rank
+        if trainer.is_global_zero and loop == "validate":
+            self._fixed.end_epoch(found=len(stage.fixed))
         if trainer.is_global_zero:
             step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
             if self._sinks is None:
@@ -493,19 +442,6 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             ]
             label = f"{loop} epoch {trainer.current_epoch}"
             self._worker.submit(label, lambda epoch: self._render(epoch, jobs, step))
-
-    def _check_fixed_found(self, found: int) -> None:
-        """Restored positions that this validation set does not have (a smaller set, another batch size): warn
-        and choose the fixed samples afresh from the next epoch on, instead of silently drawing fewer."""
-        if found < len(self._fixed_positions):
-            warnings.warn(
-                f"PerceptionMSECallback: {len(self._fixed_positions) - found} of the {len(self._fixed_positions)} "
-                f"fixed panel samples restored from the checkpoint ({self._fixed_positions}) are not in this "
-                f"validation set; the fixed samples are chosen afresh from the next epoch on",
-                UserWarning,
-                stacklevel=2,
-            )
-            self._fixed_positions, self._fixed_frozen = [], False
 
     def _open_sinks(self, loggers: list[Any]) -> list[Sink]:
         """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went."""
@@ -520,17 +456,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             )
         return sinks
 
-    def _gather_worst(self, samples: list[_Sample]) -> list[_Sample]:
-        """The ``worst_k`` samples across all ranks: k per rank travel, never the whole set."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, samples)
-            samples = [sample for part in gathered for sample in part]
-        return sorted(samples, reverse=True)[: self.worst_k]
-
-    # -- panels: drawn and encoded on the panel thread, logged within bounded delivery windows ---------------------
-
-    def _render(self, epoch: Epoch, jobs: list[tuple[str, list[_Sample], list[_Sample], Any]], step: int) -> None:
+    def _render(self, epoch: Epoch, jobs: list[tuple[str, list[Sample], list[Sample], Any]], step: int) -> None:
         """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs (on the worker)."""
         for prefix, fixed, worst, profile_state in jobs:
             profile = None
@@ -543,7 +469,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._deliver(epoch, "epoch row", lambda sink: sink.flush(step))  # W&B: all panels in one history row
 
     def _panels(
-        self, epoch: Epoch, prefix: str, fixed: list[_Sample], worst: list[_Sample], profile: Any, step: int
+        self, epoch: Epoch, prefix: str, fixed: list[Sample], worst: list[Sample], profile: Any, step: int
     ) -> list[tuple[str, Callable[[], None]]]:
         """The panels due this epoch, as ``(key, draw)`` pairs."""
         image = self.modality == "image"
@@ -588,7 +514,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         x = profile["frequency"].tolist()
         self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
 
-    def _image_panel(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
+    def _image_panel(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
         labels = [s.title() for s in samples]
         inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
         picture, vmax = image_panels.comparison_grid(
@@ -604,7 +530,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self._error_scales.setdefault(key, float(error_map.max()) or 1.0)
         return picture
 
-    def _audio_panels(self, epoch: Epoch, panel_key: str, clip_key: str, samples: list[_Sample], step: int) -> None:
+    def _audio_panels(self, epoch: Epoch, panel_key: str, clip_key: str, samples: list[Sample], step: int) -> None:
         rows = [
             stack([audio_panels.spectrogram_panel(s.target, s.preds, self.sample_rate),
                    audio_panels.waveform_overlay(s.target, s.preds)], axis=0)
@@ -618,7 +544,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             self._deliver(epoch, "audio", lambda sink, k=f"{clip_key}_{role}", c=clips, t=labels: sink.audio(
                 k, c, self.sample_rate, t, step))  # fmt: skip
 
-    def _table(self, epoch: Epoch, key: str, samples: list[_Sample], step: int) -> None:
+    def _table(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
         names = list(samples[0].components)
         rows = [[s.label, s.value, *(s.components[n] for n in names),
                  upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]

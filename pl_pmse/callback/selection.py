@@ -1,0 +1,121 @@
+"""Which samples the panels show: the same fixed samples every epoch, and the worst k gathered across ranks."""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from ..functional import SampleStats
+
+
+@dataclass(order=True)
+class Sample:
+    """One sample kept for a panel: its Perception MSE, components and tensors (CPU copies the panel thread owns)."""
+
+    value: float
+    label: str = field(compare=False)
+    components: dict[str, float] = field(compare=False)
+    preds: Tensor = field(compare=False)
+    target: Tensor = field(compare=False)
+    input: Tensor | None = field(default=None, compare=False)  # the model input, when validation_step returns it
+
+    def caption(self) -> str:
+        parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
+        return f"{self.label}: pmse {self.value:.4g} ({parts})"
+
+    def title(self) -> str:
+        """The short form written on the panel's row (the caption has every component)."""
+        return f"{self.label}: pmse {self.value:.4g}"
+
+
+def candidates(stats: SampleStats | None, weights: Mapping[str, float]) -> list[tuple[int, float, dict[str, float]]]:
+    """``(row, Perception MSE, component MSEs)`` of the valid samples of a batch."""
+    if stats is None or stats.sums.shape[0] == 0:
+        return []
+    totals, mse = stats.total(weights).tolist(), stats.mse().tolist()
+    return [
+        (row, totals[row], dict(zip(stats.names, mse[row], strict=True)))
+        for row, ok in enumerate(stats.valid.tolist())
+        if ok
+    ]
+
+
+class FixedSamples:
+    """Positions ``(batch, row)`` of the samples shown every epoch: the first ``count`` of the first epoch, then
+    kept (and saved in checkpoints, validated when restored)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.positions: list[tuple[int, int]] = []
+        self.frozen = False
+
+    def offer(self, batch_idx: int, row: int) -> bool:
+        """Whether the sample at ``(batch_idx, row)`` is a fixed one (choosing it while the choice is open)."""
+        if not self.frozen and len(self.positions) < self.count:
+            self.positions.append((batch_idx, row))
+        return (batch_idx, row) in self.positions
+
+    def end_epoch(self, found: int) -> None:
+        """Freeze the choice; restored positions this set does not have (a smaller set, another batch size) warn
+        and are chosen afresh from the next epoch on, instead of silently drawing fewer."""
+        if self.frozen and found < len(self.positions):
+            warnings.warn(
+                f"PerceptionMSECallback: {len(self.positions) - found} of the {len(self.positions)} fixed panel "
+                f"samples restored from the checkpoint ({self.positions}) are not in this validation set; the fixed "
+                f"samples are chosen afresh from the next epoch on",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.positions, self.frozen = [], False
+            return
+        self.frozen = self.frozen or bool(self.positions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fixed_positions": [list(p) for p in self.positions], "fixed_frozen": self.frozen}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        positions, frozen = state.get("fixed_positions", []), state.get("fixed_frozen")
+        valid = isinstance(positions, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
+            for p in positions
+        )
+        if not valid or not isinstance(frozen, (bool, type(None))):
+            warnings.warn(
+                f"PerceptionMSECallback: the checkpoint's fixed panel samples are not valid (fixed_positions="
+                f"{positions!r}, fixed_frozen={frozen!r}); the fixed samples are chosen afresh",
+                UserWarning,
+                stacklevel=3,
+            )
+            positions, frozen = [], False
+        self.positions = [tuple(p) for p in positions]
+        self.frozen = bool(self.positions) if frozen is None else frozen
+
+
+class WorstSamples:
+    """The ``k`` samples with the highest Perception MSE seen on this rank (a min-heap of CPU copies)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.heap: list[Sample] = []
+
+    def wants(self, value: float) -> bool:
+        """Whether a sample of this value would be kept (only those are copied to the CPU)."""
+        return bool(self.k) and (len(self.heap) < self.k or value > self.heap[0].value)
+
+    def add(self, sample: Sample) -> None:
+        (heapq.heappush if len(self.heap) < self.k else heapq.heapreplace)(self.heap, sample)
+
+    def gathered(self) -> list[Sample]:
+        """The ``k`` worst across all ranks, worst first: k per rank travel, never the set (a collective)."""
+        samples = self.heap
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, samples)
+            samples = [sample for part in parts for sample in part]
+        return sorted(samples, reverse=True)[: self.k]
