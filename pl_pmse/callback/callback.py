@@ -471,50 +471,25 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     def _panels(
         self, epoch: Epoch, prefix: str, fixed: list[Sample], worst: list[Sample], profile: Any, step: int
     ) -> list[tuple[str, Callable[[], None]]]:
-        """The panels due this epoch, as ``(key, draw)`` pairs."""
-        image = self.modality == "image"
+        """The panels due this epoch, as ``(key, draw)`` pairs, from the modality's rows of the panel tables."""
         panels: list[tuple[str, Callable[[], None]]] = []
-        for name, samples in (("fixed", fixed), ("worst", worst)):
-            key = f"{prefix}/panels/{name}"
-            if samples and image and samples[0].target.dim() == 3:
-                panels.append((key, lambda k=key, s=samples: self._image_panel(epoch, k, s, step)))
-                if name == "worst":
-                    table = f"{prefix}/worst_table"
-                    panels.append((table, lambda t=table, s=samples: self._table(epoch, t, s, step)))
-            elif samples and not image and self.sample_rate:
-                clips = f"{prefix}/audio/{name}"
-                panels.append((key, lambda k=key, c=clips, s=samples: self._audio_panels(epoch, k, c, s, step)))
-        if profile is None or not self._counted(profile):
-            return panels
-        if image:
-            drawings = [
-                ("error_map", lambda: self._error_map(f"{prefix}/panels/error_map", profile["error_map"]),
-                 "mean squared error over the whole set, pooled (scale fixed from the first epoch)"),
-                ("spectrum", lambda: image_panels.spectrum_panel(profile),
-                 "radial power spectra: error, target, prediction"),
-            ]  # fmt: skip
-        else:
-            drawings = [
-                ("mel_profile", lambda: audio_panels.mel_profile_panel(profile),
-                 "per mel band: squared log-mel error; target and prediction power"),
-            ]  # fmt: skip
-        for name, draw, caption in drawings:
-            key = f"{prefix}/panels/{name}"
-            panels.append((key, lambda k=key, d=draw, c=caption: self._send_image(epoch, k, d(), c, step)))
-        chart = f"{prefix}/charts/{'spectrum' if image else 'mel_profile'}"
-        panels.append((chart, lambda: self._chart(epoch, chart, profile, image)))
+        for set_name, samples in (("fixed", fixed), ("worst", worst)):
+            drawable = samples and (
+                samples[0].target.dim() == 3 if self.modality == "image" else bool(self.sample_rate)
+            )
+            for key, method, sets in SAMPLE_PANELS[self.modality] if drawable else ():
+                if set_name in sets:
+                    key = f"{prefix}/{key.format(set=set_name)}"
+                    panels.append((key, lambda k=key, m=method, s=samples: getattr(self, m)(epoch, k, s, step)))
+        if profile is not None and self._counted(profile):
+            for key, method in PROFILE_PANELS[self.modality]:
+                key = f"{prefix}/{key}"
+                panels.append((key, lambda k=key, m=method: getattr(self, m)(epoch, k, profile, step)))
         return panels
 
-    def _chart(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], image: bool) -> None:
-        """The spectrum / mel-band profile as an interactive line chart (W&B), beside the drawn panel."""
-        names = {"error": "error", "target": "target", "preds": "prediction"}
-        series = {label: profile[name].tolist() for name, label in names.items()}
-        title = "radial power spectrum, mean over the set" if image else "per mel band, mean over the set"
-        x_label = "frequency (cycles / pixel)" if image else "frequency (Hz)"
-        x = profile["frequency"].tolist()
-        self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
+    # -- the panels: one method each, and one line in SAMPLE_PANELS / PROFILE_PANELS below the class ------------
 
-    def _image_panel(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
+    def _image_rows(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
         labels = [s.title() for s in samples]
         inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
         picture, vmax = image_panels.comparison_grid(
@@ -525,33 +500,55 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         caption = f"rows: {rows}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
         self._send_image(epoch, key, picture, caption, step)
 
-    def _error_map(self, key: str, error_map: Tensor) -> np.ndarray:
-        picture = image_panels.error_map_panel(error_map, vmax=self._error_scales.get(key))
-        self._error_scales.setdefault(key, float(error_map.max()) or 1.0)
-        return picture
+    def _table(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
+        names = list(samples[0].components)
+        rows = [[s.label, s.value, *(s.components[n] for n in names),
+                 upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]
+                for s in samples]  # fmt: skip
+        columns = ["sample", "pmse", *names, "target", "prediction"]
+        self._deliver(epoch, "table", lambda sink: sink.table(key, columns, rows, step))
 
-    def _audio_panels(self, epoch: Epoch, panel_key: str, clip_key: str, samples: list[Sample], step: int) -> None:
+    def _audio_rows(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
         rows = [
             stack([audio_panels.spectrogram_panel(s.target, s.preds, self.sample_rate),
                    audio_panels.waveform_overlay(s.target, s.preds)], axis=0)
             for s in samples
         ]  # fmt: skip
         captions = [s.caption() for s in samples]
-        self._send_image(epoch, panel_key, stack(rows, axis=0), "; ".join(captions), step)
+        self._send_image(epoch, key, stack(rows, axis=0), "; ".join(captions), step)
+
+    def _clips(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
+        captions = [s.caption() for s in samples]
         for role, pick in (("target", lambda s: s.target), ("prediction", lambda s: s.preds)):
             clips = [audio_panels.clip(pick(s), self.data_range) for s in samples]
             labels = [f"{role}: {caption}" for caption in captions]
-            self._deliver(epoch, "audio", lambda sink, k=f"{clip_key}_{role}", c=clips, t=labels: sink.audio(
+            self._deliver(epoch, "audio", lambda sink, k=f"{key}_{role}", c=clips, t=labels: sink.audio(
                 k, c, self.sample_rate, t, step))  # fmt: skip
 
-    def _table(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
-        names = list(samples[0].components)
-        rows = [[s.label, s.value, *(s.components[n] for n in names),
-                 upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]
-                for s in samples]  # fmt: skip
-        self._deliver(
-            epoch, "table", lambda sink: sink.table(key, ["sample", "pmse", *names, "target", "prediction"], rows, step)
-        )
+    def _error_map(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
+        error_map = profile["error_map"]
+        picture = image_panels.error_map_panel(error_map, vmax=self._error_scales.get(key))
+        self._error_scales.setdefault(key, float(error_map.max()) or 1.0)
+        caption = "mean squared error over the whole set, pooled (scale fixed from the first epoch)"
+        self._send_image(epoch, key, picture, caption, step)
+
+    def _spectrum(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
+        caption = "radial power spectra: error, target, prediction"
+        self._send_image(epoch, key, image_panels.spectrum_panel(profile), caption, step)
+
+    def _mel_profile(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
+        caption = "per mel band: squared log-mel error; target and prediction power"
+        self._send_image(epoch, key, audio_panels.mel_profile_panel(profile), caption, step)
+
+    def _chart(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
+        """The spectrum / mel-band profile as an interactive line chart (W&B), beside the drawn panel."""
+        image = self.modality == "image"
+        series = {label: profile[name].tolist() for name, label in (("error", "error"), ("target", "target"),
+                                                                    ("preds", "prediction"))}  # fmt: skip
+        title = "radial power spectrum, mean over the set" if image else "per mel band, mean over the set"
+        x_label = "frequency (cycles / pixel)" if image else "frequency (Hz)"
+        x = profile["frequency"].tolist()
+        self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
 
     def _send_image(self, epoch: Epoch, key: str, picture: np.ndarray, caption: str, step: int) -> None:
         self._deliver(epoch, "image", lambda sink: sink.image(key, picture, caption, step))
@@ -592,6 +589,18 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     @property
     def _image_range(self) -> tuple[float, float]:
         return self.data_range or (0.0, 1.0)
+
+
+# The panels of each modality: (key under the prefix, method, sample sets it draws) for the fixed / worst samples,
+# and (key, method) for the dataset profile. A new panel is one method of the callback and one line here.
+SAMPLE_PANELS: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
+    "image": [("panels/{set}", "_image_rows", ("fixed", "worst")), ("worst_table", "_table", ("worst",))],
+    "audio": [("panels/{set}", "_audio_rows", ("fixed", "worst")), ("audio/{set}", "_clips", ("fixed", "worst"))],
+}
+PROFILE_PANELS: dict[str, list[tuple[str, str]]] = {
+    "image": [("panels/error_map", "_error_map"), ("panels/spectrum", "_spectrum"), ("charts/spectrum", "_chart")],
+    "audio": [("panels/mel_profile", "_mel_profile"), ("charts/mel_profile", "_chart")],
+}
 
 
 def _as_list(dataloaders: Any) -> list[Any]:
