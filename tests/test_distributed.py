@@ -155,7 +155,11 @@ MISMATCHES = [  # (rank 0's options, rank 1's options, what the error must name)
     ({"space": "waveform"}, {"space": "mrstft", "fft_sizes": (4,)}, "state size is"),  # gloo would abort
     ({**MEL, "hop_length": 256}, {**MEL, "hop_length": 64}, "hop_length is 256 (rank 0), 64 (rank 1)"),
     ({**MEL, "eps": 1e-5}, {**MEL, "eps": 1.0}, "eps is 1e-05 (rank 0), 1.0 (rank 1)"),
-    ({"space": "mrstft"}, {"space": "mrstft", "hop_sizes": (64, 128, 256)}, "hop_sizes is None (rank 0), (64, 128"),
+    (
+        {"space": "mrstft"},
+        {"space": "mrstft", "hop_sizes": (64, 128, 256)},
+        "hop_sizes is (128, 256, 512) (rank 0), (64",
+    ),
     ({"component_weights": {"pixel": 1.0}}, {"component_weights": {"pixel": 2.0}}, "component_weights is"),
     ({"nan_strategy": "error"}, {"nan_strategy": "warn"}, "nan_strategy is error (rank 0), warn (rank 1)"),
 ]

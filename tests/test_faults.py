@@ -274,3 +274,42 @@ def test_restored_fixed_samples_are_validated(tmp_path, state: dict, warned: str
     assert len(callback._fixed.positions) == 2 and callback._fixed.frozen  # chosen afresh
     captions = sorted(Path(tmp_path).rglob("panels/fixed/step=*.txt"))
     assert captions[-1].read_text().count("batch ") == 2  # the last epoch draws both fixed samples
+
+
+def test_the_worker_lets_a_hung_thread_go_and_blames_only_the_sink_that_overran() -> None:
+    from pl_pmse.callback.worker import PanelWorker
+
+    worker, calls = PanelWorker(timeout=0.4), []
+
+    def epoch_with(sinks_and_delays, draw_delay=0.0):
+        def draw(epoch):
+            time.sleep(draw_delay)
+            for sink, delay in sinks_and_delays:
+                epoch.send(sink, f"{sink} call", lambda s=sink, d=delay: (time.sleep(d), calls.append(s)))
+
+        return draw
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker.submit("epoch 0", epoch_with([("S", 5.0)]))  # S hangs: its thread is let go after 0.4 s
+        worker.deliver(wait=True)
+        start = time.monotonic()
+        worker.submit("epoch 1", epoch_with([("T", 0.0)]))  # a healthy sink is served by a fresh thread
+        worker.deliver(wait=True)
+        assert time.monotonic() - start < 0.3 and calls == ["T"]
+        worker.submit("epoch 2", epoch_with([("T", 0.0)], draw_delay=0.35))  # drawing takes most of the budget
+        worker.deliver(wait=True)
+        assert "T" not in worker._broken  # a call with too little budget left is dropped, its sink not blamed
+        worker.close()
+    reports = [str(w.message) for w in caught]
+    assert "S is skipped now" in reports[0] and "1 panel(s) were dropped" in reports[-1]
+
+
+def test_ctrl_c_while_drawing_in_the_loop_is_not_swallowed() -> None:
+    from pl_pmse.callback.worker import Epoch
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Epoch("validate epoch 0", 1.0).guard("drawing panels", interrupted)  # background_panels=False: main thread

@@ -380,3 +380,20 @@ def test_lpips_spaces_need_the_data_range_stated(backbone_weights: dict[str, str
     b = perception_mse(torch.full((1, 3, 32, 32), 0.5), torch.ones(1, 3, 32, 32), "lpips-squeeze", weights=path,
                        data_range=1.0)  # fmt: skip
     torch.testing.assert_close(a, b)  # 0 in [-1, 1] is 0.5 in [0, 1]
+
+
+def test_spaces_built_alike_have_one_configuration() -> None:
+    """Options are compared as the values in use: hop_length=None is n_fft // 4, a list is a tuple."""
+    mel = {"space": "mel", "sample_rate": 16000}
+    pairs = [
+        (PerceptionMSE(**mel), PerceptionMSE(**mel, hop_length=256, f_max=8000)),
+        (PerceptionMSE("mrstft", fft_sizes=[512, 1024]),
+         PerceptionMSE("mrstft", fft_sizes=(512, 1024), hop_sizes=(128, 256))),
+    ]  # fmt: skip
+    for first, second in pairs:
+        assert first.configuration() == second.configuration()
+        first.update(*some_batch(first))
+        second.update(*some_batch(second))
+        first.merge_state(second)
+    other = PerceptionMSE("mel", sample_rate=16000, hop_length=64).configuration()
+    assert other["hop_length"] == "64" and other != pairs[0][0].configuration()

@@ -441,11 +441,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 for index in range(len(stage.metrics))
             ]
             label = f"{loop} epoch {trainer.current_epoch}"
-            self._worker.submit(label, lambda epoch: self._render(epoch, jobs, step))
+            sinks = [sink.fresh() for sink in self._sinks]  # bound now: this epoch's own
+            self._worker.submit(label, lambda epoch: self._render(epoch, sinks, jobs, step))
 
     def _open_sinks(self, loggers: list[Any]) -> list[Sink]:
-        """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went."""
-        sinks, unserved = sinks_for(loggers, self._file_root)
+        """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went.
+        Rank zero only, after the epoch's collectives: a logger that fails here must not end it (the other ranks
+        would wait in the next collective), so panels then go to files."""
+        try:
+            sinks, unserved = sinks_for(loggers, self._file_root)
+        except Exception as error:
+            sinks, unserved = sinks_for([], self._file_root)[0], [f"{type(error).__name__}: {error}"]
         if unserved or not loggers:
             which = f"{', '.join(unserved)} cannot show panels" if unserved else "the Trainer has no logger"
             warnings.warn(
@@ -456,8 +462,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             )
         return sinks
 
-    def _render(self, epoch: Epoch, jobs: list[tuple[str, list[Sample], list[Sample], Any]], step: int) -> None:
+    def _render(
+        self, epoch: Epoch, sinks: list[Sink], jobs: list[tuple[str, list[Sample], list[Sample], Any]], step: int
+    ) -> None:
         """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs (on the worker)."""
+        epoch.sinks = [sink for sink in sinks if repr(sink) not in epoch.skipped_sinks]
         for prefix, fixed, worst, profile_state in jobs:
             profile = None
             if profile_state:  # a failure here leaves out the profile panels only
@@ -556,7 +565,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     def _deliver(self, epoch: Epoch, kind: str, call: Callable[[Sink], Send | None]) -> None:
         """Prepare a panel for every sink (encoding, files: here, on the worker); the logger calls left to make
         wait for the epoch's delivery window."""
-        for sink in self._sinks or []:
+        for sink in epoch.sinks:
             what = f"{sink!r} {kind}"
             send = epoch.guard(what, lambda sink=sink: call(sink))
             if send is not None:

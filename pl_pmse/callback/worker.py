@@ -30,25 +30,48 @@ Draw = Callable[["Epoch"], None]  # draws one epoch's panels; calls epoch.send(s
 
 @dataclass
 class Epoch:
-    """One epoch's panels on their way: the logger calls drawn so far, and what failed or was dropped."""
+    """One epoch's panels on their way: the logger calls drawn so far, and what failed or was dropped. Once the
+    training thread gives up on it (``abandoned``), a drawing still running adds nothing more."""
 
     label: str
     budget: float
+    skipped_sinks: frozenset[str] = frozenset()  # sinks that overran before: nothing is prepared for them
+    sinks: list[Any] = field(default_factory=list)  # the caller's: this epoch's own sink objects
     sends: list[tuple[str, str, Send]] = field(default_factory=list)  # (sink, what, call)
     failures: Counter = field(default_factory=Counter)  # "what: ErrorType: message" -> count
     dropped: int = 0
     drawn: threading.Event = field(default_factory=threading.Event)
+    closed: bool = False  # no more logger calls taken (delivery has begun, or the epoch was given up)
+    abandoned: bool = False  # given up: a drawing still running counts nothing more either
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, sink: str, what: str, call: Send) -> None:
-        self.sends.append((sink, what, call))
+        with self.lock:
+            if self.closed:
+                _clean_up(call)
+            else:
+                self.sends.append((sink, what, call))
 
     def guard(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run ``call``; count any failure (``SystemExit`` included) instead of raising it."""
+        """Run ``call``; count a failure instead of raising it (``SystemExit`` too, off the main thread: nothing
+        the panel thread raises ends the fit). Ctrl-C on the training thread (``background_panels=False``) goes on."""
         try:
             return call()
         except BaseException as error:
-            self.failures[f"{what}: {type(error).__name__}: {error}"] += 1
+            on_main = threading.current_thread() is threading.main_thread()
+            if isinstance(error, KeyboardInterrupt) or (on_main and isinstance(error, SystemExit)):
+                raise
+            with self.lock:
+                if not self.abandoned:
+                    self.failures[f"{what}: {type(error).__name__}: {error}"] += 1
             return None
+
+    def take_sends(self, abandon: bool = False) -> list[tuple[str, str, Send]]:
+        """The logger calls drawn so far; later ones are refused (and, with ``abandon``, later failures too)."""
+        with self.lock:
+            self.closed, self.abandoned = True, self.abandoned or abandon
+            sends, self.sends = self.sends, []
+        return sends
 
 
 class PanelWorker:
@@ -64,7 +87,7 @@ class PanelWorker:
     def submit(self, label: str, draw: Draw) -> None:
         """Hand over an epoch's drawing; the previous epoch's panels are delivered (or dropped) first."""
         self.deliver(wait=True)
-        epoch = self._epoch = Epoch(label, self.timeout)
+        epoch = self._epoch = Epoch(label, self.timeout, frozenset(self._broken))
         if self.background:
             self._run_on_thread(lambda: self._draw(epoch, draw))
         else:
@@ -74,27 +97,31 @@ class PanelWorker:
         """Make the logger calls of the drawn epoch, on the worker thread, waiting within the epoch's budget.
 
         ``wait=False`` (a training batch): only if the drawing is done. ``wait=True`` (the next validation epoch,
-        teardown): wait for the drawing too, within the budget.
+        teardown): wait for the drawing too, within the budget. A call is only started with at least a quarter of
+        the timeout left (else it is dropped, no sink blamed); a call that overruns that marks its sink as skipped.
+        The thread of a call or drawing that overran is let go: the next job starts a fresh one.
         """
         epoch = self._epoch
         if epoch is None or not (wait or epoch.drawn.is_set()):
             return
         self._epoch = None
         if not self._waited(epoch, epoch.drawn.wait):
-            epoch.dropped += max(1, len(epoch.sends))  # not even drawn in time: count what it had
+            self._let_thread_go()
+            epoch.dropped += max(1, self._drop(epoch.take_sends(abandon=True)))  # not even drawn in time
         else:
-            for index, (sink, what, call) in enumerate(epoch.sends):
-                if sink in self._broken:
-                    epoch.dropped += 1
+            sends = epoch.take_sends()  # drawn: nothing more comes
+            for index, (sink, what, call) in enumerate(sends):
+                if sink in self._broken or epoch.budget < self.timeout / 4:
+                    epoch.dropped += self._drop([(sink, what, call)])
                     continue
                 done = threading.Event()
                 self._run_on_thread(lambda c=call, w=what, d=done: (epoch.guard(w, c), d.set()))
                 if not self._waited(epoch, done.wait):
+                    self._let_thread_go()
                     self._broken.add(sink)
-                    epoch.failures[
-                        f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
-                    ] += 1
-                    epoch.dropped += len(epoch.sends) - index - 1
+                    late = f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
+                    epoch.failures[late] += 1
+                    epoch.dropped += self._drop(sends[index + 1 :])
                     break
         self._report(epoch)
 
@@ -103,7 +130,7 @@ class PanelWorker:
         if wait:
             self.deliver(wait=True)
         elif self._epoch is not None:
-            self._epoch.dropped += len(self._epoch.sends) or 1
+            self._epoch.dropped += max(1, self._drop(self._epoch.take_sends(abandon=True)))
             self._report(self._epoch)
             self._epoch = None
         if self._thread is not None:
@@ -133,7 +160,7 @@ class PanelWorker:
 
     def _run_on_thread(self, job: Callable[[], Any]) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._queue = queue.Queue()  # a hung thread keeps its own queue
+            self._queue = queue.Queue()  # a thread let go keeps its own queue
             threads, started = torch.get_num_threads(), threading.Event()
             self._thread = threading.Thread(target=_serve, args=(self._queue, started), name="pl_pmse_panels",
                                             daemon=True)  # fmt: skip
@@ -142,22 +169,45 @@ class PanelWorker:
             torch.set_num_threads(threads)  # the process default back: the worker thread keeps its 1
         self._queue.put(job)
 
+    def _let_thread_go(self) -> None:
+        """The thread is stuck in a job that overran: it ends after that job; later jobs get a new thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+    @staticmethod
+    def _drop(sends: list[tuple[str, str, Send]]) -> int:
+        """Logger calls that will not be made: their cleanup (temporary files) runs; returns how many."""
+        for _, _, call in sends:
+            _clean_up(call)
+        return len(sends)
+
     @staticmethod
     def _report(epoch: Epoch) -> None:
-        if not (epoch.failures or epoch.dropped):
+        with epoch.lock:
+            failures, dropped = dict(epoch.failures), epoch.dropped
+        if not (failures or dropped):
             return
-        failed = sum(epoch.failures.values())
-        kinds = "; ".join(f"{what} (x{count})" if count > 1 else what for what, count in epoch.failures.items())
+        kinds = "; ".join(f"{what} (x{count})" if count > 1 else what for what, count in failures.items())
         if "soundfile" in kinds.lower():
             kinds += " (pip install soundfile for audio clips)"
         warnings.warn(
-            f"PerceptionMSECallback: panels of {epoch.label}: {failed} logger or drawing call(s) failed"
-            + (f" and {epoch.dropped} panel(s) were dropped" if epoch.dropped else "")
+            f"PerceptionMSECallback: panels of {epoch.label}: {sum(failures.values())} logger or drawing call(s) "
+            f"failed"
+            + (f" and {dropped} panel(s) were dropped" if dropped else "")
             + (f": {kinds}" if kinds else "")
             + "; training continues",
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _clean_up(call: Send) -> None:
+    """What a logger call that will not be made leaves behind (``call.cleanup``, e.g. W&B's temporary PNGs)."""
+    cleanup = getattr(call, "cleanup", None)
+    if cleanup is not None:
+        with contextlib.suppress(Exception):
+            cleanup()
 
 
 def _serve(jobs: queue.Queue, started: threading.Event) -> None:

@@ -46,6 +46,11 @@ class Sink:
         """Optional: a last logger call for the epoch, after all its panels (W&B: its one history row)."""
         return None
 
+    def fresh(self) -> Sink:
+        """The sink for one epoch's panels: itself, or a copy with its own buffer (W&B), so that a drawing that
+        overran its budget never mixes with the next epoch's."""
+        return self
+
     def __repr__(self) -> str:
         return type(self).__name__
 
@@ -106,7 +111,13 @@ class WandbSink(Sink):
             finally:
                 self._remove(files)
 
+        send.cleanup = lambda: self._remove(files)  # type: ignore[attr-defined]  # when the call is dropped
         return send
+
+    def fresh(self) -> WandbSink:
+        copy = object.__new__(WandbSink)
+        copy.__dict__.update(self.__dict__, _pending={}, _files=[])
+        return copy
 
     def _add(self, build: Callable[[list[Path]], dict[str, Any]]) -> None:
         """``build(files)`` makes W&B objects (listing the PNG files it writes) for the epoch's row."""

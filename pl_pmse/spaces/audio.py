@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torchaudio
@@ -99,6 +100,10 @@ class MelSpace(AudioSpace):
     def sample_rate(self) -> int:
         return self.transform.sample_rate
 
+    def resolved_options(self) -> dict[str, Any]:
+        mel = self.transform
+        return {"hop_length": mel.hop_length, "win_length": mel.win_length, "f_max": float(mel.mel_scale.f_max)}
+
     def features(self, x: Tensor) -> dict[str, Tensor]:
         return {"mel": torch.log(self.transform(x) + self.eps)}
 
@@ -153,6 +158,10 @@ class MultiResolutionSTFT(AudioSpace):
             torchaudio.transforms.Spectrogram(n_fft=n, hop_length=h, win_length=w, power=2.0)
             for n, h, w in zip(fft_sizes, hop_sizes, win_lengths, strict=True)
         )
+
+    def resolved_options(self) -> dict[str, Any]:
+        names = {"fft_sizes": "n_fft", "hop_sizes": "hop_length", "win_lengths": "win_length"}
+        return {option: tuple(getattr(s, name) for s in self.spectrograms) for option, name in names.items()}
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -89,16 +89,22 @@ class Space(nn.Module):
             >>> get_space("mel", sample_rate=16000, hop_length=64).configuration()["hop_length"]
             '64'
         """
-        options = {key: _as_text(value) for key, value in self.__dict__.get("_options", {}).items()}
+        options = {**self.__dict__.get("_options", {}), **self.resolved_options()}
         tensors = self.tensors()
-        checksum = [math.fsum(float(t.double().abs().sum()) for t in tensors),
-                    math.fsum(float(t.double().sum()) for t in tensors)]  # fmt: skip
+        checksum = 0  # of the exact bytes, on the CPU: the same on every device and in every process
+        for tensor in tensors:
+            checksum = zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), checksum)
         return {
             "space": f"{self.name} ({type(self).__qualname__})",
-            **options,
+            **{key: _as_text(value) for key, value in options.items()},
             "component_weights": repr(self.component_weights),
-            "tensors": f"{len(tensors)} tensors, {sum(t.numel() for t in tensors)} values, checksum {checksum}",
+            "tensors": f"{len(tensors)} tensors, {sum(t.numel() for t in tensors)} values, crc32 {checksum:08x}",
         }
+
+    def resolved_options(self) -> dict[str, Any]:
+        """Options whose given value stands for another (``hop_length=None`` for ``n_fft // 4``): their values in
+        use, so that spaces built alike compare equal in :meth:`configuration`."""
+        return {}
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -212,4 +218,6 @@ def _as_text(value: Any) -> str:
         return f"<{type(value).__name__}>"
     if isinstance(value, Mapping) and any(isinstance(v, (nn.Module, Tensor)) for v in value.values()):
         return f"<{type(value).__name__} of {len(value)} tensors>"
+    if isinstance(value, list):  # a list and a tuple of the same values are the same option
+        value = tuple(value)
     return repr(value)
