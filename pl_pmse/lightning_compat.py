@@ -1,8 +1,8 @@
 """Both Lightning namespaces: ``lightning.pytorch`` (``import lightning as L``) and ``pytorch_lightning``.
 
 Their classes are distinct (a ``pytorch_lightning.Callback`` is not a ``lightning.pytorch.Callback``), so the
-callback derives from the ``Callback`` of every installed package and the sinks recognise the loggers of every one.
-Nothing else in pl-pmse imports Lightning.
+callback derives from the ``Callback`` of every installed package (the sinks recognise the loggers of both by class
+name, without importing either). Nothing else in pl-pmse imports Lightning.
 """
 
 from __future__ import annotations
@@ -29,10 +29,3 @@ def _installed() -> tuple[ModuleType, ...]:
 
 PACKAGES = _installed()
 CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in PACKAGES)
-
-
-def logger_classes(name: str) -> tuple[type, ...]:
-    """The logger class ``name`` (``"WandbLogger"``, ...) of every installed namespace."""
-    return tuple(
-        cls for package in PACKAGES if (cls := getattr(importlib.import_module(f"{package.__name__}.loggers"), name))
-    )

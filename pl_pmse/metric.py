@@ -154,9 +154,9 @@ class ExactSumMetric(Metric):
     def _check_same_configuration(self, group: Any) -> None:
         """Once per metric and process group: all ranks must hold the same configuration.
 
-        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce; this
-        fixed-size check (state size and a configuration hash, with their squares: all values agree iff
-        ``world * sum(x**2) == sum(x)**2``) turns that into a clear error on every rank.
+        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce, and another
+        configuration of the same size would sum unlike numbers; :func:`~pl_pmse.distributed.check_same_everywhere`
+        (a hash of :meth:`configuration`, which includes the state size) turns both into a clear error on every rank.
         """
         key = (os.getpid(), id(group))
         if key not in self._checked_groups:

@@ -24,12 +24,12 @@ from torch import nn
 
 from pl_pmse import PerceptionMSE, get_space, perception_mse
 from pl_pmse.callback import PerceptionMSECallback
+from pl_pmse.lightning_compat import NAMESPACES
 from pl_pmse.panels.sinks import FileSink, TensorBoardSink, WandbSink, sinks_for
 from tests.lightning_models import NAMESPACE, smooth_images
 from tests.wandb_reader import history, run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 OTHER = NAMESPACES[0] if NAMESPACE == "pytorch_lightning" else NAMESPACES[1]
 
 

@@ -238,7 +238,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         compared across ranks once per fit/validate/test, at setup."""
         options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile",
                    "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
-        metric = PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy).configuration()
+        metric = self._new_metric().configuration()
         return {"callback": type(self).__name__, **{name: repr(getattr(self, name)) for name in options}, **metric}
 
     def _check_same_everywhere(self, trainer: pl.Trainer) -> None:
@@ -341,13 +341,16 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if stage is None or len(stage.metrics) != dataloaders:
             stage = self._stages[loop] = _Stage(
                 self.prefixes[loop],
-                [PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy) for _ in range(dataloaders)],
+                [self._new_metric() for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
             )
             if self._checked_everywhere:  # compared at setup with the callback's options: no check at first sync
                 for metric in (*stage.metrics, *stage.profiles):
                     metric.configuration_checked()
         return stage
+
+    def _new_metric(self) -> PerceptionMSE:
+        return PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy)
 
     def _new_profile(self) -> ErrorProfile:
         if self.modality == "audio":  # on the metric's own mel analysis where the space has one
@@ -429,9 +432,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return
         states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
         worst = [samples.gathered() for samples in stage.worst]  # collectives: every rank
-        if trainer.is_global_zero and loop == "validate":
-            self._fixed.end_epoch(found=len(stage.fixed))
         if trainer.is_global_zero:
+            if loop == "validate":
+                self._fixed.end_epoch(found=len(stage.fixed))
             step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
             if self._sinks is None:
                 self._sinks = self._open_sinks(trainer.loggers)

@@ -105,24 +105,24 @@ class PanelWorker:
         if epoch is None or not (wait or epoch.drawn.is_set()):
             return
         self._epoch = None
-        if not self._waited(epoch, epoch.drawn.wait):
+        if not self._waited(epoch, epoch.drawn.wait):  # not even drawn in time
             self._let_thread_go()
-            epoch.dropped += max(1, self._drop(epoch.take_sends(abandon=True)))  # not even drawn in time
-        else:
-            sends = epoch.take_sends()  # drawn: nothing more comes
-            for index, (sink, what, call) in enumerate(sends):
-                if sink in self._broken or epoch.budget < self.timeout / 4:
-                    epoch.dropped += self._drop([(sink, what, call)])
-                    continue
-                done = threading.Event()
-                self._run_on_thread(lambda c=call, w=what, d=done: (epoch.guard(w, c), d.set()))
-                if not self._waited(epoch, done.wait):
-                    self._let_thread_go()
-                    self._broken.add(sink)
-                    late = f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
-                    epoch.failures[late] += 1
-                    epoch.dropped += self._drop(sends[index + 1 :])
-                    break
+            self._give_up(epoch)
+            return
+        sends = epoch.take_sends()  # drawn: nothing more comes
+        for index, (sink, what, call) in enumerate(sends):
+            if sink in self._broken or epoch.budget < self.timeout / 4:
+                epoch.dropped += self._drop([(sink, what, call)])
+                continue
+            done = threading.Event()
+            self._run_on_thread(lambda c=call, w=what, d=done: (epoch.guard(w, c), d.set()))
+            if not self._waited(epoch, done.wait):
+                self._let_thread_go()
+                self._broken.add(sink)
+                late = f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
+                epoch.failures[late] += 1
+                epoch.dropped += self._drop(sends[index + 1 :])
+                break
         self._report(epoch)
 
     def close(self, wait: bool = True) -> None:
@@ -130,12 +130,9 @@ class PanelWorker:
         if wait:
             self.deliver(wait=True)
         elif self._epoch is not None:
-            self._epoch.dropped += max(1, self._drop(self._epoch.take_sends(abandon=True)))
-            self._report(self._epoch)
+            self._give_up(self._epoch)
             self._epoch = None
-        if self._thread is not None:
-            self._queue.put(None)  # the thread ends after its current job; a hung job holds only a daemon thread
-            self._thread = None
+        self._let_thread_go()  # it ends after its current job; a hung job holds only a daemon thread
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: a fresh worker on the other side
         return {"timeout": self.timeout, "background": self.background}
@@ -174,6 +171,11 @@ class PanelWorker:
         if self._thread is not None:
             self._queue.put(None)
             self._thread = None
+
+    def _give_up(self, epoch: Epoch) -> None:
+        """Drop an epoch whose drawing may still run (it adds nothing more) and report it."""
+        epoch.dropped += max(1, self._drop(epoch.take_sends(abandon=True)))
+        self._report(epoch)
 
     @staticmethod
     def _drop(sends: list[tuple[str, str, Send]]) -> int:
