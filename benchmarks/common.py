@@ -27,6 +27,27 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory that ``fn()`` adds to what is in use when it starts: the CUDA allocator's peak on a GPU, the
+    process's peak resident set on a CPU (Linux: ``/proc/self/clear_refs`` resets it, ``VmHWM`` reads it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS:")
+    fn()
+    return _status_bytes("VmHWM:") - before
+
+
+def _status_bytes(key: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()

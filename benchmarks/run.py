@@ -25,9 +25,9 @@ import torch
 import torchmetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, table
+from common import interleaved, machine, peak_extra_bytes, table
 
-from pl_pmse import PerceptionMSE
+from pl_pmse import PerceptionMSE, perception_mse
 
 
 def pixel(quick: bool, device: torch.device) -> str:
@@ -338,6 +338,160 @@ def scaling(quick: bool, device: torch.device) -> str:
     return "### Scaling of the update cost\n\n" + table(rows, header)
 
 
+def _loss_case(space: str, quick: bool, device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    """A space, an input batch, a target and a small model whose output stays in the space's range."""
+    from pl_pmse.spaces import get_space
+
+    if space == "mel":
+        length = 8000 if quick else 16000
+        x, target = (torch.rand(8, length, device=device) * 2 - 1 for _ in range(2))
+        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, -1)), torch.nn.Conv1d(1, 8, 9, padding=4),
+                                    torch.nn.ReLU(), torch.nn.Conv1d(8, 1, 9, padding=4), torch.nn.Flatten(),
+                                    torch.nn.Tanh())  # fmt: skip
+        return get_space("mel", sample_rate=16000), x, target, model.to(device)
+    side = 64 if quick else 128
+    x, target = (torch.rand(8, 3, side, side, device=device) for _ in range(2))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 3, 3, padding=1), torch.nn.Sigmoid())  # fmt: skip
+    options = {"weights": "random"} if space in ("vgg16", "lpips-vgg") else {}
+    return get_space(space, **options).to(device), x, target, model.to(device)
+
+
+def _hand_written(space: Any, data_range: tuple[float, float] | None) -> Callable:
+    """The loss as users write it by hand: target features under no_grad, one F.mse_loss per component."""
+    import torch.nn.functional as F
+
+    def loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weights = space.component_weights
+        total = weights[space.raw_name] * F.mse_loss(preds, target)
+        with torch.no_grad():
+            constant = space.features(space.to_expected_range(target, data_range))
+        for name, value in space.features(space.to_expected_range(preds, data_range)).items():
+            total = total + weights[name] * F.mse_loss(value, constant[name])
+        return total
+
+    return loss
+
+
+def _lpips_package(space: Any, device: torch.device) -> Callable:
+    """lpips.LPIPS(net="vgg") on the same trunk weights as ``space`` (inputs in [0, 1]: normalize=True)."""
+    import lpips
+
+    model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    trunk = {f"features.{k}": v for k, v in space.module.features.state_dict().items()}
+    model.net.load_state_dict({key: trunk["features." + key.split(".", 2)[1] + "." + key.split(".", 2)[2]]
+                               for key in model.net.state_dict()})  # fmt: skip
+    model = model.requires_grad_(False).to(device)
+    return lambda preds, target: model(preds, target, normalize=True).mean()
+
+
+def _saved_bytes(step: Callable[[], object]) -> int:
+    """Bytes held for backward during ``step()`` (each storage once), counted with saved_tensors_hooks."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
+def loss(quick: bool, device: torch.device) -> str:
+    """One training step with each space as the loss: pl-pmse vs the hand-written no_grad baseline (and the lpips
+    package for LPIPS): time, peak memory and bytes saved for backward."""
+    rows = []
+    for space_name in ("pixel", "pyramid", "vgg16", "lpips-vgg", "mel"):
+        space, x, target, model = _loss_case(space_name, quick, device)
+        data_range = (0.0, 1.0) if space_name == "lpips-vgg" else None
+        candidates = {
+            "hand-written, target under no_grad": _hand_written(space, data_range),
+            "pl-pmse perception_mse": lambda p, t, s=space, d=data_range: perception_mse(p, t, s, data_range=d),
+            "pl-pmse, validate_args=False": lambda p, t, s=space, d=data_range: perception_mse(
+                p, t, s, data_range=d, validate_args=False
+            ),
+        }
+        if space_name == "lpips-vgg":
+            candidates["lpips package (lpips.LPIPS)"] = _lpips_package(space, device)
+        steps = {name: _training_step(model, x, target, fn) for name, fn in candidates.items()}
+        seconds = interleaved(steps, repeats=3 if quick else 7, warmup=1)
+        values = {name: float(fn(model(x), target)) for name, fn in candidates.items()}
+        baseline = "hand-written, target under no_grad"
+        peaks = {name: peak_extra_bytes(step, device) for name, step in steps.items()}
+        saved = {name: _saved_bytes(step) for name, step in steps.items()}
+        for name in candidates:
+            rows.append((space_name, name, f"{values[name]:.6g}", f"{seconds[name] * 1e3:.1f}",
+                         f"{seconds[name] / seconds[baseline]:.2f}x", f"{peaks[name] / 2**20:.0f}",
+                         f"{peaks[name] / peaks[baseline]:.2f}x", f"{saved[name] / 2**20:.1f}",
+                         f"{saved[name] / saved[baseline]:.2f}x"))  # fmt: skip
+    shape = tuple(_loss_case("pixel", quick, device)[1].shape)
+    title = (f"### Loss: one training step (forward, loss, backward) of a 2-layer conv net, images {shape}, audio "
+             f"8 x 1 s at 16 kHz\n\n")  # fmt: skip
+    header = ("space", "loss", "value", "ms / step", "time vs hand-written", "peak extra MiB", "peak vs hand-written",
+              "saved for backward MiB", "saved vs hand-written")  # fmt: skip
+    return title + table(rows, header)
+
+
+def _training_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Callable) -> Callable:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), target).backward()
+
+    return step
+
+
+def compiled(quick: bool, device: torch.device) -> str:
+    """torch.compile(perception_mse, fullgraph=True) vs eager, validate_args=False, one training step."""
+    rows = []
+    for space_name in ("pixel", "pyramid", "vgg16", "mel"):
+        space, x, target, model = _loss_case(space_name, quick, device)
+        eager = lambda p, t, s=space: perception_mse(p, t, s, validate_args=False)  # noqa: E731
+        graph = torch.compile(eager, fullgraph=True)
+        start = time.perf_counter()
+        _training_step(model, x, target, graph)()
+        compile_seconds = time.perf_counter() - start
+        with torch.no_grad():
+            preds = model(x)
+            difference = abs(float(graph(preds, target)) - float(eager(preds, target))) / float(eager(preds, target))
+        steps = {name: _training_step(model, x, target, fn) for name, fn in (("eager", eager), ("compiled", graph))}
+        seconds = interleaved(steps, repeats=3 if quick else 9, warmup=1)
+        rows.append((space_name, f"{seconds['eager'] * 1e3:.1f}", f"{seconds['compiled'] * 1e3:.1f}",
+                     f"{seconds['eager'] / seconds['compiled']:.2f}x", f"{compile_seconds:.1f}",
+                     f"{difference:.1e}"))  # fmt: skip
+    header = ("space", "eager ms / step", "compiled ms / step", "speed-up", "first call (compiling) s",
+              "relative difference of the loss")  # fmt: skip
+    return "### torch.compile(perception_mse, fullgraph=True), one training step as in the loss section\n\n" + table(
+        rows, header
+    )
+
+
+def pyramid(quick: bool, device: torch.device) -> str:
+    """The pyramid's cost per element and its peak memory from 64x64 to 4096x4096 (metric update and loss)."""
+    rows = []
+    reference: dict[str, float] = {}
+    for side in (64, 256, 1024) if quick else (64, 256, 1024, 2048, 4096):
+        batch = max(1, (1 << 22) // (3 * side * side))  # about the same number of elements in every row
+        preds, target = (torch.rand(batch, 3, side, side, device=device) for _ in range(2))
+        metric = PerceptionMSE("pyramid").to(device)
+        leaf = preds.clone().requires_grad_()
+        work = {
+            "metric update": lambda m=metric, p=preds, t=target: m.update(p, t),
+            "loss + backward": lambda p=leaf, t=target: perception_mse(p, t, "pyramid").backward(),
+        }
+        seconds = interleaved(work, repeats=3 if quick or side >= 2048 else 5, warmup=1)
+        one_input = preds.numel() * preds.element_size()
+        for name, fn in work.items():
+            per_element = seconds[name] / preds.numel() * 1e9
+            reference.setdefault(name, per_element)
+            peak = peak_extra_bytes(fn, device)
+            rows.append((name, f"{batch} x 3 x {side} x {side}", f"{seconds[name] * 1e3:.0f}", f"{per_element:.1f}",
+                         f"{per_element / reference[name]:.2f}x", f"{peak / one_input:.2f}x"))  # fmt: skip
+    header = ("", "batch", "ms", "ns / element", "vs 64 x 64", "peak extra memory / one input")
+    return "### Pyramid scaling: 5 levels, about 4M elements per row\n\n" + table(rows, header)
+
+
 class CountingCollectives:
     """Counts torch.distributed collectives, and the bytes each rank contributes, while active."""
 
@@ -437,6 +591,9 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "callback": callback_overhead,
     "scaling": scaling,
     "sync": sync,
+    "loss": loss,
+    "compiled": compiled,
+    "pyramid": pyramid,
 }
 
 

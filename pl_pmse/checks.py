@@ -168,27 +168,35 @@ def layout_hint(x: Tensor, modality: str | None) -> str:
     return ""
 
 
-def values_outside(x: Tensor, bounds: tuple[float, float]) -> tuple[float, float] | None:
-    """The finite value range of ``x`` when it lies more than half the span outside ``bounds`` (a convention
-    mismatch: 0..255 data for [0, 1], [-1, 1] for [0, 1]), else None. A host synchronisation."""
+def values_outside(tensors: Sequence[Tensor], bounds: tuple[float, float]) -> tuple[float, float] | None:
+    """The finite value range of ``tensors`` together when it lies more than half the span outside ``bounds`` (a
+    convention mismatch: 0..255 data for [0, 1], [-1, 1] for [0, 1]), else None. A host synchronisation."""
     low, high = bounds
     slack = 0.5 * (high - low)
-    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf are nan_strategy's business, not a range error
-        finite = x.detach()[torch.isfinite(x.detach())]
-        lo, hi = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (low, high)
+    ranges = [_finite_range(x.detach()) for x in tensors]
+    lo, hi = min((r[0] for r in ranges), default=low), max((r[1] for r in ranges), default=high)
     return (lo, hi) if lo < low - slack or hi > high + slack else None
 
 
+def _finite_range(x: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of the finite values (NaN/Inf are nan_strategy's business, not a range error); (inf, -inf)
+    when there are none."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        finite = x[torch.isfinite(x)]
+        lo, hi = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (math.inf, -math.inf)
+    return lo, hi
+
+
 def check_value_range(
-    x: Tensor, bounds: tuple[float, float], space: str, data_range: Any, modality: str | None
+    tensors: Sequence[Tensor], bounds: tuple[float, float], space: str, data_range: Any, modality: str | None
 ) -> None:
     """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
 
     Values may overshoot the range a little (an unconstrained model output); more than half the span off
     is a convention mismatch and raises.
     """
-    found = values_outside(x, bounds)
+    found = values_outside(tensors, bounds)
     if found is not None:
         raise ValueError(
             f"preds and target: space {space!r} expects values in [{bounds[0]:g}, {bounds[1]:g}] (data_range="

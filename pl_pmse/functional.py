@@ -34,12 +34,12 @@ class SampleStats:
 
     def mse(self) -> Tensor:
         """``[N, K]`` per-sample, per-component mean squared error."""
-        return self.sums / torch.tensor(self.sizes, dtype=self.sums.dtype, device=self.sums.device)
+        return torch.stack([self.sums[:, k] / size for k, size in enumerate(self.sizes)], 1)  # no host-to-device copy
 
     def total(self, weights: Mapping[str, float]) -> Tensor:
         """``[N]`` per-sample Perception MSE: the weighted sum of the component MSEs."""
-        w = torch.tensor([weights[n] for n in self.names], dtype=self.sums.dtype, device=self.sums.device)
-        return self.mse() @ w
+        mse = self.mse()
+        return sum(weights[name] * mse[:, k] for k, name in enumerate(self.names))
 
 
 def sample_stats(
@@ -48,11 +48,16 @@ def sample_stats(
     space: Space,
     data_range: tuple[float, float] | None = None,
     nan_strategy: str = "error",
+    validate_args: bool = True,
 ) -> SampleStats:
     """Check the inputs and compute per-sample squared-error sums in every component of ``space``.
 
     Samples with NaN/Inf are handled per ``nan_strategy``: ``"error"`` raises, ``"warn"`` warns and skips
     them, ``"ignore"`` skips them. Gradients flow when autograd records and an input requires grad.
+
+    ``validate_args=False`` makes no host synchronisation: the value range is not checked; under ``"error"``
+    non-finite values are not looked for (they reach the sums), under ``"warn"`` and ``"ignore"`` samples with
+    non-finite inputs are skipped on the device, without a warning. Types, shapes and devices are always checked.
     """
     checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
     checks.check_data_range_given(space, data_range)
@@ -68,6 +73,8 @@ def sample_stats(
     if n == 0:
         empty = torch.zeros(0, len(space.component_names), dtype=torch.float64, device=preds.device)
         return SampleStats(space.component_names, empty, (0,) * len(space.component_names), empty[:, 0] > 0)
+    if not validate_args:
+        return _unchecked_stats(space, preds, target, data_range, nan_strategy)
     sums, sizes = _component_sums(space, preds, target, data_range)
     valid = torch.isfinite(sums.detach()).all(1)
     if not bool(valid.all()):
@@ -75,10 +82,37 @@ def sample_stats(
     return SampleStats(space.component_names, sums, sizes, valid)
 
 
+def _unchecked_stats(
+    space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None, nan_strategy: str
+) -> SampleStats:
+    """:func:`sample_stats` with device-side operations only (``validate_args=False``)."""
+    if nan_strategy == "error":
+        valid = torch.ones(preds.shape[0], dtype=torch.bool, device=preds.device)
+    else:  # skipped samples are computed on zeros: nothing non-finite reaches the sums or the gradient
+        valid = _finite_samples(preds) & _finite_samples(target)
+        preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
+    sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
+    return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid)
+
+
+def _finite_samples(x: Tensor) -> Tensor:
+    """``[N]`` bool: the samples of ``x`` whose values are all finite."""
+    return torch.isfinite(x).reshape(x.shape[0], -1).all(1) if x.is_floating_point() else x.new_ones(x.shape[0]) > 0
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """``[N]`` values shaped to broadcast against ``like`` (``[N, ...]``)."""
+    return values.view(-1, *(1,) * (like.dim() - 1))
+
+
 def _component_sums(
-    space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None
+    space: Space,
+    preds: Tensor,
+    target: Tensor,
+    data_range: tuple[float, float] | None,
+    validate_args: bool = True,
 ) -> tuple[Tensor, tuple[int, ...]]:
-    pairs = space.pairs(preds, target, data_range)
+    pairs = space.pairs(preds, target, data_range, validate_args)
     if tuple(pairs) != space.component_names:
         raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
     columns = [squared_error_sums(p, t).to(torch.float64) for p, t in pairs.values()]
@@ -110,11 +144,12 @@ def _drop_nonfinite(
 
 
 def reduce_samples(values: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """Reduce per-sample ``values`` over the valid samples: ``"mean"``, ``"sum"`` or ``"none"``."""
+    """Reduce per-sample ``values`` over the valid samples: ``"mean"``, ``"sum"`` or ``"none"`` (device-side:
+    no host synchronisation; the mean of no sample is NaN)."""
     if reduction == "none":
         return values
-    kept = values[valid]
-    return kept.sum(0) if reduction == "sum" else kept.mean(0)
+    total = torch.where(_per_sample(valid, values), values, 0).sum(0)
+    return total if reduction == "sum" else total / valid.sum()
 
 
 def perception_mse(
@@ -124,6 +159,7 @@ def perception_mse(
     reduction: str = "mean",
     data_range: float | tuple[float, float] | None = None,
     nan_strategy: str = "error",
+    validate_args: bool = True,
     **space_options: Any,
 ) -> Tensor:
     """Perception MSE between ``preds`` and ``target``: ``sum_c w_c * mean((phi_c(preds) - phi_c(target))**2)``.
@@ -140,6 +176,11 @@ def perception_mse(
             inputs; feature spaces map it onto the range their network expects.
         nan_strategy: ``"error"`` (default), ``"warn"`` or ``"ignore"`` samples containing NaN/Inf; skipped
             samples are NaN under ``reduction="none"`` and left out of ``"mean"`` and ``"sum"``.
+        validate_args: ``False`` for a training loss: no host synchronisation per call, so the GPU never waits
+            and ``torch.compile(..., fullgraph=True)`` traces it. The value range is then not checked, NaN/Inf is
+            not looked for under ``nan_strategy="error"`` (a NaN input gives a NaN loss), and under ``"warn"`` /
+            ``"ignore"`` samples with NaN/Inf inputs are skipped on the device without a warning. Types, shapes
+            and devices are always checked.
         space_options: options of a named space (e.g. ``weights=``, ``layers=``, ``sample_rate=``).
 
     Returns:
@@ -153,7 +194,7 @@ def perception_mse(
         >>> perception_mse(preds, target, reduction="none")
         tensor([0.2500, 0.2500])
     """
-    space, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, space_options)
+    space, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, validate_args, space_options)
     total = reduce_samples(stats.total(space.component_weights), stats.valid, reduction)
     return total.to(compute_dtype(preds, target))
 
@@ -165,6 +206,7 @@ def perception_mse_components(
     reduction: str = "mean",
     data_range: float | tuple[float, float] | None = None,
     nan_strategy: str = "error",
+    validate_args: bool = True,
     **space_options: Any,
 ) -> dict[str, Tensor]:
     """Per-component MSE, ``{component: value}``; arguments as in :func:`perception_mse`.
@@ -174,7 +216,7 @@ def perception_mse_components(
         >>> perception_mse_components(torch.ones(2, 4), torch.zeros(2, 4), reduction="none")
         {'pixel': tensor([1., 1.])}
     """
-    _, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, space_options)
+    _, stats = _stats(preds, target, space, reduction, data_range, nan_strategy, validate_args, space_options)
     mse = reduce_samples(stats.mse(), stats.valid, reduction).to(compute_dtype(preds, target))
     return {name: mse[..., k] for k, name in enumerate(stats.names)}
 
@@ -186,13 +228,14 @@ def _stats(
     reduction: str,
     data_range: Any,
     nan_strategy: str,
+    validate_args: bool,
     options: dict[str, Any],
 ) -> tuple[Space, SampleStats]:
     checks.check_choice("reduction", reduction, checks.REDUCTIONS)
     bounds = checks.check_data_range(data_range)
     checks.check_tensor_pair(preds, target, bounds)  # before a network is built (or downloaded)
     resolved = _resolve_space(space, options, preds.device)
-    return resolved, sample_stats(preds, target, resolved, bounds, nan_strategy)
+    return resolved, sample_stats(preds, target, resolved, bounds, nan_strategy, validate_args)
 
 
 def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torch.device | None) -> Space:

@@ -103,13 +103,16 @@ class ExactSumMetric(Metric):
             self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
         super().merge_state(incoming_state)
 
-    def _add(self, sums: Tensor, counts: Sequence[int]) -> None:
-        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` to the state."""
+    def _add(self, sums: Tensor, counts: Sequence[int] | Tensor) -> None:
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` (ints, or an int64 tensor on the
+        state's device: no host synchronisation) to the state."""
         totals = self.totals
         if totals.is_inference() and not torch.is_inference_mode_enabled():
             totals = totals.clone()  # reset inside validation: an inference tensor only changes in inference mode
         add_exact(totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), sums.to(totals.device))
-        totals[self._num_sums * NUM_BINS :] += torch.tensor(counts, dtype=torch.int64, device=totals.device)
+        if not isinstance(counts, Tensor):
+            counts = torch.tensor(counts, dtype=torch.int64)
+        totals[self._num_sums * NUM_BINS :] += counts.to(totals.device)
         self.totals = totals
 
     def synced_state(self) -> Tensor:
@@ -204,6 +207,11 @@ class PerceptionMSE(ExactSumMetric):
             pair it is computed on inputs clamped to the range (the ``pixel`` component never is).
         nan_strategy: ``"error"`` (default) raises on NaN/Inf; ``"warn"`` and ``"ignore"`` skip such samples
             (counted in ``compute_summary()["skipped"]``).
+        validate_args: ``False``: no host synchronisation in ``update`` / ``forward`` (the range check and the
+            search for NaN/Inf are host round trips). Samples whose squared errors are not finite are then found on
+            the device, left out of the state and counted as skipped, and ``compute`` reports them per
+            ``nan_strategy`` (``"error"`` raises there, ``"warn"`` warns there); the value range is not checked.
+            Types, shapes and devices are always checked.
         kwargs: options of the space (``component_weights=``, ``weights=``, ``layers=``, ``sample_rate=``, ...)
             and of ``torchmetrics.Metric`` (``sync_on_compute``, ``process_group``, ...).
 
@@ -226,6 +234,7 @@ class PerceptionMSE(ExactSumMetric):
         space: str | nn.Module = "pixel",
         data_range: float | tuple[float, float] | None = None,
         nan_strategy: str = "error",
+        validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
         metric_options, space_options = split_options(kwargs, _TORCHMETRICS_OPTIONS)
@@ -237,7 +246,7 @@ class PerceptionMSE(ExactSumMetric):
         k = len(resolved.component_names)
         # sums: one per component (+ the clamped raw error for PSNR); counts: sizes, samples, skipped
         super().__init__(num_sums=k + clamped, num_counts=k + 2, **metric_options)
-        self.data_range, self.nan_strategy = data_range, nan_strategy
+        self.data_range, self.nan_strategy, self.validate_args = data_range, nan_strategy, bool(validate_args)
         self.psnr_clamps = clamped and data_range is not None
         self._range_checked = False  # the first batch after each reset is compared with the assumed range
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
@@ -254,10 +263,10 @@ class PerceptionMSE(ExactSumMetric):
 
         ``mask`` (bool ``[N]``) says which samples count; the others are left out entirely (not counted as skipped),
         e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. The
-        batch's per-sample results stay available in :attr:`last_batch` (for the counted samples, in order).
+        batch's per-sample results stay available in :attr:`last_batch` (for the counted samples, in order; with
+        ``validate_args=False`` for every sample, the others marked not valid).
         """
-        preds, target = _counted(preds, target, mask)
-        self._accumulate(sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target)
+        self._accumulate(*self._batch(preds, target, mask))
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Accumulate the batch and return its Perception MSE (float64) over the counted samples, differentiable
@@ -266,13 +275,32 @@ class PerceptionMSE(ExactSumMetric):
             return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
-        preds, target = _counted(preds, target, mask)
-        stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy)
-        self._accumulate(stats, preds, target)
+        batch = self._batch(preds, target, mask)
+        self._accumulate(*batch)
+        stats = batch[0]
         self._update_count += 1
         self._computed = None
         self._forward_cache = reduce_samples(stats.total(self.space.component_weights), stats.valid, "mean")
         return self._forward_cache
+
+    def _batch(
+        self, preds: Tensor, target: Tensor, mask: Tensor | None
+    ) -> tuple[SampleStats, Tensor, Tensor, Tensor | None]:
+        """The batch's per-sample results, the inputs they came from and which samples count (None: all).
+
+        ``mask`` slices the samples that count out of the batch; with ``validate_args=False`` every sample is
+        computed instead, and those outside ``mask`` or with non-finite squared errors are marked not valid on the
+        device."""
+        if self.validate_args:
+            preds, target = _counted(preds, target, mask)
+            return sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target, None
+        if mask is not None and isinstance(preds, Tensor):
+            checks.check_mask(mask, preds)
+        stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy, validate_args=False)
+        valid = stats.valid & torch.isfinite(stats.sums.detach()).all(1)
+        if mask is not None:
+            valid = valid & mask
+        return SampleStats(stats.names, stats.sums, stats.sizes, valid), preds, target, mask
 
     def compute(self) -> Tensor:
         """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
@@ -286,7 +314,40 @@ class PerceptionMSE(ExactSumMetric):
     def compute_summary(self) -> dict[str, Tensor]:
         """``total``, every component, ``psnr`` (with ``data_range``) and ``skipped``, with ONE sync."""
         with self.synced():
-            return self._summary()
+            summary = self._summary()
+        self._report_skips(summary)
+        return summary
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        """torchmetrics' compute (synced, cached), then the report of samples skipped on the device (outside the
+        synced state: an error inside it would leave the state summed over the processes)."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def reported(*args: Any, **kwargs: Any) -> Any:
+            value = wrapped(*args, **kwargs)
+            try:
+                self._report_skips(self._last_summary)
+            except ValueError:
+                self._computed = None
+                raise
+            return value
+
+        return reported
+
+    def _report_skips(self, summary: Mapping[str, Tensor]) -> None:
+        """With ``validate_args=False`` samples with NaN/Inf are found on the device: raise (``"error"``) or warn
+        (``"warn"``) here, once the count over all processes is known."""
+        skipped = int(summary["skipped"])
+        if self.validate_args or not skipped or self.nan_strategy == "ignore":
+            return
+        message = (
+            f"PerceptionMSE: {skipped} sample(s) had NaN or Inf in their squared errors and were left out of the "
+            f"state (validate_args=False finds them on the device and reports them at compute)"
+        )
+        if self.nan_strategy == "error":
+            raise ValueError(f"{message}; clean the inputs, or pass nan_strategy='ignore' or 'warn' to skip them")
+        warnings.warn(f"{message}; nan_strategy='warn'", UserWarning, stacklevel=4)
 
     def plot(
         self,
@@ -325,27 +386,31 @@ class PerceptionMSE(ExactSumMetric):
         )  # fmt: skip
 
     def configuration(self) -> dict[str, str]:
-        """The space's configuration (:meth:`Space.configuration`) plus ``data_range`` and ``nan_strategy``."""
+        """The space's configuration (:meth:`Space.configuration`) plus ``data_range``, ``nan_strategy`` and
+        ``validate_args`` (which decides where NaN/Inf is reported: drifting between ranks, it could hang them)."""
         data_range = f"{self.data_range}{' (PSNR clamps to it)' if self.psnr_clamps else ''}"
         return {**super().configuration(), **self.space.configuration(), "data_range": data_range,
-                "nan_strategy": self.nan_strategy}  # fmt: skip
+                "nan_strategy": self.nan_strategy, "validate_args": str(self.validate_args)}  # fmt: skip
 
     def reset(self) -> None:
         super().reset()
         self._range_checked = False
 
-    def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor) -> None:
+    def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor, counted: Tensor | None = None) -> None:
+        """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
+        device-side operations only."""
         sums = stats.sums.detach()
         self.last_batch = SampleStats(stats.names, sums, stats.sizes, stats.valid)
-        if not self._range_checked and stats.valid.any():
+        if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
         if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
             inputs = (x.detach() if x.is_floating_point() else x.detach().double() for x in (preds, target))
             clamped = squared_error_sums(*(x.clamp(*self.data_range) for x in inputs))
             sums = torch.cat([sums, clamped.to(sums)[:, None]], 1)
-        sums = sums[stats.valid]
-        kept = sums.shape[0]
-        self._add(sums.T, [*(size * kept for size in stats.sizes), kept, stats.valid.numel() - kept])
+        sums = torch.where(stats.valid[:, None], sums, 0)
+        kept = stats.valid.sum()
+        samples = stats.valid.numel() if counted is None else counted.sum()
+        self._add(sums.T, torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept]))
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
         """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:
@@ -356,11 +421,10 @@ class PerceptionMSE(ExactSumMetric):
         if len(space.component_names) > 1 or getattr(self, "_range_warned", False):
             return
         bounds = self.data_range or space.expected_range
-        found = [checks.values_outside(x, bounds) for x in (preds, target) if x.is_floating_point()]
-        found = [f for f in found if f is not None]
+        found = checks.values_outside([x for x in (preds, target) if x.is_floating_point()], bounds)
         if found:
             self._range_warned = True
-            low, high = min(f[0] for f in found), max(f[1] for f in found)
+            low, high = found
             warnings.warn(
                 f"PerceptionMSE: space {space.name!r} assumes values in [{bounds[0]:g}, {bounds[1]:g}] "
                 f"(data_range={self.data_range}) but found [{low:g}, {high:g}]: the MSE is in the data's own units, "
@@ -390,7 +454,9 @@ class PerceptionMSE(ExactSumMetric):
             span = self.data_range[1] - self.data_range[0]
             raw = ratios[-1] if self.psnr_clamps else mse[self.space.raw_name]
             values["psnr"] = 10 * math.log10(span**2 / raw) if raw > 0 else (math.inf if raw == 0 else math.nan)
-        return {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
+        summary = {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
+        self._last_summary = summary
+        return summary
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         """Moves the space with the metric; the space keeps its dtype (see :class:`~pl_pmse.spaces.Space`), as
@@ -405,7 +471,10 @@ class PerceptionMSE(ExactSumMetric):
         return this
 
     def extra_repr(self) -> str:
-        return f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}"
+        return (
+            f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}, "
+            f"validate_args={self.validate_args}"
+        )
 
 
 def _counted(preds: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

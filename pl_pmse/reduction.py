@@ -17,48 +17,58 @@ CHUNK = 2048
 MAX_ROWS = 1024  # bounds the padding work for tiny samples
 
 
-def squared_error_sums(preds: Tensor, target: Tensor) -> Tensor:
-    """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample.
+def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
+    """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample
+    (``target=None``: the sum of ``preds ** 2``, for a difference computed already).
 
     The value always comes from the streaming path, so it is the same bits with or without autograd. When
     autograd records and an input requires grad, the gradient is that of the plain formula (in the inputs' float
-    dtype, at least float32), attached with a zero-valued ``a - a.detach()`` term.
+    dtype, at least float32), attached with a zero-valued ``a - a.detach()`` term. Under ``torch.compile`` the
+    plain formula gives the value too (equal to float32 rounding; the compiler fuses it into one pass).
 
     Example:
         >>> p, t = torch.ones(2, 3), torch.zeros(2, 3)
         >>> squared_error_sums(p, t)
         tensor([3., 3.], dtype=torch.float64)
     """
+    inputs = (preds,) if target is None else (preds, target)
+    if torch.compiler.is_compiling():
+        return _plain_sums(preds, target).to(torch.float64)
     with torch.no_grad():
         value = _streaming_sums(*_memory_order(preds, target))
-    if torch.is_grad_enabled() and (preds.requires_grad or target.requires_grad):
-        dtype = compute_dtype(preds, target)
-        differentiable = (preds.to(dtype) - target.to(dtype)).square().reshape(preds.shape[0], -1).sum(1)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        differentiable = _plain_sums(preds, target)
         return value + (differentiable - differentiable.detach()).to(torch.float64)
     return value
 
 
-def compute_dtype(preds: Tensor, target: Tensor) -> torch.dtype:
+def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:
     """float64 when either input is float64, float32 otherwise (half, bfloat16 and integers included)."""
-    return torch.float64 if torch.float64 in (preds.dtype, target.dtype) else torch.float32
+    return torch.float64 if torch.float64 in (preds.dtype, getattr(target, "dtype", None)) else torch.float32
 
 
-def _memory_order(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _plain_sums(preds: Tensor, target: Tensor | None) -> Tensor:
+    dtype = compute_dtype(preds, target)
+    difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
+    return difference.square().reshape(preds.shape[0], -1).sum(1)
+
+
+def _memory_order(preds: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Permute both inputs so that each sample is contiguous when they share a layout (e.g. channels_last).
 
     A sum over a sample does not depend on the order of its elements, so reading them in memory order
     avoids a copy. Inputs with different or overlapping layouts are left as they are (copied block by block).
     """
-    if preds.dim() < 3 or preds.stride() != target.stride():
+    if preds.dim() < 3 or (target is not None and preds.stride() != target.stride()):
         return preds, target
     order = sorted(range(1, preds.dim()), key=lambda dim: -preds.stride(dim))
     permuted = preds.permute(0, *order)
     if permuted[:1].is_contiguous():
-        return permuted, target.permute(0, *order)
+        return permuted, None if target is None else target.permute(0, *order)
     return preds, target
 
 
-def _streaming_sums(preds: Tensor, target: Tensor) -> Tensor:
+def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
     n = preds.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.float64, device=preds.device)
@@ -67,21 +77,30 @@ def _streaming_sums(preds: Tensor, target: Tensor) -> Tensor:
     # Every kernel call sees the same shapes whatever the batch size (the last block is padded with zeros), so
     # that no backend can pick a different reduction order for a sample because of its neighbours.
     rows = min(MAX_ROWS, max(1, BLOCK_ELEMENTS // per_sample))
-    preds, target = _rows(preds, per_sample), _rows(target, per_sample)
+    preds = _rows(preds, per_sample)
+    target = None if target is None else _rows(target, per_sample)
     out = torch.empty(n, dtype=torch.float64, device=preds.device)
-    diff = torch.zeros(rows, per_sample, dtype=dtype, device=preds.device)
-    diff_chunks, diff_tail = diff[:, : chunks * CHUNK].view(rows, chunks, CHUNK), diff[:, chunks * CHUNK :]
+    buffer: Tensor | None = None  # the padded block, allocated when first needed
     partials = torch.zeros(rows, chunks + 1, dtype=dtype, device=preds.device)
     for start in range(0, n, rows):
         count = min(rows, n - start)
-        p, t = (x[start : start + count].reshape(-1, per_sample).to(dtype) for x in (preds, target))
-        torch.sub(p, t, out=diff[:count])
-        if count < rows:
-            diff[count:].zero_()
+        p = preds[start : start + count].reshape(-1, per_sample).to(dtype)
+        if target is None and count == rows and p.is_contiguous():
+            block = p  # a full block of a difference computed already: read in place, no copy
+        else:
+            if buffer is None:
+                buffer = torch.zeros(rows, per_sample, dtype=dtype, device=preds.device)
+            if target is None:
+                buffer[:count].copy_(p)
+            else:
+                torch.sub(p, target[start : start + count].reshape(-1, per_sample).to(dtype), out=buffer[:count])
+            buffer[count:].zero_()
+            block = buffer
         if chunks:
-            torch.linalg.vecdot(diff_chunks, diff_chunks, out=partials[:, :chunks])
+            whole = block[:, : chunks * CHUNK].view(rows, chunks, CHUNK)
+            torch.linalg.vecdot(whole, whole, out=partials[:, :chunks])
         if tail:
-            partials[:, chunks] = torch.linalg.vecdot(diff_tail, diff_tail)
+            partials[:, chunks] = torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])
         out[start : start + count] = partials.sum(1, dtype=torch.float64)[:count]
     return out
 

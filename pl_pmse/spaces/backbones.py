@@ -7,6 +7,7 @@ safe from them, so that a captured feature map is never overwritten by a later l
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,10 @@ class Backbone(Space):
         self.layers = layer_map
         self.min_size = min_size
         self.__dict__["module"] = _freeze(module, keep_inplace)  # outside the module tree: see Space
+        self.__dict__["_captured"] = None
+        modules = dict(module.named_modules())
+        for layer, path in layer_map.items():  # a partial, not a closure: copies and pickles of the space keep them
+            modules[path].register_forward_hook(functools.partial(self._keep, layer))
         # the normalisation as one affine map per channel, x * gain + bias (LPIPS: [0, 1] -> [-1, 1] first)
         shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
             normalize, ((0.0,), (1.0,))
@@ -156,31 +161,30 @@ class Backbone(Space):
         return feature
 
     def _capture(self, x: Tensor) -> dict[str, Tensor]:
-        captured: dict[str, Tensor] = {}
-        modules = dict(self.module.named_modules())
-
-        def hook(name: str):
-            def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
-                if name in captured:
-                    raise ValueError(
-                        f"layers: {name!r} ({self.layers[name]!r}) runs more than once per forward (a shared "
-                        f"module); hook a module that runs once"
-                    )
-                captured[name] = output
-                if len(captured) == len(self.layers):
-                    raise _Captured
-
-            return keep
-
-        handles = [modules[path].register_forward_hook(hook(name)) for name, path in self.layers.items()]
+        """Run the network on ``x`` until every hooked layer has given its output (see :meth:`_keep`)."""
+        self.__dict__["_captured"] = {}
         try:
             self.module(x)
         except _Captured:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
+            captured, self.__dict__["_captured"] = self.__dict__["_captured"], None
         return captured
+
+    def _keep(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        """The forward hook of layer ``name``, registered once at construction (so that ``torch.compile`` traces
+        it); it records only while :meth:`_capture` runs, and stops the forward after the last layer."""
+        captured = self.__dict__.get("_captured")
+        if captured is None:
+            return
+        if name in captured:
+            raise ValueError(
+                f"layers: {name!r} ({self.layers[name]!r}) runs more than once per forward (a shared module); hook a "
+                f"module that runs once"
+            )
+        captured[name] = output
+        if len(captured) == len(self.layers):
+            raise _Captured
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layers}, normalize={self.normalize!r}, {super().extra_repr()}"

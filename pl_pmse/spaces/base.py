@@ -2,7 +2,8 @@
 
 A space maps a batch to named components. The raw component (``"pixel"`` or ``"waveform"``) is the input
 itself; derived components (network layers, pyramid bands, spectrograms) come from ``features``, run ONCE on
-``cat([preds, target])``. Perception MSE is ``sum_c weight_c * MSE_c`` over the components.
+``cat([preds, target])`` (on the difference for a linear space; per side when only one side needs a graph).
+Perception MSE is ``sum_c weight_c * MSE_c`` over the components.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Space(nn.Module):
     layout: str = "a batch [N, ...]"
     allowed_ndim: tuple[int, ...] | None = None
     requires_data_range: bool = False  # True where two input conventions are common (LPIPS: [0, 1] and [-1, 1])
+    linear: bool = False  # features(a) - features(b) == features(a - b): measured on the difference, in one pass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass constructor records its arguments (see :meth:`configuration`)."""
@@ -177,17 +179,37 @@ class Space(nn.Module):
         return (x - low) * ((to_high - to_low) / (high - low)) + to_low
 
     def pairs(
-        self, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None = None
-    ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{component: (preds_component, target_component)}`` with ONE batched call of :meth:`features`."""
-        out = {self.raw_name: (preds, target)}
-        if len(self.component_weights) > 1:
-            n = preds.shape[0]
-            both = self.to_expected_range(torch.cat([preds, target]), data_range)
-            checks.check_value_range(both, self.expected_range, self.name, data_range, self.modality)
-            for name, value in self.features(both).items():
-                out[name] = (value[:n], value[n:])
-        return out
+        self,
+        preds: Tensor,
+        target: Tensor,
+        data_range: tuple[float, float] | None = None,
+        validate_args: bool = True,
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """``{component: (preds_component, target_component)}``; ``(difference, None)`` for a :attr:`linear` space.
+
+        Features are computed in the cheapest way that gives the same numbers: a linear space transforms the
+        difference once; a side that autograd does not need (a target without grad, in a training loss) is
+        computed without a graph; otherwise ONE batched call of :meth:`features` on ``cat([preds, target])``.
+        ``validate_args`` checks the value range (a host synchronisation).
+        """
+        out: dict[str, tuple[Tensor, Tensor | None]] = {self.raw_name: (preds, target)}
+        if len(self.component_weights) == 1:
+            return out
+        mapped = [self.to_expected_range(x, data_range) for x in (preds, target)]
+        if validate_args:
+            checks.check_value_range(mapped, self.expected_range, self.name, data_range, self.modality)
+        if self.linear:
+            return {**out, **{name: (value, None) for name, value in self.features(mapped[0] - mapped[1]).items()}}
+        graph = [torch.is_grad_enabled() and x.requires_grad for x in mapped]
+        if graph[0] != graph[1]:  # a training loss: the side autograd does not need is computed without a graph
+            sides = []
+            for x, tracked in zip(mapped, graph, strict=True):
+                with torch.set_grad_enabled(tracked):
+                    sides.append(self.features(x))
+            return {**out, **{name: (sides[0][name], sides[1][name]) for name in sides[0]}}
+        n = preds.shape[0]
+        both = self.features(torch.cat(mapped))
+        return {**out, **{name: (value[:n], value[n:]) for name, value in both.items()}}
 
     def extra_repr(self) -> str:
         return f"component_weights={self.component_weights}"

@@ -1,0 +1,262 @@
+"""Perception MSE as a training loss: no graph for a constant target, no host synchronisation with
+validate_args=False, torch.compile(fullgraph=True), and the pyramid at large sizes."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
+from pl_pmse.spaces import get_space
+from pl_pmse.spaces import image as image_spaces
+
+LOSS_SPACES = ("pixel", "pyramid", "vgg16", "mel")
+
+
+class HostSyncs(TorchFunctionMode):
+    """Records the torch calls that make the host wait for the device (on a GPU): reading values back
+    (``item``, ``bool``, ``tolist``...), data-dependent shapes (``nonzero``, boolean-mask indexing) and host data
+    turned into device tensors (``torch.tensor``, list indices)."""
+
+    WAITING = frozenset(("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere",
+                         "numpy", "cpu", "masked_select", "unique", "tensor", "as_tensor"))  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.WAITING or (name in ("__getitem__", "__setitem__") and _host_index(args[1])):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, list) or (isinstance(p, torch.Tensor) and p.dtype == torch.bool) for p in parts)
+
+
+def loss_case(name: str, batch: int = 3) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """A space, an input, a target and a small model whose output stays in the space's range."""
+    if name == "mel":
+        space = get_space("mel", sample_rate=16000, n_fft=256)
+        x, target = torch.rand(batch, 4000) * 2 - 1, torch.rand(batch, 4000) * 2 - 1
+        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, -1)), torch.nn.Conv1d(1, 1, 3, padding=1),
+                                    torch.nn.Flatten(), torch.nn.Tanh())  # fmt: skip
+        return space, x, target, model
+    space = get_space(name, weights="random") if name == "vgg16" else get_space(name)
+    x, target = torch.rand(batch, 3, 32, 32), torch.rand(batch, 3, 32, 32)
+    return space, x, target, torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Sigmoid())
+
+
+def hand_written_loss(space, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What a user writes by hand: target features under no_grad, one F.mse_loss per component."""
+    weights = space.component_weights
+    loss = weights[space.raw_name] * F.mse_loss(preds, target)
+    with torch.no_grad():
+        constant = space.features(space.to_expected_range(target, None))
+    for name, value in space.features(space.to_expected_range(preds, None)).items():
+        loss = loss + weights[name] * F.mse_loss(value, constant[name])
+    return loss
+
+
+def saved_bytes(step) -> tuple[int, torch.Tensor]:
+    """Bytes held for backward by ``step()`` (each storage once), and its result."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    return sum(storages.values()), result
+
+
+@pytest.mark.parametrize("name", LOSS_SPACES)
+def test_a_constant_target_builds_no_graph(name: str) -> None:
+    space, x, target, model = loss_case(name)
+    ours, loss = saved_bytes(lambda: perception_mse(model(x), target, space))
+    baseline, expected = saved_bytes(lambda: hand_written_loss(space, model(x), target))
+    assert ours <= 1.1 * baseline, (ours, baseline)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    # the gradient equals the one through the shared forward (a target that requires grad takes that path)
+    weight = next(model.parameters())
+    (gradient,) = torch.autograd.grad(loss, weight)
+    tracked = target.clone().requires_grad_()
+    both = perception_mse(model(x), tracked, space)
+    if name in ("vgg16", "mel"):  # the shared forward keeps the target's activations too: the test can tell
+        assert saved_bytes(lambda: perception_mse(model(x), tracked, space))[0] > ours
+    (reference,) = torch.autograd.grad(both, weight)
+    torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_the_pyramid_measures_the_difference() -> None:
+    """A linear space transforms preds - target once: the same numbers as two pyramids, half the work."""
+    space = get_space("pyramid", levels=4)
+    preds, target = torch.rand(2, 3, 40, 36, dtype=torch.float64), torch.rand(2, 3, 40, 36, dtype=torch.float64)
+    parts = perception_mse_components(preds, target, space, reduction="none")
+    for name, p, t in zip(space.component_names[1:], space.pyramid(preds), space.pyramid(target), strict=True):
+        torch.testing.assert_close(parts[name], (p - t).square().flatten(1).mean(1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", LOSS_SPACES)
+def test_validate_args_false_makes_no_host_synchronisation(name: str) -> None:
+    space, x, target, model = loss_case(name)
+    preds = model(x)
+    checked = perception_mse(preds, target, space)
+    with HostSyncs() as syncs:
+        loss = perception_mse(preds, target, space, validate_args=False)
+        loss.backward()
+        perception_mse(preds.detach(), target, space, validate_args=False, nan_strategy="ignore", reduction="none")
+    assert syncs.calls == []
+    torch.testing.assert_close(loss, checked, rtol=1e-6, atol=0)
+    with HostSyncs() as syncs:  # the detector sees the checks that validate_args=True makes
+        perception_mse(preds, target, space)
+    assert "item" in syncs.calls or "__bool__" in syncs.calls or "__float__" in syncs.calls
+
+    metric, reference = (PerceptionMSE(space, validate_args=v, data_range=(0.0, 1.0)) for v in (False, True))
+    if name == "mel":
+        metric, reference = (PerceptionMSE(space, validate_args=v) for v in (False, True))
+    mask = torch.tensor([True, False, True])
+    with torch.no_grad(), HostSyncs() as syncs:
+        metric.update(preds, target)
+        metric.update(preds, target, mask=mask)
+        metric(preds, target)
+    assert syncs.calls == []
+    with torch.no_grad():
+        reference.update(preds, target)
+        reference.update(preds, target, mask=mask)
+        reference(preds, target)
+    assert torch.equal(metric.totals, reference.totals)  # the same state, bit for bit
+
+
+def test_validate_args_false_keeps_the_state_clean_and_reports_at_compute() -> None:
+    preds, target = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    poisoned = preds.clone()
+    poisoned[1, 0, 0, 0] = float("nan")
+    clean = [0, 2, 3]
+
+    metric = PerceptionMSE(validate_args=False)
+    metric.update(poisoned, target)  # no error here: finding the NaN on the host would wait for the device
+    state = metric.totals.clone()
+    with pytest.raises(ValueError, match=r"1 sample\(s\) had NaN or Inf .*\(validate_args=False"):
+        metric.compute()
+    assert torch.equal(metric.totals, state)  # nothing of the bad sample entered, nothing changed by the error
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metric.compute()  # not cached
+
+    for strategy in ("ignore", "warn"):
+        unchecked = PerceptionMSE(nan_strategy=strategy, validate_args=False)
+        checked = PerceptionMSE(nan_strategy=strategy)
+        unchecked.update(poisoned, target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checked.update(poisoned, target)
+        assert torch.equal(unchecked.totals, checked.totals)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = unchecked.compute_summary()
+        assert summary["skipped"] == 1
+        assert len([w for w in caught if "1 sample(s) had NaN" in str(w.message)]) == (strategy == "warn")
+        expected = perception_mse(preds[clean], target[clean]).double()
+        torch.testing.assert_close(summary["total"], expected, rtol=1e-6, atol=0)
+
+    # the functional: "error" lets the NaN through (a NaN loss), "ignore" skips on the device with clean gradients
+    assert perception_mse(poisoned, target, validate_args=False).isnan()
+    leaf = poisoned.clone().requires_grad_()
+    loss = perception_mse(leaf, target, "pyramid", nan_strategy="ignore", validate_args=False)
+    loss.backward()
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[1] == 0).all()
+    torch.testing.assert_close(loss, perception_mse(preds[clean], target[clean], "pyramid"), rtol=1e-6, atol=0)
+
+
+def test_validate_args_false_still_checks_types_shapes_and_devices() -> None:
+    metric = PerceptionMSE("pyramid", validate_args=False)
+    cases = [
+        ((torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 31)), "expected the same shape"),
+        ((torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32) > 0.5), "expected a real floating point or integer"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)), "at least 17"),
+        ((torch.rand(2, 3, 32), torch.rand(2, 3, 32)), r"expects images \[N, C, H, W\]"),
+        (([1.0], torch.rand(1)), "expected a torch.Tensor"),
+    ]
+    for (preds, target), message in cases:
+        for call in (metric.update, lambda p, t: perception_mse(p, t, "pyramid", validate_args=False)):
+            with pytest.raises((TypeError, ValueError), match=message):
+                call(preds, target)
+    with pytest.raises(TypeError, match="mask: expected a bool tensor"):
+        metric.update(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32), mask=torch.ones(2))
+    assert metric.update_count == 0 and not metric.totals.any()
+    # what is NOT checked: the value range (0..255 data in a [0, 1] space is measured as given)
+    with pytest.raises(ValueError, match="expects values in"):
+        perception_mse(torch.rand(1, 3, 32, 32) * 255, torch.rand(1, 3, 32, 32) * 255, "pyramid")
+    perception_mse(torch.rand(1, 3, 32, 32) * 255, torch.rand(1, 3, 32, 32) * 255, "pyramid", validate_args=False)
+
+
+def test_validate_args_is_part_of_the_configuration() -> None:
+    """Ranks that differ in it would report NaN in different places (one raising in update): compared at sync."""
+    unchecked, checked = PerceptionMSE(validate_args=False), PerceptionMSE()
+    assert unchecked.configuration()["validate_args"] == "False" != checked.configuration()["validate_args"]
+    with pytest.raises(ValueError, match="validate_args"):
+        checked.merge_state(unchecked)
+
+
+@pytest.mark.parametrize("name", LOSS_SPACES)
+def test_compile_fullgraph_equals_eager(name: str) -> None:
+    """The whole loss in one graph (no break) through autograd (aot_eager: Dynamo + AOTAutograd, the compiler's
+    front half); test_compiled_by_inductor runs the code generator too."""
+    space, x, target, model = loss_case(name, batch=2)
+    preds = model(x).detach().requires_grad_()
+    loss = torch.compile(lambda p, t: perception_mse(p, t, space, validate_args=False), fullgraph=True,
+                         backend="aot_eager")(preds, target)  # fmt: skip
+    (gradient,) = torch.autograd.grad(loss, preds)
+    eager = perception_mse(preds, target, space, validate_args=False)
+    (expected,) = torch.autograd.grad(eager, preds)
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_compiled_by_inductor() -> None:
+    """The default compiler (Inductor's generated C++ on CPU) gives eager's values to float32 rounding."""
+    space, x, target, model = loss_case("mel", batch=2)
+    preds = model(x).detach().requires_grad_()
+    compiled = torch.compile(lambda p, t: perception_mse(p, t, space, validate_args=False), fullgraph=True)
+    loss = compiled(preds, target)
+    (gradient,) = torch.autograd.grad(loss, preds)
+    eager = perception_mse(preds, target, space)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gradient, torch.autograd.grad(eager, preds)[0], rtol=1e-4, atol=1e-8)
+
+
+def test_pyramid_blocks_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pyramid is worked in blocks of planes and rows; any block size gives the same bits, and a sample's bands
+    do not depend on the rest of the batch."""
+    space = get_space("pyramid", levels=4, luma_chroma=True)
+    images = torch.rand(3, 3, 75, 41)
+    whole = space.features(images)
+    for block in (64, 1000, 5000):
+        monkeypatch.setattr(image_spaces, "BLOCK_ELEMENTS", block)
+        assert all(torch.equal(whole[k], v) for k, v in space.features(images).items())
+        single = space.features(images[1:2])
+        assert all(torch.equal(whole[k][1:2], v) for k, v in single.items())
+
+
+def test_backbone_hooks_survive_copies_and_leave_the_network_alone() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU())
+    space = get_space(net, layers={"low": "1", "high": "3"}, normalize="none")
+    other = get_space(net, layers={"high": "3"}, normalize="none")  # a second space on the same network
+    x = torch.rand(2, 3, 16, 16)
+    expected = space.features(x)
+    assert net(x).shape == (2, 4, 12, 12)  # called directly, the network runs as before (the hooks stay quiet)
+    assert list(other.features(x)) == ["high"]
+    for copied in (copy.deepcopy(space), pickle.loads(pickle.dumps(space))):
+        features = copied.features(x)
+        assert copied.module is not net and all(torch.equal(expected[k], v) for k, v in features.items())
