@@ -28,8 +28,9 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15, 
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory that ``fn()`` adds to what is in use when it starts: the CUDA allocator's peak on a GPU, the
-    process's peak resident set on a CPU (Linux: ``/proc/self/clear_refs`` resets it, ``VmHWM`` reads it)."""
+    """Peak tensor memory that ``fn()`` adds to what is in use when it starts, as torch's allocator sees it: the CUDA
+    allocator's peak on a GPU; on a CPU, the running sum of the allocations and frees the profiler records (the
+    process's resident set would add the C allocator's fragmentation, which varies from run to run)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -37,15 +38,16 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_bytes("VmRSS:")
-    fn()
-    return _status_bytes("VmHWM:") - before
+    from torch.profiler import ProfilerActivity, profile
 
-
-def _status_bytes(key: str) -> int:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
-    return int(line.split()[1]) * 1024
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        fn()
+    events = [e for e in recorded.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def machine() -> str:

@@ -429,7 +429,7 @@ def loss(quick: bool, device: torch.device) -> str:
     shape = tuple(_loss_case("pixel", quick, device)[1].shape)
     title = (f"### Loss: one training step (forward, loss, backward) of a 2-layer conv net, images {shape}, audio "
              f"8 x 1 s at 16 kHz\n\n")  # fmt: skip
-    header = ("space", "loss", "value", "ms / step", "time vs hand-written", "peak extra MiB", "peak vs hand-written",
+    header = ("space", "loss", "value", "ms / step", "time vs hand-written", "peak tensor MiB", "peak vs hand-written",
               "saved for backward MiB", "saved vs hand-written")  # fmt: skip
     return title + table(rows, header)
 
@@ -488,7 +488,7 @@ def pyramid(quick: bool, device: torch.device) -> str:
             peak = peak_extra_bytes(fn, device)
             rows.append((name, f"{batch} x 3 x {side} x {side}", f"{seconds[name] * 1e3:.0f}", f"{per_element:.1f}",
                          f"{per_element / reference[name]:.2f}x", f"{peak / one_input:.2f}x"))  # fmt: skip
-    header = ("", "batch", "ms", "ns / element", "vs 64 x 64", "peak extra memory / one input")
+    header = ("", "batch", "ms", "ns / element", "vs 64 x 64", "peak tensor memory / one input")
     return "### Pyramid scaling: 5 levels, about 4M elements per row\n\n" + table(rows, header)
 
 

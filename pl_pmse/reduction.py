@@ -9,6 +9,8 @@ so any batch split gives bit-identical per-sample values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,36 +23,49 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
     """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample
     (``target=None``: the sum of ``preds ** 2``, for a difference computed already).
 
-    The value always comes from the streaming path, so it is the same bits with or without autograd. When
-    autograd records and an input requires grad, the gradient is that of the plain formula (in the inputs' float
-    dtype, at least float32), attached with a zero-valued ``a - a.detach()`` term. Under ``torch.compile`` the
-    plain formula gives the value too (equal to float32 rounding; the compiler fuses it into one pass).
+    The value always comes from the streaming path, so it is the same bits with or without autograd. Under autograd
+    the inputs themselves are saved for backward (no full-size temporary), and the gradient is the plain formula's,
+    ``2 * (preds - target) * grad`` in the inputs' float dtype (at least float32). Under ``torch.compile`` the plain
+    formula gives the value too (equal to float32 rounding; the compiler fuses it into one pass).
 
     Example:
         >>> p, t = torch.ones(2, 3), torch.zeros(2, 3)
         >>> squared_error_sums(p, t)
         tensor([3., 3.], dtype=torch.float64)
     """
-    inputs = (preds,) if target is None else (preds, target)
     if torch.compiler.is_compiling():
-        return _plain_sums(preds, target).to(torch.float64)
-    with torch.no_grad():
-        value = _streaming_sums(*_memory_order(preds, target))
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        differentiable = _plain_sums(preds, target)
-        return value + (differentiable - differentiable.detach()).to(torch.float64)
-    return value
+        dtype = compute_dtype(preds, target)
+        difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
+        return difference.square().reshape(preds.shape[0], -1).sum(1).to(torch.float64)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (preds, target)):
+        return _SquaredErrorSums.apply(preds, target)
+    return _streaming_sums(*_memory_order(preds, target))
+
+
+class _SquaredErrorSums(torch.autograd.Function):
+    """The streaming sums with the plain formula's gradient; saves the inputs (views, no copy)."""
+
+    @staticmethod
+    def forward(ctx: Any, preds: Tensor, target: Tensor | None) -> Tensor:
+        ctx.save_for_backward(preds, target)
+        return _streaming_sums(*_memory_order(preds, target))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        preds, target = ctx.saved_tensors
+        dtype = compute_dtype(preds, target)
+        difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
+        scaled = difference * (2 * grad.to(dtype)).view(-1, *(1,) * (preds.dim() - 1))
+        wanted = ctx.needs_input_grad
+        return (
+            scaled.to(preds.dtype) if wanted[0] else None,
+            (-scaled).to(target.dtype) if target is not None and wanted[1] else None,
+        )
 
 
 def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:
     """float64 when either input is float64, float32 otherwise (half, bfloat16 and integers included)."""
     return torch.float64 if torch.float64 in (preds.dtype, getattr(target, "dtype", None)) else torch.float32
-
-
-def _plain_sums(preds: Tensor, target: Tensor | None) -> Tensor:
-    dtype = compute_dtype(preds, target)
-    difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
-    return difference.square().reshape(preds.shape[0], -1).sum(1)
 
 
 def _memory_order(preds: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -87,6 +87,12 @@ def _update(space: str = "pixel", **options: object) -> Callable[[torch.Tensor, 
     return metric.update
 
 
+def _compute_after_unchecked_nan() -> object:
+    metric = PerceptionMSE(validate_args=False)
+    metric.update(_with(_image(), float("nan")), _image())  # found on the device, reported at compute
+    return metric.compute()
+
+
 # (where, what is wrong, the call)
 CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("metric.update", "preds is not a tensor", lambda: _update()([[0.0, 1.0]], _image())),
@@ -114,6 +120,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("metric.update", "0..255 floats with the default range", lambda: _update("squeezenet", weights=_squeezenet())(_image() * 255, _image() * 255)),
     ("metric.update", "images too small for the pyramid", lambda: _update("pyramid")(_image(size=16), _image(size=16))),
     ("metric.update", "audio too short for the mel analysis", lambda: _update("mel", sample_rate=16000)(torch.zeros(2, 300), torch.zeros(2, 300))),
+    ("metric.compute", "NaN in preds with validate_args=False", _compute_after_unchecked_nan),
     ("perception_mse", "unknown reduction", lambda: perception_mse(_image(), _image(), reduction="avg")),
     ("PerceptionMSE", "unknown nan_strategy", lambda: PerceptionMSE(nan_strategy="skip")),
     ("PerceptionMSE", "negative data_range", lambda: PerceptionMSE(data_range=-1.0)),

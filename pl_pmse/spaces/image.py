@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
@@ -135,26 +134,39 @@ def _down_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _blocked(planes: Tensor, size: tuple[int, int], work: Callable[..., Tensor], *extra: Tensor) -> Tensor:
-    """``work(planes, plane_slice, rows, *extra)`` for every block of output rows ``rows`` of ``size`` (a
-    ``[P, *size]`` result), written into one output tensor (differentiable: slice assignment)."""
+    """``work(plane_chunk, rows, *extra_chunks)`` for every block of output rows ``rows`` of ``size``, put together
+    into one ``[P, *size]`` result. Without autograd, blocks of about ``BLOCK_ELEMENTS`` are written into the result.
+    Under autograd blocks are whole planes, split and concatenated (slices of one tensor would make the backward
+    fill a full-size gradient once per block)."""
     count, (height, width) = planes.shape[0], size
     plane_step = max(1, BLOCK_ELEMENTS // (height * width))
+    chunks = list(zip(planes.split(plane_step), *(x.split(plane_step) for x in extra), strict=True))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (planes, *extra)):
+        return torch.cat([work(*chunk[:1], range(height), *chunk[1:]) for chunk in chunks])
     row_step = height if plane_step > 1 else max(1, BLOCK_ELEMENTS // width)
     out = planes.new_empty(count, height, width)
-    for first in range(0, count, plane_step):
-        chosen = slice(first, first + plane_step)
+    for first, chunk in zip(range(0, count, plane_step), chunks, strict=True):
         for top in range(0, height, row_step):
             rows = range(top, min(top + row_step, height))
-            out[chosen, top : rows.stop] = work(planes, chosen, rows, *extra)
+            out[first : first + plane_step, top : rows.stop] = work(*chunk[:1], rows, *chunk[1:])
     return out
 
 
 def _padded_rows(x: Tensor, first: int, stop: int) -> Tensor:
     """Rows ``first .. stop - 1`` of ``[P, H, W]`` planes (out-of-range ones mirrored, as reflect padding does), with
-    2 mirrored columns each side: slices and ``F.pad`` only, no index tensor (no host-to-device copy)."""
+    2 mirrored columns each side. Slices, flips and concatenation only: no index tensor (no host-to-device copy) and
+    nothing saved for backward (``F.pad``'s reflect mode would save its input)."""
     height = x.shape[-2]
     inside = x[:, max(first, 0) : min(stop, height)]
-    return F.pad(inside, (2, 2, max(0, -first), max(0, stop - height)), mode="reflect")
+    return _mirror(_mirror(inside, 1, max(0, -first), max(0, stop - height)), 2, 2, 2)
+
+
+def _mirror(x: Tensor, dim: int, before: int, after: int) -> Tensor:
+    """``x`` with ``before`` / ``after`` entries mirrored about its first / last entry along ``dim``."""
+    if not before and not after:
+        return x
+    size = x.shape[dim]
+    return torch.cat([x.narrow(dim, 1, before).flip(dim), x, x.narrow(dim, size - 1 - after, after).flip(dim)], dim)
 
 
 def _taps(x: Tensor, dim: int, count: int, step: int) -> Tensor:
@@ -165,25 +177,24 @@ def _taps(x: Tensor, dim: int, count: int, step: int) -> Tensor:
                for i, tap in enumerate(_BINOMIAL))  # fmt: skip
 
 
-def _blur_down(planes: Tensor, chosen: slice, rows: range) -> Tensor:
+def _blur_down(planes: Tensor, rows: range) -> Tensor:
     """Rows ``rows`` of ``blur(planes)[..., ::2, ::2]`` (the next Gaussian level)."""
-    strip = _padded_rows(planes[chosen], 2 * rows.start - 2, 2 * rows.stop + 1)
+    strip = _padded_rows(planes, 2 * rows.start - 2, 2 * rows.stop + 1)
     return _taps(_taps(strip, -1, (planes.shape[-1] + 1) // 2, 2), -2, len(rows), 2)
 
 
-def _band(planes: Tensor, chosen: slice, rows: range, smaller: Tensor) -> Tensor:
+def _band(planes: Tensor, rows: range, smaller: Tensor) -> Tensor:
     """Rows ``rows`` of ``planes - expanded(smaller)``: one Laplacian band."""
-    return planes[chosen, rows.start : rows.stop] - _expanded(planes, chosen, rows, smaller)
+    return planes[:, rows.start : rows.stop] - _expanded(planes, rows, smaller)
 
 
-def _expanded(planes: Tensor, chosen: slice, rows: range, smaller: Tensor) -> Tensor:
+def _expanded(planes: Tensor, rows: range, smaller: Tensor) -> Tensor:
     """Rows ``rows`` of ``4 * blur(up(smaller))``, where ``up`` puts the values of ``smaller`` on the even rows and
     columns of a zero image of the planes' size."""
     height, width = planes.shape[-2:]
     first, stop = max(rows.start - 2, 0), min(rows.stop + 2, height)
     even = first + first % 2  # the first even row of up in [first, stop): a row of smaller
-    block = smaller[chosen]
-    up = block.new_zeros(block.shape[0], stop - first, width)
-    up[:, even - first :: 2, ::2] = block[:, even // 2 : even // 2 + len(range(even, stop, 2))]
-    up = F.pad(up, (2, 2, first - (rows.start - 2), rows.stop + 2 - stop), mode="reflect")
+    up = smaller.new_zeros(smaller.shape[0], stop - first, width)
+    up[:, even - first :: 2, ::2] = smaller[:, even // 2 : even // 2 + len(range(even, stop, 2))]
+    up = _mirror(_mirror(up, 1, first - (rows.start - 2), rows.stop + 2 - stop), 2, 2, 2)
     return 4 * _taps(_taps(up, -1, width, 1), -2, len(rows), 1)
