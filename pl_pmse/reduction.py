@@ -54,8 +54,8 @@ class _SquaredErrorSums(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         preds, target = ctx.saved_tensors
         dtype = compute_dtype(preds, target)
-        difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
-        scaled = difference * (2 * grad.to(dtype)).view(-1, *(1,) * (preds.dim() - 1))
+        scale = (2 * grad.to(dtype)).view(-1, *(1,) * (preds.dim() - 1))
+        scaled = preds.to(dtype) * scale if target is None else (preds.to(dtype) - target.to(dtype)).mul_(scale)
         wanted = ctx.needs_input_grad
         return (
             scaled.to(preds.dtype) if wanted[0] else None,
@@ -103,8 +103,8 @@ def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
         if target is None and count == rows and p.is_contiguous():
             block = p  # a full block of a difference computed already: read in place, no copy
         else:
-            if buffer is None:
-                buffer = torch.zeros(rows, per_sample, dtype=dtype, device=preds.device)
+            if buffer is None:  # every row is written below: the padding rows with zeros
+                buffer = torch.empty(rows, per_sample, dtype=dtype, device=preds.device)
             if target is None:
                 buffer[:count].copy_(p)
             else:

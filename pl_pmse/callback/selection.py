@@ -35,15 +35,16 @@ class Sample:
 
 
 def candidates(stats: SampleStats | None, weights: Mapping[str, float]) -> list[tuple[int, float, dict[str, float]]]:
-    """``(row, Perception MSE, component MSEs)`` of the valid samples of a batch."""
+    """``(row, Perception MSE, component MSEs)`` of the valid samples of a batch (one read of the batch's sums, then
+    plain float64 arithmetic: the values :meth:`SampleStats.total` gives, without a dozen tiny tensor operations)."""
     if stats is None or stats.sums.shape[0] == 0:
         return []
-    totals, mse = stats.total(weights).tolist(), stats.mse().tolist()
-    return [
-        (row, totals[row], dict(zip(stats.names, mse[row], strict=True)))
-        for row, ok in enumerate(stats.valid.tolist())
-        if ok
-    ]
+    found = []
+    for row, (ok, sums) in enumerate(zip(stats.valid.tolist(), stats.sums.tolist(), strict=True)):
+        if ok:
+            mse = {name: value / size for name, value, size in zip(stats.names, sums, stats.sizes, strict=True)}
+            found.append((row, sum(weights[name] * value for name, value in mse.items()), mse))
+    return found
 
 
 class FixedSamples:

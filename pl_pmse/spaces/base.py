@@ -201,12 +201,13 @@ class Space(nn.Module):
         if self.linear:
             return {**out, **{name: (value, None) for name, value in self.features(mapped[0] - mapped[1]).items()}}
         graph = [torch.is_grad_enabled() and x.requires_grad for x in mapped]
-        if graph[0] != graph[1]:  # a training loss: the side autograd does not need is computed without a graph
-            sides = []
-            for x, tracked in zip(mapped, graph, strict=True):
+        if graph[0] != graph[1]:  # a training loss: the side autograd does not need is computed without a graph,
+            sides: dict[bool, dict[str, Tensor]] = {}  # first, so that backward follows the tracked forward
+            for x, tracked in sorted(zip(mapped, graph, strict=True), key=lambda side: side[1]):
                 with torch.set_grad_enabled(tracked):
-                    sides.append(self.features(x))
-            return {**out, **{name: (sides[0][name], sides[1][name]) for name in sides[0]}}
+                    sides[tracked] = self.features(x)
+            first, second = sides[graph[0]], sides[graph[1]]
+            return {**out, **{name: (first[name], second[name]) for name in first}}
         n = preds.shape[0]
         both = self.features(torch.cat(mapped))
         return {**out, **{name: (value[:n], value[n:]) for name, value in both.items()}}
