@@ -22,7 +22,8 @@ class SampleStats:
 
     Attributes:
         names: component names, the raw component first.
-        sums: ``[N, K]`` float64 sums of squared differences; rows of skipped samples are NaN.
+        sums: ``[N, K]`` float64 sums of squared differences; rows of skipped samples are NaN (samples a metric
+            leaves out under ``validate_args=False`` keep their values and are marked in ``valid``).
         sizes: elements per sample of each component (the MSE divisors).
         valid: ``[N]`` bool, False for samples skipped under ``nan_strategy="ignore"`` or ``"warn"``.
     """
@@ -86,11 +87,12 @@ def _unchecked_stats(
     space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None, nan_strategy: str
 ) -> SampleStats:
     """:func:`sample_stats` with device-side operations only (``validate_args=False``)."""
-    if nan_strategy == "error":
-        valid = torch.ones(preds.shape[0], dtype=torch.bool, device=preds.device)
-    else:  # skipped samples are computed on zeros: nothing non-finite reaches the sums or the gradient
-        valid = _finite_samples(preds) & _finite_samples(target)
-        preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
+    if nan_strategy == "error":  # not looked for: NaN/Inf reach the sums
+        sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
+        return SampleStats(space.component_names, sums, sizes, torch.ones_like(sums[:, 0], dtype=torch.bool))
+    # skipped samples are computed on zeros: nothing non-finite reaches the sums or the gradient
+    valid = _finite_samples(preds) & _finite_samples(target)
+    preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
     sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
     return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid)
 

@@ -247,6 +247,11 @@ class PerceptionMSE(ExactSumMetric):
         # sums: one per component (+ the clamped raw error for PSNR); counts: sizes, samples, skipped
         super().__init__(num_sums=k + clamped, num_counts=k + 2, **metric_options)
         self.data_range, self.nan_strategy, self.validate_args = data_range, nan_strategy, bool(validate_args)
+        if not self.validate_args and self.dist_sync_on_step:
+            raise ValueError(
+                "validate_args=False: no host synchronisation per step, but dist_sync_on_step=True syncs every step; "
+                "use one or the other"
+            )
         self.psnr_clamps = clamped and data_range is not None
         self._range_checked = False  # the first batch after each reset is compared with the assumed range
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
@@ -270,7 +275,8 @@ class PerceptionMSE(ExactSumMetric):
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Accumulate the batch and return its Perception MSE (float64) over the counted samples, differentiable
-        when ``preds`` requires grad; the state receives the same bits as from :meth:`update`."""
+        when ``preds`` requires grad; the state receives the same bits as from :meth:`update` (for a network space
+        with ``preds`` requiring grad, the same values to rounding: each half runs its own forward then)."""
         if self.dist_sync_on_step:
             return super().forward(preds, target, mask)
         if self._is_synced:
@@ -296,7 +302,8 @@ class PerceptionMSE(ExactSumMetric):
             return sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target, None
         if mask is not None and isinstance(preds, Tensor):
             checks.check_mask(mask, preds)
-        stats = sample_stats(preds, target, self.space, self.data_range, self.nan_strategy, validate_args=False)
+        # samples with NaN/Inf inputs are computed on zeros (no NaN reaches a gradient) and reported by compute
+        stats = sample_stats(preds, target, self.space, self.data_range, "ignore", validate_args=False)
         valid = stats.valid & torch.isfinite(stats.sums.detach()).all(1)
         if mask is not None:
             valid = valid & mask
@@ -338,8 +345,10 @@ class PerceptionMSE(ExactSumMetric):
     def _report_skips(self, summary: Mapping[str, Tensor]) -> None:
         """With ``validate_args=False`` samples with NaN/Inf are found on the device: raise (``"error"``) or warn
         (``"warn"``) here, once the count over all processes is known."""
+        if self.validate_args or self.nan_strategy == "ignore":
+            return
         skipped = int(summary["skipped"])
-        if self.validate_args or not skipped or self.nan_strategy == "ignore":
+        if not skipped:
             return
         message = (
             f"PerceptionMSE: {skipped} sample(s) had NaN or Inf in their squared errors and were left out of the "
@@ -386,11 +395,10 @@ class PerceptionMSE(ExactSumMetric):
         )  # fmt: skip
 
     def configuration(self) -> dict[str, str]:
-        """The space's configuration (:meth:`Space.configuration`) plus ``data_range``, ``nan_strategy`` and
-        ``validate_args`` (which decides where NaN/Inf is reported: drifting between ranks, it could hang them)."""
+        """The space's configuration (:meth:`Space.configuration`) plus ``data_range`` and ``nan_strategy``."""
         data_range = f"{self.data_range}{' (PSNR clamps to it)' if self.psnr_clamps else ''}"
         return {**super().configuration(), **self.space.configuration(), "data_range": data_range,
-                "nan_strategy": self.nan_strategy, "validate_args": str(self.validate_args)}  # fmt: skip
+                "nan_strategy": self.nan_strategy}  # fmt: skip
 
     def reset(self) -> None:
         super().reset()

@@ -46,21 +46,25 @@ class _SquaredErrorSums(torch.autograd.Function):
     """The streaming sums with the plain formula's gradient; saves the inputs (views, no copy)."""
 
     @staticmethod
-    def forward(ctx: Any, preds: Tensor, target: Tensor | None) -> Tensor:
-        ctx.save_for_backward(preds, target)
+    def forward(preds: Tensor, target: Tensor | None) -> Tensor:
         return _streaming_sums(*_memory_order(preds, target))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor | None], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         preds, target = ctx.saved_tensors
         dtype = compute_dtype(preds, target)
+        preds_wanted, target_wanted = ctx.needs_input_grad
         scale = (2 * grad.to(dtype)).view(-1, *(1,) * (preds.dim() - 1))
-        scaled = preds.to(dtype) * scale if target is None else (preds.to(dtype) - target.to(dtype)).mul_(scale)
-        wanted = ctx.needs_input_grad
-        return (
-            scaled.to(preds.dtype) if wanted[0] else None,
-            (-scaled).to(target.dtype) if target is not None and wanted[1] else None,
-        )
+        if target is None:
+            return (preds.to(dtype) * scale).to(preds.dtype), None
+        if not preds_wanted:  # d/dtarget = -2 (preds - target) grad: the sign folded into the scale
+            return None, (preds.to(dtype) - target.to(dtype)).mul_(-scale).to(target.dtype)
+        scaled = (preds.to(dtype) - target.to(dtype)).mul_(scale)
+        return scaled.to(preds.dtype), (-scaled).to(target.dtype) if target_wanted else None
 
 
 def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:

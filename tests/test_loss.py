@@ -46,7 +46,7 @@ def _host_index(index) -> bool:
 def loss_case(name: str, batch: int = 3) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.nn.Module]:
     """A space, an input, a target and a small model whose output stays in the space's range."""
     if name == "mel":
-        space = get_space("mel", sample_rate=16000, n_fft=256)
+        space = get_space("mel", sample_rate=16000, n_fft=256, n_mels=40)
         x, target = torch.rand(batch, 4000) * 2 - 1, torch.rand(batch, 4000) * 2 - 1
         model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, -1)), torch.nn.Conv1d(1, 1, 3, padding=1),
                                     torch.nn.Flatten(), torch.nn.Tanh())  # fmt: skip
@@ -201,12 +201,21 @@ def test_validate_args_false_still_checks_types_shapes_and_devices() -> None:
     perception_mse(torch.rand(1, 3, 32, 32) * 255, torch.rand(1, 3, 32, 32) * 255, "pyramid", validate_args=False)
 
 
-def test_validate_args_is_part_of_the_configuration() -> None:
-    """Ranks that differ in it would report NaN in different places (one raising in update): compared at sync."""
-    unchecked, checked = PerceptionMSE(validate_args=False), PerceptionMSE()
-    assert unchecked.configuration()["validate_args"] == "False" != checked.configuration()["validate_args"]
-    with pytest.raises(ValueError, match="validate_args"):
-        checked.merge_state(unchecked)
+def test_validate_args_false_metric_forward_keeps_gradients_clean_and_refuses_per_step_sync() -> None:
+    preds, target = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    preds[1, 0, 0, 0] = float("nan")
+    leaf = preds.clone().requires_grad_()
+    metric = PerceptionMSE("pyramid", validate_args=False)
+    value = metric(leaf, target)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(leaf.grad).all() and (leaf.grad[1] == 0).all()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metric.compute()
+    checked = PerceptionMSE("pyramid")
+    checked.update(preds[[0, 2]], target[[0, 2]])
+    checked.merge_state(metric)  # the same configuration: validate_args decides where errors show, not the state
+    with pytest.raises(ValueError, match="dist_sync_on_step=True syncs every step"):
+        PerceptionMSE(validate_args=False, dist_sync_on_step=True)
 
 
 @pytest.mark.parametrize("name", LOSS_SPACES)
@@ -236,6 +245,55 @@ def test_compiled_by_inductor() -> None:
     torch.testing.assert_close(gradient, torch.autograd.grad(eager, preds)[0], rtol=1e-4, atol=1e-8)
 
 
+def reference_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The plain whole-image pyramid (F.pad reflect, shifted views), as 0.1 computed it."""
+    taps = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+        rows = sum(t * x[..., i : x.shape[-1] - 4 + i] for i, t in enumerate(taps))
+        return sum(t * rows[..., i : rows.shape[-2] - 4 + i, :] for i, t in enumerate(taps))
+
+    bands = []
+    for _ in range(levels - 1):
+        smaller = blur(x)[..., ::2, ::2]
+        up = x.new_zeros(x.shape)
+        up[..., ::2, ::2] = smaller
+        bands.append(x - 4 * blur(up))
+        x = smaller
+    return [*bands, x]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_pyramid_equals_the_plain_formulation_bit_for_bit(grad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks (tiny ones here: many blocks, halos and mirrored borders on every side), odd and even sizes, every
+    level count: the same bits as the whole-image formulation, with and without autograd."""
+    monkeypatch.setattr(image_spaces, "BLOCK_ELEMENTS", 100)
+    for height, width in ((17, 17), (18, 19), (20, 18), (33, 40)):
+        x = torch.rand(2, 3, height, width, requires_grad=grad)
+        for levels in range(2, 6):
+            if min(height, width) < 2 ** (levels - 1) + 1:
+                continue
+            ours = get_space("pyramid", levels=levels).pyramid(x)
+            expected = reference_pyramid(x, levels)
+            assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True)), (height, width, levels)
+            if grad:
+                weights = [torch.rand_like(b) for b in expected]
+                mine = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ours, weights, strict=True)), x)[0]
+                theirs = torch.autograd.grad(sum((b * w).sum() for b, w in zip(expected, weights, strict=True)), x)[0]
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_spectrograms_equal_torchaudio_bit_for_bit() -> None:
+    """The spectrograms come from torch.stft directly (traceable): torchaudio's transforms give the same bits."""
+    x = torch.rand(3, 2, 5000) * 2 - 1
+    mel = get_space("mel", sample_rate=16000, n_fft=512, hop_length=100)
+    assert torch.equal(mel.features(x)["mel"], torch.log(mel.transform(x) + mel.eps))
+    mrstft = get_space("mrstft", fft_sizes=(256, 1024))
+    for (name, value), spectrogram in zip(mrstft.features(x).items(), mrstft.spectrograms, strict=True):
+        assert torch.equal(value, 0.5 * torch.log(spectrogram(x) + mrstft.eps)), name
+
+
 def test_pyramid_blocks_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pyramid is worked in blocks of planes and rows; any block size gives the same bits, and a sample's bands
     do not depend on the rest of the batch."""
@@ -257,6 +315,10 @@ def test_backbone_hooks_survive_copies_and_leave_the_network_alone() -> None:
     expected = space.features(x)
     assert net(x).shape == (2, 4, 12, 12)  # called directly, the network runs as before (the hooks stay quiet)
     assert list(other.features(x)) == ["high"]
-    for copied in (copy.deepcopy(space), pickle.loads(pickle.dumps(space))):
+    for copied in (copy.deepcopy(space), pickle.loads(pickle.dumps(space)), copy.copy(space)):
         features = copied.features(x)
-        assert copied.module is not net and all(torch.equal(expected[k], v) for k, v in features.items())
+        assert all(torch.equal(expected[k], v) for k, v in features.items())
+    # one hook per layer module however many spaces (or functional calls on a raw module) read it
+    for _ in range(3):
+        perception_mse(x, x.flip(0), net, layers={"low": "1", "high": "3"}, normalize="none")
+    assert len(net[1]._forward_hooks) == len(net[3]._forward_hooks) == 1 and not net[0]._forward_hooks

@@ -105,7 +105,7 @@ class MelSpace(AudioSpace):
         return {"hop_length": mel.hop_length, "win_length": mel.win_length, "f_max": float(mel.mel_scale.f_max)}
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
-        power = power_spectrogram(self.transform.spectrogram, x)
+        power = _power_spectrogram(self.transform.spectrogram, x)
         mel = torch.matmul(power.transpose(-1, -2), self.transform.mel_scale.fb).transpose(-1, -2)  # as MelScale
         return {"mel": torch.log(mel + self.eps)}
 
@@ -167,23 +167,15 @@ class MultiResolutionSTFT(AudioSpace):
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         return {
-            name: 0.5 * torch.log(power_spectrogram(spectrogram, x) + self.eps)
+            name: 0.5 * torch.log(_power_spectrogram(spectrogram, x) + self.eps)
             for name, spectrogram in zip(self.component_names[1:], self.spectrograms, strict=True)
         }
 
 
-def power_spectrogram(transform: torchaudio.transforms.Spectrogram, x: Tensor) -> Tensor:
-    """``transform(x)`` for the power spectrograms built here (centred, reflect-padded, one-sided, power 2): the
-    same operations as torchaudio's, without its ``torch.jit.isinstance`` checks, which ``torch.compile`` cannot
-    trace.
-
-    Example:
-        >>> import torch
-        >>> spectrogram = torchaudio.transforms.Spectrogram(n_fft=64)
-        >>> x = torch.randn(2, 1000)
-        >>> torch.equal(power_spectrogram(spectrogram, x), spectrogram(x))
-        True
-    """
+def _power_spectrogram(transform: torchaudio.transforms.Spectrogram, x: Tensor) -> Tensor:
+    """``transform(x)`` for the spectrograms the spaces build (no pad, centred, reflect-padded, not normalised,
+    one-sided, power 2): the same operations as torchaudio's, without its ``torch.jit.isinstance`` checks, which
+    ``torch.compile`` cannot trace (tests compare the two bit for bit)."""
     frames = torch.stft(
         x.reshape(-1, x.shape[-1]), transform.n_fft, transform.hop_length, transform.win_length, transform.window,
         center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True,

@@ -7,7 +7,6 @@ safe from them, so that a captured feature map is never overwritten by a later l
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +71,32 @@ class _Captured(Exception):
     """Raised by the last hook: the rest of the network is not needed."""
 
 
+def _install_hook(module: nn.Module) -> None:
+    """Give ``module`` the forward hook :func:`_keep_output`, once however many spaces read it (registered at
+    construction, so that ``torch.compile`` traces it; a module-level function, so that copies and pickles keep it)."""
+    if "_pl_pmse_slot" not in module.__dict__:
+        module._pl_pmse_slot = None
+        module.register_forward_hook(_keep_output)
+
+
+def _keep_output(module: nn.Module, inputs: Any, output: Tensor) -> None:
+    """Record ``output`` while a :class:`Backbone` captures (it sets the module's slot: where to record, under which
+    names, how many layers in all, the module's path), and stop the forward after the last layer; else nothing."""
+    slot = module._pl_pmse_slot
+    if slot is None:
+        return
+    captured, names, wanted, path = slot
+    if names[0] in captured:
+        raise ValueError(
+            f"layers: {names[0]!r} ({path!r}) runs more than once per forward (a shared module); hook a module that "
+            f"runs once"
+        )
+    for name in names:
+        captured[name] = output
+    if len(captured) == wanted:
+        raise _Captured
+
+
 @register_module_space
 class Backbone(Space):
     """Perception space of a network's feature maps at named layers, plus the raw pixels.
@@ -124,10 +149,9 @@ class Backbone(Space):
         self.layers = layer_map
         self.min_size = min_size
         self.__dict__["module"] = _freeze(module, keep_inplace)  # outside the module tree: see Space
-        self.__dict__["_captured"] = None
         modules = dict(module.named_modules())
-        for layer, path in layer_map.items():  # a partial, not a closure: copies and pickles of the space keep them
-            modules[path].register_forward_hook(functools.partial(self._keep, layer))
+        for path in set(layer_map.values()):
+            _install_hook(modules[path])
         # the normalisation as one affine map per channel, x * gain + bias (LPIPS: [0, 1] -> [-1, 1] first)
         shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
             normalize, ((0.0,), (1.0,))
@@ -161,30 +185,20 @@ class Backbone(Space):
         return feature
 
     def _capture(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the network on ``x`` until every hooked layer has given its output (see :meth:`_keep`)."""
-        self.__dict__["_captured"] = {}
+        """Run the network on ``x`` until every hooked layer has given its output (see :func:`_keep_output`)."""
+        captured: dict[str, Tensor] = {}
+        modules = dict(self.module.named_modules())
+        paths = {path: tuple(n for n, p in self.layers.items() if p == path) for path in set(self.layers.values())}
+        for path, names in paths.items():
+            modules[path]._pl_pmse_slot = (captured, names, len(self.layers), path)
         try:
             self.module(x)
         except _Captured:
             pass
         finally:
-            captured, self.__dict__["_captured"] = self.__dict__["_captured"], None
+            for path in paths:
+                modules[path]._pl_pmse_slot = None
         return captured
-
-    def _keep(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        """The forward hook of layer ``name``, registered once at construction (so that ``torch.compile`` traces
-        it); it records only while :meth:`_capture` runs, and stops the forward after the last layer."""
-        captured = self.__dict__.get("_captured")
-        if captured is None:
-            return
-        if name in captured:
-            raise ValueError(
-                f"layers: {name!r} ({self.layers[name]!r}) runs more than once per forward (a shared module); hook a "
-                f"module that runs once"
-            )
-        captured[name] = output
-        if len(captured) == len(self.layers):
-            raise _Captured
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layers}, normalize={self.normalize!r}, {super().extra_repr()}"
@@ -214,11 +228,9 @@ class LPIPSSpace(Backbone):
             self.register_buffer(f"lpips_scale_{name}", (weight.shape[1] * weight).sqrt(), persistent=False)
 
     def transform(self, name: str, feature: Tensor) -> Tensor:
+        normalized = feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps)  # finite gradient at 0
         scale = getattr(self, f"lpips_scale_{name}")
-        if feature.requires_grad:  # the plain formula: its gradient is finite where all channels are 0
-            return feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps) * scale
-        squared_norm = feature.square().sum(1, keepdim=True)  # one full-size temporary less than the plain formula
-        return (feature * scale).mul_(squared_norm.add_(self.eps).rsqrt_())
+        return normalized * scale if normalized.requires_grad else normalized.mul_(scale)  # the same bits either way
 
 
 def imagenet_weights_path(architecture: str) -> Path:

@@ -187,9 +187,9 @@ class Space(nn.Module):
     ) -> dict[str, tuple[Tensor, Tensor | None]]:
         """``{component: (preds_component, target_component)}``; ``(difference, None)`` for a :attr:`linear` space.
 
-        Features are computed in the cheapest way that gives the same numbers: a linear space transforms the
-        difference once; a side that autograd does not need (a target without grad, in a training loss) is
-        computed without a graph; otherwise ONE batched call of :meth:`features` on ``cat([preds, target])``.
+        Features are computed in the cheapest way that gives the same numbers (to rounding): a linear space
+        transforms the difference once; a side that autograd does not need (a target without grad, in a training
+        loss) is computed without a graph; otherwise ONE batched call of :meth:`features` on ``cat([preds, target])``.
         ``validate_args`` checks the value range (a host synchronisation).
         """
         out: dict[str, tuple[Tensor, Tensor | None]] = {self.raw_name: (preds, target)}
@@ -201,13 +201,13 @@ class Space(nn.Module):
         if self.linear:
             return {**out, **{name: (value, None) for name, value in self.features(mapped[0] - mapped[1]).items()}}
         graph = [torch.is_grad_enabled() and x.requires_grad for x in mapped]
-        if graph[0] != graph[1]:  # a training loss: the side autograd does not need is computed without a graph,
-            sides: dict[bool, dict[str, Tensor]] = {}  # first, so that backward follows the tracked forward
-            for x, tracked in sorted(zip(mapped, graph, strict=True), key=lambda side: side[1]):
-                with torch.set_grad_enabled(tracked):
-                    sides[tracked] = self.features(x)
-            first, second = sides[graph[0]], sides[graph[1]]
-            return {**out, **{name: (first[name], second[name]) for name in first}}
+        if graph[0] != graph[1]:  # a training loss: the side autograd does not need runs without a graph, first
+            tracked = graph.index(True)  # (so that backward follows the tracked side's forward)
+            with torch.no_grad():
+                constant = self.features(mapped[1 - tracked])
+            features = self.features(mapped[tracked])
+            sides = (features, constant) if tracked == 0 else (constant, features)
+            return {**out, **{name: (sides[0][name], sides[1][name]) for name in features}}
         n = preds.shape[0]
         both = self.features(torch.cat(mapped))
         return {**out, **{name: (value[:n], value[n:]) for name, value in both.items()}}

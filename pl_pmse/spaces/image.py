@@ -142,13 +142,13 @@ def _blocked(planes: Tensor, size: tuple[int, int], work: Callable[..., Tensor],
     plane_step = max(1, BLOCK_ELEMENTS // (height * width))
     chunks = list(zip(planes.split(plane_step), *(x.split(plane_step) for x in extra), strict=True))
     if torch.is_grad_enabled() and any(x.requires_grad for x in (planes, *extra)):
-        return torch.cat([work(*chunk[:1], range(height), *chunk[1:]) for chunk in chunks])
+        return torch.cat([work(chunk[0], range(height), *chunk[1:]) for chunk in chunks])
     row_step = height if plane_step > 1 else max(1, BLOCK_ELEMENTS // width)
     out = planes.new_empty(count, height, width)
     for first, chunk in zip(range(0, count, plane_step), chunks, strict=True):
         for top in range(0, height, row_step):
             rows = range(top, min(top + row_step, height))
-            out[first : first + plane_step, top : rows.stop] = work(*chunk[:1], rows, *chunk[1:])
+            out[first : first + plane_step, top : rows.stop] = work(chunk[0], rows, *chunk[1:])
     return out
 
 
