@@ -322,3 +322,10 @@ def test_backbone_hooks_survive_copies_and_leave_the_network_alone() -> None:
     for _ in range(3):
         perception_mse(x, x.flip(0), net, layers={"low": "1", "high": "3"}, normalize="none")
     assert len(net[1]._forward_hooks) == len(net[3]._forward_hooks) == 1 and not net[0]._forward_hooks
+
+
+def test_lpips_sides_are_normalised_alike() -> None:
+    """The side with a graph and the side without one go through the same operations: x against itself is 0."""
+    space = get_space("lpips-alex", weights="random")
+    x = torch.rand(2, 3, 48, 48, requires_grad=True)
+    assert perception_mse(x, x.detach(), space, data_range=1.0) == 0
