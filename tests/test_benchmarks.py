@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_suite_smoke_run() -> None:
     command = [sys.executable, str(ROOT / "benchmarks/run.py"), "--quick", "--only", "pixel", "--only", "memory",
-               "--only", "scaling", "--only", "sync", "--only", "callback"]  # fmt: skip
+               "--only", "scaling", "--only", "sync", "--only", "callback", "--only", "loss",
+               "--only", "pyramid"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
-    for title in ("Pixel path", "State memory", "Scaling", "Sync", "Callback overhead"):
+    for title in ("Pixel path", "State memory", "Scaling", "Sync", "Callback overhead", "Loss", "Pyramid scaling"):
         assert f"### {title}" in done.stdout
     assert "| pl-pmse PerceptionMSE('pixel')                                 | 1 " in done.stdout
     assert "| callback, panels on the background thread (default) " in done.stdout
+    assert "| lpips-vgg | lpips package (lpips.LPIPS)" in done.stdout
