@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, a table printer."""
+"""Helpers shared by the benchmarks (and the loss tests): interleaved timing, peak memory, saved-for-backward bytes,
+the hand-written loss baseline, a table printer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +50,38 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+def hand_written_loss(space: Any, data_range: tuple[float, float] | None = None) -> Callable:
+    """The loss as users write it by hand: target features under no_grad, one F.mse_loss per component (the
+    reference of the loss benchmark and of tests/test_loss.py)."""
+    import torch.nn.functional as F
+
+    def loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weights = space.component_weights
+        total = weights[space.raw_name] * F.mse_loss(preds, target)
+        with torch.no_grad():
+            constant = space.features(space.to_expected_range(target, data_range))
+        for name, value in space.features(space.to_expected_range(preds, data_range)).items():
+            total = total + weights[name] * F.mse_loss(value, constant[name])
+        return total
+
+    return loss
+
+
+def saved_bytes(step: Callable[[], Any]) -> tuple[int, Any]:
+    """Bytes held for backward during ``step()`` (each storage once, counted with saved_tensors_hooks), and its
+    result."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    return sum(storages.values()), result
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ import torch
 import torchmetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, peak_extra_bytes, table
+from common import hand_written_loss, interleaved, machine, peak_extra_bytes, saved_bytes, table
 
 from pl_pmse import PerceptionMSE, perception_mse
 
@@ -357,22 +357,6 @@ def _loss_case(space: str, quick: bool, device: torch.device) -> tuple[Any, torc
     return get_space(space, **options).to(device), x, target, model.to(device)
 
 
-def _hand_written(space: Any, data_range: tuple[float, float] | None) -> Callable:
-    """The loss as users write it by hand: target features under no_grad, one F.mse_loss per component."""
-    import torch.nn.functional as F
-
-    def loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weights = space.component_weights
-        total = weights[space.raw_name] * F.mse_loss(preds, target)
-        with torch.no_grad():
-            constant = space.features(space.to_expected_range(target, data_range))
-        for name, value in space.features(space.to_expected_range(preds, data_range)).items():
-            total = total + weights[name] * F.mse_loss(value, constant[name])
-        return total
-
-    return loss
-
-
 def _lpips_package(space: Any, device: torch.device) -> Callable:
     """lpips.LPIPS(net="vgg") on the same trunk weights as ``space`` (inputs in [0, 1]: normalize=True)."""
     import lpips
@@ -385,20 +369,6 @@ def _lpips_package(space: Any, device: torch.device) -> Callable:
     return lambda preds, target: model(preds, target, normalize=True).mean()
 
 
-def _saved_bytes(step: Callable[[], object]) -> int:
-    """Bytes held for backward during ``step()`` (each storage once), counted with saved_tensors_hooks."""
-    storages: dict[tuple[int, int], int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return sum(storages.values())
-
-
 def loss(quick: bool, device: torch.device) -> str:
     """One training step with each space as the loss: pl-pmse vs the hand-written no_grad baseline (and the lpips
     package for LPIPS): time, peak memory and bytes saved for backward."""
@@ -407,7 +377,7 @@ def loss(quick: bool, device: torch.device) -> str:
         space, x, target, model = _loss_case(space_name, quick, device)
         data_range = (0.0, 1.0) if space_name == "lpips-vgg" else None
         candidates = {
-            "hand-written, target under no_grad": _hand_written(space, data_range),
+            "hand-written, target under no_grad": hand_written_loss(space, data_range),
             "pl-pmse perception_mse": lambda p, t, s=space, d=data_range: perception_mse(p, t, s, data_range=d),
             "pl-pmse, validate_args=False": lambda p, t, s=space, d=data_range: perception_mse(
                 p, t, s, data_range=d, validate_args=False
@@ -421,7 +391,7 @@ def loss(quick: bool, device: torch.device) -> str:
         values = {name: float(fn(model(x), target)) for name, fn in candidates.items()}
         baseline = "hand-written, target under no_grad"
         peaks = {name: peak_extra_bytes(step, device) for name, step in steps.items()}
-        saved = {name: _saved_bytes(step) for name, step in steps.items()}
+        saved = {name: saved_bytes(step)[0] for name, step in steps.items()}
         for name in candidates:
             rows.append((space_name, name, f"{values[name]:.6g}", f"{seconds[name] * 1e3:.1f}",
                          f"{seconds[name] / seconds[baseline]:.2f}x", f"{peaks[name] / 2**20:.0f}",

@@ -4,8 +4,10 @@ validate_args=False, torch.compile(fullgraph=True), and the pyramid at large siz
 from __future__ import annotations
 
 import copy
+import importlib.util
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,11 @@ from torch.overrides import TorchFunctionMode
 from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
 from pl_pmse.spaces import get_space
 from pl_pmse.spaces import image as image_spaces
+
+_COMMON = importlib.util.spec_from_file_location("benchmark_common", Path(__file__).parents[1] / "benchmarks/common.py")
+benchmark_common = importlib.util.module_from_spec(_COMMON)
+_COMMON.loader.exec_module(benchmark_common)
+hand_written_loss, saved_bytes = benchmark_common.hand_written_loss, benchmark_common.saved_bytes  # one reference
 
 LOSS_SPACES = ("pixel", "pyramid", "vgg16", "mel")
 
@@ -56,36 +63,11 @@ def loss_case(name: str, batch: int = 3) -> tuple[torch.nn.Module, torch.Tensor,
     return space, x, target, torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Sigmoid())
 
 
-def hand_written_loss(space, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """What a user writes by hand: target features under no_grad, one F.mse_loss per component."""
-    weights = space.component_weights
-    loss = weights[space.raw_name] * F.mse_loss(preds, target)
-    with torch.no_grad():
-        constant = space.features(space.to_expected_range(target, None))
-    for name, value in space.features(space.to_expected_range(preds, None)).items():
-        loss = loss + weights[name] * F.mse_loss(value, constant[name])
-    return loss
-
-
-def saved_bytes(step) -> tuple[int, torch.Tensor]:
-    """Bytes held for backward by ``step()`` (each storage once), and its result."""
-    storages: dict[tuple[int, int], int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = step()
-    return sum(storages.values()), result
-
-
 @pytest.mark.parametrize("name", LOSS_SPACES)
 def test_a_constant_target_builds_no_graph(name: str) -> None:
     space, x, target, model = loss_case(name)
     ours, loss = saved_bytes(lambda: perception_mse(model(x), target, space))
-    baseline, expected = saved_bytes(lambda: hand_written_loss(space, model(x), target))
+    baseline, expected = saved_bytes(lambda: hand_written_loss(space)(model(x), target))
     assert ours <= 1.1 * baseline, (ours, baseline)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     # the gradient equals the one through the shared forward (a target that requires grad takes that path)
