@@ -87,13 +87,13 @@ def _unchecked_stats(
     space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None, nan_strategy: str
 ) -> SampleStats:
     """:func:`sample_stats` with device-side operations only (``validate_args=False``)."""
-    if nan_strategy == "error":  # not looked for: NaN/Inf reach the sums
-        sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
-        return SampleStats(space.component_names, sums, sizes, torch.ones_like(sums[:, 0], dtype=torch.bool))
-    # skipped samples are computed on zeros: nothing non-finite reaches the sums or the gradient
-    valid = _finite_samples(preds) & _finite_samples(target)
-    preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
+    valid = None  # under "error" NaN/Inf are not looked for: they reach the sums
+    if nan_strategy != "error":  # skipped samples are computed on zeros: nothing non-finite reaches sums or gradient
+        valid = _finite_samples(preds) & _finite_samples(target)
+        preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
     sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
+    if valid is None:
+        return SampleStats(space.component_names, sums, sizes, torch.ones_like(sums[:, 0], dtype=torch.bool))
     return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid)
 
 

@@ -34,9 +34,7 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
         tensor([3., 3.], dtype=torch.float64)
     """
     if torch.compiler.is_compiling():
-        dtype = compute_dtype(preds, target)
-        difference = preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
-        return difference.square().reshape(preds.shape[0], -1).sum(1).to(torch.float64)
+        return _difference(preds, target).square().reshape(preds.shape[0], -1).sum(1).to(torch.float64)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (preds, target)):
         return _SquaredErrorSums.apply(preds, target)
     return _streaming_sums(*_memory_order(preds, target))
@@ -56,20 +54,26 @@ class _SquaredErrorSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         preds, target = ctx.saved_tensors
-        dtype = compute_dtype(preds, target)
         preds_wanted, target_wanted = ctx.needs_input_grad
-        scale = (2 * grad.to(dtype)).view(-1, *(1,) * (preds.dim() - 1))
-        if target is None:
-            return (preds.to(dtype) * scale).to(preds.dtype), None
+        difference = _difference(preds, target)
+        scale = (2 * grad.to(difference.dtype)).view(-1, *(1,) * (preds.dim() - 1))
+        if target is None:  # the difference may be preds itself: not in place
+            return (difference * scale).to(preds.dtype), None
         if not preds_wanted:  # d/dtarget = -2 (preds - target) grad: the sign folded into the scale
-            return None, (preds.to(dtype) - target.to(dtype)).mul_(-scale).to(target.dtype)
-        scaled = (preds.to(dtype) - target.to(dtype)).mul_(scale)
+            return None, difference.mul_(-scale).to(target.dtype)
+        scaled = difference.mul_(scale)
         return scaled.to(preds.dtype), (-scaled).to(target.dtype) if target_wanted else None
 
 
 def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:
     """float64 when either input is float64, float32 otherwise (half, bfloat16 and integers included)."""
     return torch.float64 if torch.float64 in (preds.dtype, getattr(target, "dtype", None)) else torch.float32
+
+
+def _difference(preds: Tensor, target: Tensor | None) -> Tensor:
+    """``preds - target`` (``preds`` for None) in the compute dtype."""
+    dtype = compute_dtype(preds, target)
+    return preds.to(dtype) if target is None else preds.to(dtype) - target.to(dtype)
 
 
 def _memory_order(preds: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:

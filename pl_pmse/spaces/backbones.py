@@ -149,9 +149,13 @@ class Backbone(Space):
         self.layers = layer_map
         self.min_size = min_size
         self.__dict__["module"] = _freeze(module, keep_inplace)  # outside the module tree: see Space
-        modules = dict(module.named_modules())
-        for path in set(layer_map.values()):
-            _install_hook(modules[path])
+        modules = dict(module.named_modules())  # the hooked modules, each with the layer names it gives
+        self.__dict__["_hooked"] = [
+            (modules[path], tuple(n for n, p in layer_map.items() if p == path), path)
+            for path in dict.fromkeys(layer_map.values())
+        ]
+        for hooked, _, _ in self._hooked:
+            _install_hook(hooked)
         # the normalisation as one affine map per channel, x * gain + bias (LPIPS: [0, 1] -> [-1, 1] first)
         shift, scale = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lpips": (LPIPS_SHIFT, LPIPS_SCALE)}.get(
             normalize, ((0.0,), (1.0,))
@@ -187,17 +191,15 @@ class Backbone(Space):
     def _capture(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network on ``x`` until every hooked layer has given its output (see :func:`_keep_output`)."""
         captured: dict[str, Tensor] = {}
-        modules = dict(self.module.named_modules())
-        paths = {path: tuple(n for n, p in self.layers.items() if p == path) for path in set(self.layers.values())}
-        for path, names in paths.items():
-            modules[path]._pl_pmse_slot = (captured, names, len(self.layers), path)
+        for hooked, names, path in self._hooked:
+            hooked._pl_pmse_slot = (captured, names, len(self.layers), path)
         try:
             self.module(x)
         except _Captured:
             pass
         finally:
-            for path in paths:
-                modules[path]._pl_pmse_slot = None
+            for hooked, _, _ in self._hooked:
+                hooked._pl_pmse_slot = None
         return captured
 
     def extra_repr(self) -> str:

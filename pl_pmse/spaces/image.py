@@ -157,8 +157,12 @@ def _padded_rows(x: Tensor, first: int, stop: int) -> Tensor:
     2 mirrored columns each side. Slices, flips and concatenation only: no index tensor (no host-to-device copy) and
     nothing saved for backward (``F.pad``'s reflect mode would save its input)."""
     height = x.shape[-2]
-    inside = x[:, max(first, 0) : min(stop, height)]
-    return _mirror(_mirror(inside, 1, max(0, -first), max(0, stop - height)), 2, 2, 2)
+    return _padded(x[:, max(first, 0) : min(stop, height)], max(0, -first), max(0, stop - height))
+
+
+def _padded(x: Tensor, top: int, bottom: int) -> Tensor:
+    """``[P, H, W]`` planes with ``top`` / ``bottom`` rows and 2 columns each side mirrored (reflect padding)."""
+    return _mirror(_mirror(x, 1, top, bottom), 2, 2, 2)
 
 
 def _mirror(x: Tensor, dim: int, before: int, after: int) -> Tensor:
@@ -196,5 +200,5 @@ def _expanded(planes: Tensor, rows: range, smaller: Tensor) -> Tensor:
     even = first + first % 2  # the first even row of up in [first, stop): a row of smaller
     up = smaller.new_zeros(smaller.shape[0], stop - first, width)
     up[:, even - first :: 2, ::2] = smaller[:, even // 2 : even // 2 + len(range(even, stop, 2))]
-    up = _mirror(_mirror(up, 1, first - (rows.start - 2), rows.stop + 2 - stop), 2, 2, 2)
+    up = _padded(up, first - (rows.start - 2), rows.stop + 2 - stop)
     return 4 * _taps(_taps(up, -1, width, 1), -2, len(rows), 1)
