@@ -98,6 +98,11 @@ def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] |
                 f"{argument}: integer input ({value.dtype}) needs an explicit data_range, e.g. data_range=255 "
                 f"for 8-bit images or data_range=(-32768, 32767) for 16-bit audio"
             )
+        if value.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            raise TypeError(
+                f"{argument}: {value.dtype} is not supported (torch has few operations for it); convert it, e.g. "
+                f"x.to(torch.int32) for uint16 or x.to(torch.int64) for uint32"
+            )
         if value.dim() == 0:
             raise ValueError(f"{argument}: expected a batch [N, ...] with at least 1 dimension, got a 0-dim tensor")
     if preds.is_floating_point() != target.is_floating_point():
@@ -107,12 +112,33 @@ def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] |
         )
     if preds.device != target.device:
         raise ValueError(f"preds and target: expected the same device, got {preds.device} and {target.device}")
+    if preds.device.type == "meta":
+        raise ValueError(
+            "preds and target: are on the meta device, which holds no values to measure; pass tensors on a real "
+            "device (cpu, cuda, ...)"
+        )
     if preds.shape != target.shape:
         raise ValueError(
             f"preds and target: expected the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
         )
     if preds.shape[0] > 0 and preds[0].numel() == 0:
         raise ValueError(f"preds and target: every sample needs at least one element, got shape {tuple(preds.shape)}")
+
+
+def check_integer_range(preds: Tensor, target: Tensor, data_range: tuple[float, float] | None) -> None:
+    """Integer inputs must lie inside ``data_range`` (compared as integers, exactly; a host synchronisation): a
+    value outside it is a wrong ``data_range`` or corrupt data, and PSNR would be computed against a wrong peak."""
+    if data_range is None or preds.is_floating_point():
+        return
+    for argument, value in (("preds", preds), ("target", target)):
+        if value.numel():
+            low, high = (int(v) for v in torch.aminmax(value))
+            if low < data_range[0] or high > data_range[1]:
+                raise ValueError(
+                    f"{argument}: integer values in [{low}, {high}] lie outside data_range [{data_range[0]:.17g}, "
+                    f"{data_range[1]:.17g}]; pass the range of the data's type, e.g. data_range=255 for uint8 or "
+                    f"data_range=(-32768, 32767) for int16"
+                )
 
 
 def check_mask(mask: Any, preds: Tensor) -> None:

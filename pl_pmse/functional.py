@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
-from .reduction import compute_dtype, squared_error_sums
+from .reduction import compute_dtype, integer_squared_error_parts, squared_error_sums
 from .spaces import Space, get_space
 
 
@@ -26,12 +26,15 @@ class SampleStats:
             leaves out under ``validate_args=False`` keep their values and are marked in ``valid``).
         sizes: elements per sample of each component (the MSE divisors).
         valid: ``[N]`` bool, False for samples skipped under ``nan_strategy="ignore"`` or ``"warn"``.
+        raw_parts: for integer inputs, ``[N, R]`` exact non-negative float64 values whose exact sum is the raw
+            component's squared-error sum (``sums[:, 0]`` is that sum rounded to float64); None for float inputs.
     """
 
     names: tuple[str, ...]
     sums: Tensor
     sizes: tuple[int, ...]
     valid: Tensor
+    raw_parts: Tensor | None = None
 
     def mse(self) -> Tensor:
         """``[N, K]`` per-sample, per-component mean squared error."""
@@ -76,11 +79,12 @@ def sample_stats(
         return SampleStats(space.component_names, empty, (0,) * len(space.component_names), empty[:, 0] > 0)
     if not validate_args:
         return _unchecked_stats(space, preds, target, data_range, nan_strategy)
-    sums, sizes = _component_sums(space, preds, target, data_range)
+    checks.check_integer_range(preds, target, data_range)
+    sums, sizes, raw_parts = _component_sums(space, preds, target, data_range)
     valid = torch.isfinite(sums.detach()).all(1)
     if not bool(valid.all()):
         sums = _drop_nonfinite(space, preds, target, data_range, nan_strategy, sums, valid)
-    return SampleStats(space.component_names, sums, sizes, valid)
+    return SampleStats(space.component_names, sums, sizes, valid, raw_parts)
 
 
 def _unchecked_stats(
@@ -91,10 +95,11 @@ def _unchecked_stats(
     if nan_strategy != "error":  # skipped samples are computed on zeros: nothing non-finite reaches sums or gradient
         valid = _finite_samples(preds) & _finite_samples(target)
         preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
-    sums, sizes = _component_sums(space, preds, target, data_range, validate_args=False)
+    sums, sizes, raw_parts = _component_sums(space, preds, target, data_range, validate_args=False)
     if valid is None:
-        return SampleStats(space.component_names, sums, sizes, torch.ones_like(sums[:, 0], dtype=torch.bool))
-    return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid)
+        valid = torch.ones_like(sums[:, 0], dtype=torch.bool)
+        return SampleStats(space.component_names, sums, sizes, valid, raw_parts)
+    return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid, raw_parts)
 
 
 def _finite_samples(x: Tensor) -> Tensor:
@@ -113,12 +118,17 @@ def _component_sums(
     target: Tensor,
     data_range: tuple[float, float] | None,
     validate_args: bool = True,
-) -> tuple[Tensor, tuple[int, ...]]:
+) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+    """Per-sample squared-error sums ``[N, K]``, the components' sizes, and the raw component's exact parts for
+    integer inputs (see :attr:`SampleStats.raw_parts`)."""
     pairs = space.pairs(preds, target, data_range, validate_args)
     if tuple(pairs) != space.component_names:
         raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
-    columns = [squared_error_sums(p, t).to(torch.float64) for p, t in pairs.values()]
-    return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values())
+    raw_parts = None if preds.is_floating_point() else integer_squared_error_parts(preds, target)
+    columns = [squared_error_sums(p, t).to(torch.float64) for p, t in list(pairs.values())[raw_parts is not None :]]
+    if raw_parts is not None:
+        columns.insert(0, raw_parts.sum(1))
+    return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values()), raw_parts
 
 
 def _drop_nonfinite(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -19,7 +20,7 @@ from . import checks
 from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
-from .reduction import squared_error_sums
+from .reduction import integer_squared_error_parts, squared_error_sums
 from .spaces import Space, get_space
 from .spaces.registry import split_options
 
@@ -307,7 +308,7 @@ class PerceptionMSE(ExactSumMetric):
         valid = stats.valid & torch.isfinite(stats.sums.detach()).all(1)
         if mask is not None:
             valid = valid & mask
-        return SampleStats(stats.names, stats.sums, stats.sizes, valid), preds, target, mask
+        return dataclasses.replace(stats, valid=valid), preds, target, mask
 
     def compute(self) -> Tensor:
         """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
@@ -406,19 +407,22 @@ class PerceptionMSE(ExactSumMetric):
 
     def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor, counted: Tensor | None = None) -> None:
         """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
-        device-side operations only."""
+        device-side operations only. Integer inputs add the exact parts of their raw squared errors."""
         sums = stats.sums.detach()
-        self.last_batch = SampleStats(stats.names, sums, stats.sizes, stats.valid)
+        self.last_batch = dataclasses.replace(stats, sums=sums)
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
+        columns = [sums[:, k, None] for k in range(sums.shape[1])]  # per component: exact values [N, parts]
+        if stats.raw_parts is not None:
+            columns[0] = stats.raw_parts
         if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
-            inputs = (x.detach() if x.is_floating_point() else x.detach().double() for x in (preds, target))
-            clamped = squared_error_sums(*(x.clamp(*self.data_range) for x in inputs))
-            sums = torch.cat([sums, clamped.to(sums)[:, None]], 1)
-        sums = torch.where(stats.valid[:, None], sums, 0)
+            columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
+        width = max(column.shape[1] for column in columns)
+        values = torch.stack([torch.nn.functional.pad(column, (0, width - column.shape[1])) for column in columns], 0)
+        values = torch.where(stats.valid[None, :, None], values, 0)  # [components, N, parts]
         kept = stats.valid.sum()
         samples = stats.valid.numel() if counted is None else counted.sum()
-        self._add(sums.T, torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept]))
+        self._add(values.flatten(1), torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept]))
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
         """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:
@@ -461,7 +465,8 @@ class PerceptionMSE(ExactSumMetric):
         if self.data_range is not None:
             span = self.data_range[1] - self.data_range[0]
             raw = ratios[-1] if self.psnr_clamps else mse[self.space.raw_name]
-            values["psnr"] = 10 * math.log10(span**2 / raw) if raw > 0 else (math.inf if raw == 0 else math.nan)
+            # in the log domain: finite for any positive range (span**2 overflows past 1e154)
+            values["psnr"] = 10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf if raw == 0 else raw
         summary = {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
         self._last_summary = summary
         return summary
@@ -483,6 +488,16 @@ class PerceptionMSE(ExactSumMetric):
             f"space={self.space!r}, data_range={self.data_range}, nan_strategy={self.nan_strategy!r}, "
             f"validate_args={self.validate_args}"
         )
+
+
+def _clamped_squared_errors(preds: Tensor, target: Tensor, data_range: tuple[float, float]) -> Tensor:
+    """``[N, parts]`` exact values summing to each sample's squared error of the inputs clamped to ``data_range``
+    (PSNR's raw error); integers are clamped to the integers of the range and summed exactly."""
+    if preds.is_floating_point():
+        return squared_error_sums(*(x.clamp(*data_range) for x in (preds, target)))[:, None]
+    info = torch.iinfo(preds.dtype)
+    low, high = max(math.ceil(data_range[0]), info.min), min(math.floor(data_range[1]), info.max)
+    return integer_squared_error_parts(*(x.clamp(low, high) for x in (preds, target)))
 
 
 def _counted(preds: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

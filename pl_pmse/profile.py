@@ -91,7 +91,9 @@ class ErrorProfile(ExactSumMetric):
             checks.check_min_size(preds, self.min_length, "signals", "audio profile")
         if preds.shape[0] == 0:
             return
-        preds, target = preds.detach().to(torch.float32), target.detach().to(torch.float32)
+        # integer images in float64 (exact to 2**53: their differences too); audio through the float32 mel analysis
+        dtype = torch.float64 if self.modality == "image" and not preds.is_floating_point() else torch.float32
+        preds, target = preds.detach().to(dtype), target.detach().to(dtype)
         values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
         finite = values.sum(1, dtype=torch.float64).isfinite()  # a NaN/Inf input makes its row's sum non-finite
         if not bool(finite.all()):
@@ -201,9 +203,7 @@ def _radial_bands(planes: Tensor, bands: int, scratch: Scratch = _new) -> Tensor
 def _band_layout(height: int, width: int, bands: int, device: torch.device) -> tuple[Tensor, ...]:
     """The half spectrum's frequencies sorted by radial band, highest first; per band, the position of its last
     frequency and of the one just before its first in that order (with whether there is one), and its size."""
-    fy = torch.fft.fftfreq(height, device=device, dtype=torch.float64)[:, None]
-    fx = torch.fft.rfftfreq(width, device=device, dtype=torch.float64)[None, :]
-    band = (torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5) * bands).long().clamp_(max=bands - 1).flatten()
+    band = radial_band_of_frequencies(height, width, bands).to(device)
     order = torch.argsort(-band, stable=True)
     counts = torch.bincount(band, minlength=bands)
     ends = counts.flip(0).cumsum(0).flip(0)  # the number of frequencies in bands >= b
@@ -212,3 +212,38 @@ def _band_layout(height: int, width: int, bands: int, device: torch.device) -> t
     before = (starts - 1).clamp(min=0)
     before_exists = ((starts > 0) | (counts == 0)).double()
     return order, last, before, before_exists, counts.clamp(min=1).double()
+
+
+def radial_band_of_frequencies(height: int, width: int, bands: int) -> Tensor:
+    """The radial band of every frequency of the half spectrum (``[H * (W // 2 + 1)]`` int64, rfft2's order), in
+    exact integer arithmetic: the same on every CPU and device.
+
+    Frequency ``(ky / H, kx / W)`` (``ky`` signed as in ``fftfreq``) lies in band
+    ``b = min(floor(sqrt((ky / H)**2 + (kx / W)**2) / sqrt(0.5) * bands), bands - 1)``. With ``H = g h``, ``W = g w``
+    (``g = gcd(H, W)``) that is ``isqrt(floor(2 bands**2 (ky**2 w**2 + kx**2 h**2) / (g h w)**2))``, since
+    ``floor(sqrt(q)) == isqrt(floor(q))``; a float formula puts the frequencies on a band edge (every diagonal
+    ``ky == kx`` of a square image with an even number of bands) on either side, depending on the CPU's rounding.
+
+    Example:
+        >>> radial_band_of_frequencies(4, 4, 2).view(4, 3)
+        tensor([[0, 0, 1],
+                [0, 1, 1],
+                [1, 1, 1],
+                [0, 1, 1]])
+    """
+    g = math.gcd(height, width)
+    h, w = height // g, width // g
+    scale = 2 * bands * bands
+    if scale * (h * w * g) ** 2 >= 1 << 62:  # the products below stay below that
+        raise ValueError(
+            f"bands: {bands} radial bands of {height}x{width} images exceed the exact band layout's int64 range; "
+            f"use fewer bands or smaller images"
+        )
+    ky = torch.fft.fftfreq(height, 1 / height, dtype=torch.float64).round().long()  # 0, 1, ..., -1: exact integers
+    kx = torch.arange(width // 2 + 1)
+    squared = scale * ((ky * ky * (w * w))[:, None] + (kx * kx * (h * h))[None, :])
+    quotient = torch.div(squared, (g * h * w) ** 2, rounding_mode="floor").flatten()
+    band = quotient.double().sqrt().long()  # within 1 of isqrt(quotient), which the two steps below make exact
+    band -= (band * band > quotient).long()
+    band += ((band + 1) * (band + 1) <= quotient).long()
+    return band.clamp_(max=bands - 1)

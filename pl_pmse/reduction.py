@@ -25,7 +25,8 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
 
     The value always comes from the streaming path, so it is the same bits with or without autograd. Under autograd
     the inputs themselves are saved for backward (no full-size temporary), and the gradient is the plain formula's,
-    ``2 * (preds - target) * grad`` in the inputs' float dtype (at least float32). Under ``torch.compile`` the plain
+    ``2 * (preds - target) * grad`` in the inputs' float dtype (at least float32). Integer inputs are summed exactly
+    (:func:`integer_squared_error_parts`) and rounded once to float64. Under ``torch.compile`` the plain
     formula gives the value too (equal to float32 rounding; the compiler fuses it into one pass).
 
     Example:
@@ -33,6 +34,8 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
         >>> squared_error_sums(p, t)
         tensor([3., 3.], dtype=torch.float64)
     """
+    if not preds.is_floating_point():
+        return integer_squared_error_parts(preds, target).sum(1)
     if torch.compiler.is_compiling():
         return _difference(preds, target).square().reshape(preds.shape[0], -1).sum(1).to(torch.float64)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (preds, target)):
@@ -63,6 +66,64 @@ class _SquaredErrorSums(torch.autograd.Function):
             return None, difference.mul_(-scale).to(target.dtype)
         scaled = difference.mul_(scale)
         return scaled.to(preds.dtype), (-scaled).to(target.dtype) if target_wanted else None
+
+
+def integer_squared_error_parts(preds: Tensor, target: Tensor) -> Tensor:
+    """``[N, R]`` non-negative float64 values, each exact, whose exact sum per sample is ``sum((preds - target)**2)``
+    of integer inputs (int8 ... int64, uint8): no value passes through a float.
+
+    ``|preds - target|`` is formed exactly in int64 (for int64 inputs as a high and a low 32-bit part, which int64
+    subtraction could overflow otherwise), split into 16-bit limbs ``a_j``, and the per-sample sums of the limb
+    products ``a_j * a_k`` (each below ``2**33``) are summed in int64: exact, in any order, on any device. Each such
+    sum is written as two float64 numbers of at most 32 bits, scaled by the power of two the limbs stand for.
+    Integer addition does not round, so the exact accumulators of :mod:`pl_pmse.exact` receive the exact value.
+
+    Example:
+        >>> preds, target = torch.tensor([[2**31 - 1, -2**31]]), torch.tensor([[2**31 - 2, -2**31 + 3]])
+        >>> integer_squared_error_parts(preds, target).sum().item()  # differences 1 and 3
+        10.0
+    """
+    n = preds.shape[0]
+    wide = torch.int64 in (preds.dtype, target.dtype)
+    limbs = 4 if wide else 1 if max(preds.element_size(), target.element_size()) <= 2 else 2
+    pairs = [(j, k) for j in range(limbs) for k in range(j, limbs)]
+    per_sample = preds[0].numel()
+    if per_sample >= 1 << 29:
+        raise ValueError(
+            f"preds and target: integer samples of {per_sample} elements exceed the exact integer sums' range "
+            f"(2**29 elements per sample); pass smaller samples"
+        )
+    preds, target = preds.reshape(n, per_sample), target.reshape(n, per_sample)
+    sums = torch.zeros(n, len(pairs), dtype=torch.int64, device=preds.device)
+    rows = max(1, BLOCK_ELEMENTS // per_sample)
+    columns = min(per_sample, BLOCK_ELEMENTS)
+    for start in range(0, n, rows):
+        for first in range(0, per_sample, columns):
+            block = (slice(start, start + rows), slice(first, first + columns))
+            digits = _limbs(preds[block], target[block], limbs, wide)
+            for index, (j, k) in enumerate(pairs):
+                sums[start : start + rows, index] += (digits[j] * digits[k]).sum(1) * (1 if j == k else 2)
+    weight = torch.tensor([16.0 * (j + k) for j, k in pairs], dtype=torch.float64, device=preds.device)
+    high, low = (sums >> 31).double(), (sums & ((1 << 31) - 1)).double()  # each below 2**32: exact in float64
+    return torch.cat([torch.ldexp(high, weight + 31), torch.ldexp(low, weight)], 1)
+
+
+def _limbs(preds: Tensor, target: Tensor, count: int, wide: bool) -> list[Tensor]:
+    """``|preds - target|`` as ``count`` int64 limbs of 16 bits, lowest first (one limb: the whole value, below
+    ``2**17`` for inputs of at most 16 bits)."""
+    if not wide:
+        magnitude = (preds.long() - target.long()).abs_()
+        if count == 1:
+            return [magnitude]
+        high, low = magnitude >> 32, magnitude & 0xFFFFFFFF
+    else:  # int64: the difference (up to 2**64) as high * 2**32 + low, then its magnitude, with one borrow
+        preds, target = preds.long(), target.long()
+        high, low = (preds >> 32) - (target >> 32), (preds & 0xFFFFFFFF) - (target & 0xFFFFFFFF)
+        negative = (high < 0) | ((high == 0) & (low < 0))
+        high, low = torch.where(negative, -high, high), torch.where(negative, -low, low)
+        borrow = (low < 0).long()
+        high, low = high - borrow, low + (borrow << 32)
+    return [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16][:count]
 
 
 def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,13 +18,26 @@ from pl_pmse.exact import NUM_BINS, exact_sums
 from pl_pmse.profile import _new, radial_power
 
 
+def exact_bands(height: int, width: int, bands: int) -> np.ndarray:
+    """``[H, W // 2 + 1]``: the band of each frequency, ``floor(radius / sqrt(0.5) * bands)``, in rational arithmetic
+    (a float formula puts frequencies on a band edge on either side depending on the CPU's rounding)."""
+    rows = []
+    for ky in range(height):
+        fy = ky if ky < (height + 1) // 2 else ky - height  # numpy's fftfreq order
+        row = []
+        for kx in range(width // 2 + 1):
+            q = 2 * bands**2 * (Fraction(fy * fy, height * height) + Fraction(kx * kx, width * width))
+            row.append(min(math.isqrt(math.floor(q)), bands - 1))  # floor(sqrt(q)) == isqrt(floor(q))
+        rows.append(row)
+    return np.array(rows)
+
+
 def radial_reference(images: np.ndarray, bands: int) -> np.ndarray:
     """Mean |FFT|^2 / (H W) of the channel mean per radial band, over the half spectrum numpy's rfft2 keeps."""
     planes = images.mean(1)
     height, width = planes.shape[1:]
     power = np.abs(np.fft.fft2(planes)[:, :, : width // 2 + 1]) ** 2 / (height * width)
-    radius = np.hypot(np.fft.fftfreq(height)[:, None], np.abs(np.fft.fftfreq(width)[: width // 2 + 1])[None, :])
-    band = np.minimum((radius / math.sqrt(0.5) * bands).astype(int), bands - 1)
+    band = exact_bands(height, width, bands)
     return np.stack([power[:, band == b].mean(1) if (band == b).any() else np.zeros(len(planes))
                      for b in range(bands)], 1).mean(0)  # fmt: skip
 
@@ -118,3 +132,34 @@ def test_image_profile_reuses_its_temporaries_safely() -> None:
             assert "_buffers_of_update" not in reused.__dict__
     expected, got = fresh.compute(), reused.compute()
     assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+EDGE_SIZES = [(64, 64, 16), (48, 40, 12), (33, 17, 7), (31, 64, 9), (5, 3, 8)]
+
+
+@pytest.mark.parametrize(("height", "width", "bands"), EDGE_SIZES)
+def test_radial_bands_are_assigned_exactly_on_band_edges(height: int, width: int, bands: int) -> None:
+    from pl_pmse.profile import radial_band_of_frequencies
+
+    expected = exact_bands(height, width, bands)
+    np.testing.assert_array_equal(radial_band_of_frequencies(height, width, bands).view(height, -1).numpy(), expected)
+    images = torch.rand(3, 3, height, width, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    np.testing.assert_allclose(radial_power(images, bands).mean(0).numpy(), radial_reference(images.numpy(), bands),
+                               rtol=1e-12, atol=1e-15)  # fmt: skip
+    on_edges = [  # frequencies exactly on a band edge (radius == b * sqrt(0.5) / bands): a float formula errs there
+        (ky, kx)
+        for ky in range(-(height // 2), (height + 1) // 2)
+        for kx in range(width // 2 + 1)
+        if (q := 2 * bands**2 * (Fraction(ky * ky, height**2) + Fraction(kx * kx, width**2))).denominator == 1
+        and 0 < math.isqrt(q.numerator) ** 2 == q.numerator
+        and math.isqrt(q.numerator) < bands
+    ]
+    if (height, width) in ((64, 64), (48, 40)):
+        assert on_edges  # the sizes of the issue: the test covers edge frequencies
+
+
+def test_radial_band_layout_refuses_sizes_beyond_its_integer_range() -> None:
+    from pl_pmse.profile import radial_band_of_frequencies
+
+    with pytest.raises(ValueError, match="bands: 64 radial bands of 65535x65536 images"):
+        radial_band_of_frequencies(65535, 65536, 64)
