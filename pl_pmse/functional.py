@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
+from .precision import own_precision
 from .reduction import compute_dtype, integer_squared_error_parts, squared_error_sums
 from .spaces import Space, get_space
 
@@ -120,12 +121,13 @@ def _component_sums(
     validate_args: bool = True,
 ) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
     """Per-sample squared-error sums ``[N, K]``, the components' sizes, and the raw component's exact parts for
-    integer inputs (see :attr:`SampleStats.raw_parts`)."""
-    pairs = space.pairs(preds, target, data_range, validate_args)
-    if tuple(pairs) != space.component_names:
-        raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
-    raw_parts = None if preds.is_floating_point() else integer_squared_error_parts(preds, target)
-    columns = [squared_error_sums(p, t).to(torch.float64) for p, t in list(pairs.values())[raw_parts is not None :]]
+    integer inputs (see :attr:`SampleStats.raw_parts`), in the space's own precision (see :mod:`pl_pmse.precision`)."""
+    with own_precision(preds.device):
+        pairs = space.pairs(preds, target, data_range, validate_args)
+        if tuple(pairs) != space.component_names:
+            raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
+        raw_parts = None if preds.is_floating_point() else integer_squared_error_parts(preds, target)
+        columns = [squared_error_sums(p, t).to(torch.float64) for p, t in list(pairs.values())[raw_parts is not None :]]
     if raw_parts is not None:
         columns.insert(0, raw_parts.sum(1))
     return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values()), raw_parts

@@ -20,6 +20,7 @@ from . import checks
 from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
+from .precision import own_precision
 from .reduction import integer_squared_error_parts, squared_error_sums
 from .spaces import Space, get_space
 from .spaces.registry import split_options
@@ -416,7 +417,8 @@ class PerceptionMSE(ExactSumMetric):
         if stats.raw_parts is not None:
             columns[0] = stats.raw_parts
         if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
-            columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
+            with own_precision(preds.device):
+                columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
         width = max(column.shape[1] for column in columns)
         values = torch.stack([torch.nn.functional.pad(column, (0, width - column.shape[1])) for column in columns], 0)
         values = torch.where(stats.valid[None, :, None], values, 0)  # [components, N, parts]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import checks
 from .metric import ExactSumMetric
+from .precision import own_precision
 
 MODALITIES = ("image", "audio")
 
@@ -94,7 +95,10 @@ class ErrorProfile(ExactSumMetric):
         # integer images in float64 (exact to 2**53: their differences too); audio through the float32 mel analysis
         dtype = torch.float64 if self.modality == "image" and not preds.is_floating_point() else torch.float32
         preds, target = preds.detach().to(dtype), target.detach().to(dtype)
-        values = self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
+        with own_precision(preds.device):
+            values = (
+                self._image_values(preds, target) if self.modality == "image" else self._audio_values(preds, target)
+            )
         finite = values.sum(1, dtype=torch.float64).isfinite()  # a NaN/Inf input makes its row's sum non-finite
         if not bool(finite.all()):
             values = values[finite]

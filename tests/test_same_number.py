@@ -96,3 +96,132 @@ def test_meta_inputs_get_the_clear_error_in_the_metric_and_the_functional() -> N
         with pytest.raises(ValueError, match="preds and target: are on the meta device"):
             call()
     assert metric.update_count == 0
+
+
+def _image_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.rand(2, 3, 32, 32, generator=generator)
+    return (target + 0.1 * torch.randn(target.shape, generator=generator)).clamp(0, 1), target
+
+
+def _full_scale_audio() -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-scale 500 Hz sine (its mel power overflows float16) and a noisy copy."""
+    time = torch.arange(16000) / 16000
+    target = torch.sin(2 * math.pi * 500 * time).expand(2, -1).clone()
+    noise = 0.05 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    return (target + noise).clamp(-1, 1), target
+
+
+# every built-in space: (name, options, inputs, data_range)
+BUILT_IN_SPACES = [
+    ("pixel", {}, _image_pair, None),
+    ("pyramid", {"levels": 3}, _image_pair, None),
+    ("vgg16", {"weights": "random"}, _image_pair, None),
+    ("alexnet", {"weights": "random"}, _image_pair, None),
+    ("squeezenet", {"weights": "random"}, _image_pair, None),
+    ("lpips-alex", {"weights": "random"}, _image_pair, 1.0),
+    ("lpips-vgg", {"weights": "random"}, _image_pair, 1.0),
+    ("lpips-squeeze", {"weights": "random"}, _image_pair, 1.0),
+    ("waveform", {}, _full_scale_audio, None),
+    ("mel", {"sample_rate": 16000}, _full_scale_audio, None),
+    ("mrstft", {"fft_sizes": (256, 512)}, _full_scale_audio, None),
+]
+
+
+@pytest.fixture(scope="module")
+def built_spaces() -> dict[str, object]:
+    from pl_pmse.spaces import get_space
+
+    return {name: get_space(name, **options) for name, options, _, _ in BUILT_IN_SPACES}
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "inputs", "data_range"), BUILT_IN_SPACES, ids=[s[0] for s in BUILT_IN_SPACES]
+)
+def test_autocast_never_reaches_a_space(name, options, inputs, data_range, built_spaces) -> None:
+    """Under CPU autocast in float16 and bfloat16 (Lightning's 16-mixed / bf16-mixed; CUDA's autocast is disabled
+    the same way), the metric and the loss give the float32 value of the same inputs, bit for bit."""
+    space = built_spaces[name]
+    preds, target = inputs()
+
+    def measured() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        metric = PerceptionMSE(space, data_range=data_range)
+        metric.update(preds, target)
+        loss = perception_mse(preds, target, space, data_range=data_range)
+        unchecked = perception_mse(preds, target, space, data_range=data_range, validate_args=False)
+        return metric.compute(), loss, unchecked
+
+    expected = measured()
+    assert all(torch.isfinite(value) for value in expected)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            got = measured()
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), (dtype, got, expected)
+
+
+@pytest.mark.parametrize("name", ["mel", "vgg16"])
+def test_gradients_flow_into_a_half_precision_graph_under_autocast(name: str, built_spaces) -> None:
+    space = built_spaces[name]
+    preds, target = _full_scale_audio() if name == "mel" else _image_pair()
+    channels = 1 if name == "mel" else 3
+    layer = (torch.nn.Conv1d if name == "mel" else torch.nn.Conv2d)(channels, channels, 1)  # identity 1x1 conv
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(channels).view_as(layer.weight))
+        layer.bias.zero_()
+    x = preds[:, None] if name == "mel" else preds
+    with torch.autocast("cpu", dtype=torch.float16):
+        output = layer(x)  # float16: the user's half-precision graph
+        assert output.dtype == torch.float16
+        output = output[:, 0] if name == "mel" else output
+        loss = perception_mse(output, target, space)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert (
+        layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    )
+
+
+def test_lpips_normalises_half_precision_features_in_float32(built_spaces) -> None:
+    """A half-precision LPIPS space (set_dtype) normalises in float32: a zero feature vector stays finite (the 1e-10
+    epsilon is 0 in float16) and features beyond 256 do not overflow the squared norm."""
+    space = built_spaces["lpips-alex"]
+    features = torch.zeros(1, 64, 2, 2, dtype=torch.float16)
+    features[0, :, 0, 0] = 300.0  # |f|**2 = 64 * 90000: beyond float16's 65504
+    normalized = space.transform("relu1", features)
+    assert normalized.dtype == torch.float32 and torch.isfinite(normalized).all()
+    expected = space.lpips_scale_relu1.float() / 8.0  # f / |f| = 1/8 per channel, times the calibration scale
+    torch.testing.assert_close(normalized[0, :, 0, 0], expected[0, :, 0, 0])
+    assert normalized[0, :, 1, 1].abs().sum() == 0
+
+
+def test_the_error_profile_is_measured_in_float32_under_autocast() -> None:
+    from pl_pmse import ErrorProfile
+
+    cases = ((ErrorProfile("image", 1.0, grid=4, bands=8), _image_pair()),
+             (ErrorProfile("audio", sample_rate=16000, n_fft=256, n_mels=16), _full_scale_audio()))  # fmt: skip
+    for profile, (preds, target) in cases:
+        profile.update(preds, target)
+        expected = profile.compute()
+        for dtype in (torch.float16, torch.bfloat16):
+            profile.reset()
+            with torch.autocast("cpu", dtype=dtype):
+                profile.update(preds, target)
+            assert all(torch.equal(profile.compute()[key], expected[key]) for key in expected)
+
+
+def test_own_precision_turns_tf32_off_on_cuda_and_restores_the_callers_setting() -> None:
+    """The flags are process settings, so this runs without a GPU; tests/test_cuda.py measures on one."""
+    from pl_pmse.precision import own_precision
+
+    settings = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    before = [setting.fp32_precision for setting in settings]
+    try:
+        for setting in settings:
+            setting.fp32_precision = "tf32"  # torch.set_float32_matmul_precision("high"), cuDNN's default
+        with own_precision(torch.device("cuda")):
+            assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
+            assert not torch.is_autocast_enabled("cuda")
+        assert [setting.fp32_precision for setting in settings] == ["tf32", "tf32"]
+    finally:
+        for setting, value in zip(settings, before, strict=True):
+            setting.fp32_precision = value

@@ -230,6 +230,7 @@ class LPIPSSpace(Backbone):
             self.register_buffer(f"lpips_scale_{name}", (weight.shape[1] * weight).sqrt(), persistent=False)
 
     def transform(self, name: str, feature: Tensor) -> Tensor:
+        feature = feature.to(torch.promote_types(feature.dtype, torch.float32))  # eps and |f|**2 need float32 at least
         normalized = feature / torch.sqrt(feature.square().sum(1, keepdim=True) + self.eps)  # finite gradient at 0
         scale = getattr(self, f"lpips_scale_{name}")
         return normalized * scale if normalized.requires_grad else normalized.mul_(scale)  # the same bits either way
