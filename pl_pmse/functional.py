@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -253,27 +254,31 @@ def _stats(
 
 
 def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torch.device | None) -> Space:
-    """Named spaces are built once per (name, options, device) and kept in a small LRU cache."""
+    """Named spaces are built once per (name, options, device) and kept in a small LRU cache (shared by threads:
+    one lookup or build at a time; a space's own captures are thread-safe)."""
     if not isinstance(space, str):
         return get_space(space, **options)
     try:
         key = (space, _hashable(options), device)
-        cached = _SPACE_CACHE.pop(key, None)
+        hash(key)
     except TypeError:  # unhashable options: build every call
-        key, cached = None, None
-    if cached is None:
-        with torch.inference_mode(False):  # weights built in validation must still serve a training loss
-            cached = get_space(space, **options).to(device)
-    if key is None:
+        key = None
+    with _SPACE_CACHE_LOCK:
+        cached = _SPACE_CACHE.pop(key, None) if key is not None else None
+        if cached is None:
+            with torch.inference_mode(False):  # weights built in validation must still serve a training loss
+                cached = get_space(space, **options).to(device)
+        if key is None:
+            return cached
+        _SPACE_CACHE[key] = cached
+        while len(_SPACE_CACHE) > _SPACE_CACHE_SIZE:
+            _SPACE_CACHE.popitem(last=False)
         return cached
-    _SPACE_CACHE[key] = cached
-    while len(_SPACE_CACHE) > _SPACE_CACHE_SIZE:
-        _SPACE_CACHE.popitem(last=False)
-    return cached
 
 
 _SPACE_CACHE: OrderedDict[tuple, Space] = OrderedDict()
 _SPACE_CACHE_SIZE = 8
+_SPACE_CACHE_LOCK = threading.RLock()
 
 
 def _hashable(value: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from fractions import Fraction
 
 import pytest
@@ -225,3 +226,48 @@ def test_own_precision_turns_tf32_off_on_cuda_and_restores_the_callers_setting()
     finally:
         for setting, value in zip(settings, before, strict=True):
             setting.fp32_precision = value
+
+
+def _hammer(calls: list, threads: int = 2) -> list:
+    """Run ``calls`` (functions of no argument) from ``threads`` threads at once; their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(threads)
+
+    def run(part: int) -> list:
+        barrier.wait()
+        return [(index, call()) for index, call in enumerate(calls) if index % threads == part]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = [item for chunk in pool.map(run, range(threads)) for item in chunk]
+    return [value for _, value in sorted(results, key=lambda item: item[0])]
+
+
+def test_one_network_space_used_from_two_threads_gives_each_call_its_own_features(built_spaces) -> None:
+    space = built_spaces["squeezenet"]
+    inputs = [_image_pair(seed) for seed in range(6)]
+    expected = [perception_mse(p, t, space) for p, t in inputs]
+    expected_named = [perception_mse(p, t, "squeezenet", weights="random") for p, t in inputs]
+    assert torch.equal(expected[0], expected_named[0])  # the cached named space is built alike
+    calls = [lambda i=i: perception_mse(*inputs[i % 6], space) for i in range(60)]
+    calls += [lambda i=i: perception_mse(*inputs[i % 6], "squeezenet", weights="random") for i in range(60)]
+    results = _hammer(calls)
+    wrong = [i for i, value in enumerate(results) if not torch.equal(value, expected[i % 6])]
+    assert not wrong, f"{len(wrong)} of {len(results)} calls returned another call's value"
+
+
+def test_random_weights_built_in_threads_are_the_sequential_ones_and_leave_the_global_rng_alone() -> None:
+    from pl_pmse.spaces.backbones import load_backbone
+
+    sequential = load_backbone("alexnet", "random").features[0].weight.clone()
+    torch.manual_seed(5)
+    alone = [torch.rand(10_000) for _ in range(400)]  # what another thread draws when nobody builds weights
+
+    def draws() -> list[torch.Tensor]:
+        return [torch.rand(10_000) for _ in range(400)]
+
+    torch.manual_seed(5)
+    results = _hammer([draws, lambda: load_backbone("alexnet", "random").features[0].weight,
+                       lambda: load_backbone("alexnet", "random").features[0].weight], threads=3)  # fmt: skip
+    assert torch.equal(results[1], sequential) and torch.equal(results[2], sequential)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], alone, strict=True))  # nothing drew from it, or reset it

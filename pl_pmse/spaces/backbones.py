@@ -8,6 +8,8 @@ safe from them, so that a captured feature map is never overwritten by a later l
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import checks
 from .base import Space
@@ -69,6 +72,16 @@ RANDOM_WEIGHTS_SEED = 0  # weights="random": torchvision's initialisation under 
 
 class _Captured(Exception):
     """Raised by the last hook: the rest of the network is not needed."""
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_of(network: nn.Module) -> threading.Lock:
+    """The lock of one network's captures (held beside the network, so copies and pickles of it carry none)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(network, threading.Lock())
 
 
 def _install_hook(module: nn.Module) -> None:
@@ -189,7 +202,17 @@ class Backbone(Space):
         return feature
 
     def _capture(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the network on ``x`` until every hooked layer has given its output (see :func:`_keep_output`)."""
+        """Run the network on ``x`` until every hooked layer has given its output (see :func:`_keep_output`).
+
+        The hooks' slots belong to the network's modules, which every space and thread reading them shares: one
+        capture at a time per network (a lock; two threads measuring with one network take turns, each with its own
+        features). Under ``torch.compile`` the hooks are traced into the graph and no slot is read at run time."""
+        if torch.compiler.is_compiling():
+            return self._capture_unlocked(x)
+        with _lock_of(self.module):
+            return self._capture_unlocked(x)
+
+    def _capture_unlocked(self, x: Tensor) -> dict[str, Tensor]:
         captured: dict[str, Tensor] = {}
         for hooked, names, path in self._hooked:
             hooked._pl_pmse_slot = (captured, names, len(self.layers), path)
@@ -236,6 +259,25 @@ class LPIPSSpace(Backbone):
         return normalized * scale if normalized.requires_grad else normalized.mul_(scale)  # the same bits either way
 
 
+class _PrivateGenerator(TorchDispatchMode):
+    """Every random operation of this thread draws from ``generator`` instead of torch's global one.
+
+    A freshly seeded CPU generator gives the numbers ``torch.manual_seed`` would, so torchvision's initialisation
+    under it is the one under the global seed, while other threads' random state (their dropout, their data
+    augmentation) is neither read nor changed, and theirs cannot perturb these weights (dispatch modes are
+    per thread)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is None and any(argument.name == "generator" for argument in func._schema.arguments):
+            kwargs["generator"] = self.generator
+        return func(*args, **kwargs)
+
+
 def imagenet_weights_path(architecture: str) -> Path:
     """Where torchvision's cache keeps the ImageNet weights of ``architecture`` (copy them there offline).
 
@@ -257,8 +299,7 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
     arch = ARCHITECTURES[architecture]
     builder = getattr(torchvision.models, arch.builder)
     if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation, seeded: reproducible
-        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        with _PrivateGenerator(torch.Generator().manual_seed(RANDOM_WEIGHTS_SEED)):
             model = builder(weights=None)
         model.classifier = nn.Identity()
         return model
