@@ -84,9 +84,28 @@ class ExactSumMetric(Metric):
                 f"the metric as the state was built"
             )
 
+    def _refuse_untrusted_state(self, what: str, totals: Any) -> None:
+        """Raise unless ``totals`` is a state this metric could have written: a 1-D int64 tensor with no negative
+        entry (the bins and counts are sums of non-negative integers). A float state would round, and a negative
+        entry comes from tampering or an overflow; either gives a wrong number later, so neither is taken."""
+        if not isinstance(totals, Tensor):
+            raise TypeError(f"{type(self).__name__}.{what}: expected the state 'totals' as a tensor, got {totals!r}")
+        if totals.dtype != torch.int64 or totals.dim() != 1:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state 'totals' must be a 1-D int64 tensor of exact integer "
+                f"accumulators, got a {totals.dtype} tensor of shape {tuple(totals.shape)}"
+            )
+        if totals.numel() == self.totals.numel() and bool((totals < 0).any()):
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state 'totals' has negative entries at "
+                f"{(totals < 0).nonzero().flatten().tolist()[:8]}; exact sums and counts are never negative (the "
+                f"state was altered or overflowed)"
+            )
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         saved, totals = state_dict.get(prefix + "configuration"), state_dict.get(prefix + "totals")
-        if isinstance(totals, Tensor):  # a state saved before 0.2 has no configuration: its size is checked
+        if totals is not None:  # a state saved before 0.2 has no configuration: its size is checked
+            self._refuse_untrusted_state("load_state_dict", totals)
             self._refuse_other_configuration("load_state_dict", saved, totals.numel())
         state_dict = {key: value for key, value in state_dict.items() if key != prefix + "configuration"}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -100,8 +119,10 @@ class ExactSumMetric(Metric):
                 f"merge a copy (copy.deepcopy(metric)) if that is what you mean"
             )
         if isinstance(incoming_state, ExactSumMetric):
+            self._refuse_untrusted_state("merge_state", incoming_state.totals)
             self._refuse_other_configuration("merge_state", incoming_state.configuration(), None)
-        elif isinstance(incoming_state, Mapping) and isinstance(incoming_state.get("totals"), Tensor):
+        elif isinstance(incoming_state, Mapping) and "totals" in incoming_state:
+            self._refuse_untrusted_state("merge_state", incoming_state["totals"])
             self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
         super().merge_state(incoming_state)
 
@@ -165,7 +186,10 @@ class ExactSumMetric(Metric):
         """
         key = (os.getpid(), id(group))
         if key not in self._checked_groups:
-            check_same_everywhere(self.configuration(), type(self).__name__, group, self.totals.device)
+            state = {
+                "state": f"{self.totals.dtype}, shape {tuple(self.totals.shape)}"
+            }  # a float state raises everywhere
+            check_same_everywhere({**self.configuration(), **state}, type(self).__name__, group, self.totals.device)
             self.configuration_checked(group)
 
     def configuration_checked(self, group: Any = None) -> None:

@@ -224,3 +224,20 @@ def test_an_unknown_sampler_under_ddp_warns_once(ddp) -> None:
     for messages in ddp.run(unknown_sampler_task):
         (message,) = messages
         assert "validate dataloader(s) [1, 2] have no DistributedSampler" in message and "counts every" in message
+
+
+def float_state_task(rank: int, world_size: int) -> str:
+    metric = PerceptionMSE(data_range=1.0)
+    metric.update(torch.rand(2, 4), torch.rand(2, 4))
+    if rank == 1:
+        metric.totals = metric.totals.double()  # what no update, load or merge can produce any more
+    try:
+        metric.compute()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_float_state_on_one_rank_raises_on_every_rank(ddp) -> None:
+    for message in ddp.run(float_state_task):
+        assert "state is torch.int64, shape (75,) (rank 0), torch.float64, shape (75,) (rank 1)" in message, message

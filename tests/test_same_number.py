@@ -271,3 +271,67 @@ def test_random_weights_built_in_threads_are_the_sequential_ones_and_leave_the_g
                        lambda: load_backbone("alexnet", "random").features[0].weight], threads=3)  # fmt: skip
     assert torch.equal(results[1], sequential) and torch.equal(results[2], sequential)
     assert all(torch.equal(a, b) for a, b in zip(results[0], alone, strict=True))  # nothing drew from it, or reset it
+
+
+def _tampered_states(state: torch.Tensor) -> list[tuple[str, object, str]]:
+    """(what, totals, the error it must give) for every way a state can be untrustworthy."""
+    negative_bin, negative_count = state.clone(), state.clone()
+    negative_bin[3] = -1
+    negative_count[-1] = -2
+    return [
+        ("float64", state.double(), r"must be a 1-D int64 tensor .* got a torch.float64 tensor of shape \(75,\)"),
+        ("float32", state.float(), r"got a torch.float32 tensor"),
+        ("2-D", state[None], r"1-D int64 tensor .* shape \(1, 75\)"),
+        ("negative bin", negative_bin, r"negative entries at \[3\]"),
+        ("negative count", negative_count, r"negative entries at \[74\]"),
+        ("not a tensor", [0] * 75, r"expected the state 'totals' as a tensor"),
+    ]
+
+
+def test_load_state_dict_and_merge_state_accept_only_a_state_the_metric_could_have_written() -> None:
+    source = PerceptionMSE(data_range=1.0)
+    source.persistent(True)
+    source.update(*_image_pair())
+    saved = source.state_dict()
+    for what, totals, pattern in _tampered_states(saved["totals"]):
+        metric = PerceptionMSE(data_range=1.0)
+        metric.update(*_image_pair(3))
+        before, expected = metric.totals.clone(), metric.compute()
+        for call, given in (
+            (metric.load_state_dict, {**saved, "totals": totals}),
+            (metric.merge_state, {"totals": totals}),
+        ):
+            with pytest.raises((ValueError, TypeError), match=pattern):
+                call(given)
+            assert torch.equal(metric.totals, before) and torch.equal(metric.compute(), expected), what
+        other = PerceptionMSE(data_range=1.0)
+        if isinstance(totals, torch.Tensor):
+            other.totals = totals
+            with pytest.raises((ValueError, TypeError), match=pattern):
+                metric.merge_state(other)
+            assert torch.equal(metric.totals, before), what
+    metric = PerceptionMSE(data_range=1.0)
+    metric.load_state_dict(saved)  # the metric's own state is still taken
+    assert torch.equal(metric.compute(), source.compute())
+
+
+def test_a_space_with_0_dim_buffers_configures_and_checks_its_state() -> None:
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.register_buffer("scale", torch.tensor(2.0))  # a 0-dim buffer
+            self.register_buffer("steps", torch.tensor(7))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * self.scale
+
+    metric = PerceptionMSE(Scaled(), layers=["conv"], normalize="none")
+    assert metric.configuration()["tensors"].startswith(
+        "6 tensors, 20 values"
+    )  # conv 12 + 4, the 0-dim 2, gain and bias 2
+    metric.persistent(True)
+    metric.update(*_image_pair())
+    restored = PerceptionMSE(metric.space, data_range=None)
+    restored.load_state_dict(metric.state_dict())
+    assert torch.equal(restored.compute(), metric.compute())

@@ -95,7 +95,7 @@ class Space(nn.Module):
         tensors = self.tensors()
         checksum = 0  # of the exact bytes, on the CPU: the same on every device and in every process
         for tensor in tensors:
-            checksum = zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), checksum)
+            checksum = zlib.crc32(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes(), checksum)
         return {
             "space": f"{self.name} ({type(self).__qualname__})",
             **{key: _as_text(value) for key, value in options.items()},
