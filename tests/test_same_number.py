@@ -335,3 +335,29 @@ def test_a_space_with_0_dim_buffers_configures_and_checks_its_state() -> None:
     restored = PerceptionMSE(metric.space, data_range=None)
     restored.load_state_dict(metric.state_dict())
     assert torch.equal(restored.compute(), metric.compute())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_worst_k_ties_are_broken_alike_for_any_world_size(world: int) -> None:
+    """Equal values (identical crops, clipped errors) are common; the k worst must not depend on which rank saw
+    which: ties go to the earlier sample in the sampler's order, as in one process."""
+    from pl_pmse.callback.selection import Sample, WorstSamples
+
+    values = [0.5, 0.9, 0.5, 0.9, 0.9, 0.1, 0.5, 0.9, 0.3, 0.9, 0.5, 0.9]
+
+    def sample(position: int) -> Sample:
+        return Sample(values[position], -position, f"sample {position}", {}, torch.zeros(1), torch.zeros(1))
+
+    def chosen(heaps: list[WorstSamples]) -> list[str]:  # what gathered() does with the heaps of every rank
+        return [s.label for s in sorted((s for heap in heaps for s in heap.heap), reverse=True)[:4]]
+
+    one = WorstSamples(4)
+    for position in range(len(values)):
+        if one.wants(values[position], position):
+            one.add(sample(position))
+    ranks = [WorstSamples(4) for _ in range(world)]
+    for rank, heap in enumerate(ranks):
+        for position in range(rank, len(values), world):  # DistributedSampler: rank r takes r, r + W, ...
+            if heap.wants(values[position], position):
+                heap.add(sample(position))
+    assert chosen([one]) == chosen(ranks) == ["sample 1", "sample 3", "sample 4", "sample 7"]

@@ -364,6 +364,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         preds, target = self._pair(outputs, batch)
         inputs = self._input_of(outputs, preds)
         stage = self._stages[loop]
+        first = stage.seen[index]  # this rank's samples before the batch: positions in the sampler's order follow
         counted = stage.counted(index, preds.shape[0])
         if counted < preds.shape[0]:  # padding repeats of the DistributedSampler: left out of everything
             preds, target = preds[:counted], target[:counted]
@@ -377,13 +378,14 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         worst = stage.worst[index]
         for row, value, components in candidates(metric.last_batch, self.space.component_weights):
             fixed = keep_fixed and self._fixed.offer(batch_idx, row)
-            among_worst = worst.wants(value)
+            position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
+            among_worst = worst.wants(value, position)
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
             copies = [x[row].to("cpu", torch.float32, copy=True) if x is not None else None
                       for x in (preds, target, inputs)]  # fmt: skip  # the panel thread's own
-            sample = Sample(value, label, components, *copies)
+            sample = Sample(value, -position, label, components, *copies)
             if fixed:
                 stage.fixed.append(sample)
             if among_worst:

@@ -16,9 +16,13 @@ from ..functional import SampleStats
 
 @dataclass(order=True)
 class Sample:
-    """One sample kept for a panel: its Perception MSE, components and tensors (CPU copies the panel thread owns)."""
+    """One sample kept for a panel: its Perception MSE, components and tensors (CPU copies the panel thread owns).
+
+    Samples order by value, ties by ``-position`` (its place in the sampler's order over all ranks): among equal
+    values the earlier sample ranks as worse, so the worst k are the same whatever the batch split or world size."""
 
     value: float
+    earlier: int = field(repr=False)  # minus the position: ties go to the earlier sample, as in one process
     label: str = field(compare=False)
     components: dict[str, float] = field(compare=False)
     preds: Tensor = field(compare=False)
@@ -105,9 +109,11 @@ class WorstSamples:
         self.k = k
         self.heap: list[Sample] = []
 
-    def wants(self, value: float) -> bool:
-        """Whether a sample of this value would be kept (only those are copied to the CPU)."""
-        return bool(self.k) and (len(self.heap) < self.k or value > self.heap[0].value)
+    def wants(self, value: float, position: int) -> bool:
+        """Whether a sample of this value and position would be kept (only those are copied to the CPU)."""
+        return bool(self.k) and (
+            len(self.heap) < self.k or (value, -position) > (self.heap[0].value, self.heap[0].earlier)
+        )
 
     def add(self, sample: Sample) -> None:
         (heapq.heappush if len(self.heap) < self.k else heapq.heapreplace)(self.heap, sample)
