@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch.overrides import TorchFunctionMode
 
 from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
 from pl_pmse.spaces import get_space
 from pl_pmse.spaces import image as image_spaces
+from pl_pmse.spaces.audio import _power_spectrogram
 
 _COMMON = importlib.util.spec_from_file_location("benchmark_common", Path(__file__).parents[1] / "benchmarks/common.py")
 benchmark_common = importlib.util.module_from_spec(_COMMON)
@@ -267,10 +269,17 @@ def test_pyramid_equals_the_plain_formulation_bit_for_bit(grad: bool, monkeypatc
 
 
 def test_spectrograms_equal_torchaudio_bit_for_bit() -> None:
-    """The spectrograms come from torch.stft directly (traceable): torchaudio's transforms give the same bits."""
+    """The spectrograms come from torch.stft directly (traceable): torchaudio's transforms give the same bits; the mel
+    filters are applied per band (the same bits on every CPU), equal to torchaudio's matrix product to rounding."""
     x = torch.rand(3, 2, 5000) * 2 - 1
     mel = get_space("mel", sample_rate=16000, n_fft=512, hop_length=100)
-    assert torch.equal(mel.features(x)["mel"], torch.log(mel.transform(x) + mel.eps))
+    analysis = mel.analysis
+    power = _power_spectrogram(analysis.spectrogram, x)
+    assert torch.equal(power, analysis.spectrogram(x))
+    dense = torch.matmul(power.transpose(-1, -2), analysis.filters.fb).transpose(-1, -2)  # torchaudio's MelScale
+    torch.testing.assert_close(analysis(x), dense, rtol=2e-6, atol=0)
+    reference = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, hop_length=100, power=2.0, n_mels=80)
+    torch.testing.assert_close(mel.features(x)["mel"], torch.log(reference(x) + mel.eps), rtol=0, atol=1e-5)
     mrstft = get_space("mrstft", fft_sizes=(256, 1024))
     for (name, value), spectrogram in zip(mrstft.features(x).items(), mrstft.spectrograms, strict=True):
         assert torch.equal(value, 0.5 * torch.log(spectrogram(x) + mrstft.eps)), name

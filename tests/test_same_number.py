@@ -361,3 +361,36 @@ def test_worst_k_ties_are_broken_alike_for_any_world_size(world: int) -> None:
             if heap.wants(values[position], position):
                 heap.add(sample(position))
     assert chosen([one]) == chosen(ranks) == ["sample 1", "sample 3", "sample 4", "sample 7"]
+
+
+def test_the_same_bits_with_the_cpu_kernels_of_other_machines() -> None:
+    """Two x86 machines differ in the kernels torch and MKL pick for them: AVX-512 or AVX2 code in torch
+    (ATEN_CPU_CAPABILITY), and MKL's code paths, which differ between Intel and AMD (MKL_CBWR=COMPATIBLE forces
+    its generic ones). Every weight-free space, integer input and both error profiles give the same bits under each;
+    the mel filters equal torchaudio's to float32 rounding."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.distributed import clean_environment
+    from tests.kernel_bits import measurements
+
+    here = measurements()
+    script = Path(__file__).with_name("kernel_bits.py")
+    for variable in ({"ATEN_CPU_CAPABILITY": "avx2"}, {"MKL_CBWR": "COMPATIBLE"}):
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                              env={**clean_environment(), **variable}, check=True)  # fmt: skip
+        there = json.loads(done.stdout)
+        assert there.pop("capability") in ("AVX2", "AVX512", "DEFAULT")
+        assert [key for key in here if here[key] != there[key]] == [], variable
+    for key in (key for key in here if key.startswith("torchaudio filter bank")):
+        assert here[key][0] <= 0.01 * 257 * 80, key  # a few entries one float32 rounding apart
+    import torchaudio
+
+    from pl_pmse.spaces.audio import mel_filter_bank
+
+    ours = mel_filter_bank(513, 0.0, 8000.0, 80, 16000)
+    torch.testing.assert_close(
+        ours, torchaudio.functional.melscale_fbanks(513, 0.0, 8000.0, 80, 16000), rtol=0, atol=2e-6
+    )

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchaudio
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -31,6 +30,7 @@ from ..panels.render import stack, to_rgb, upscale
 from ..panels.sinks import Send, Sink, sinks_for
 from ..profile import ErrorProfile
 from ..spaces import Space, available_spaces, get_space
+from ..spaces.audio import MelAnalysis
 from ..spaces.registry import space_options as space_options_of
 from .selection import FixedSamples, Sample, WorstSamples, candidates
 from .worker import Epoch, PanelWorker
@@ -354,9 +354,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _new_profile(self) -> ErrorProfile:
         if self.modality == "audio":  # on the metric's own mel analysis where the space has one
-            mel = getattr(self.space, "transform", None)
-            analysis = {"n_fft": mel.n_fft, "hop_length": mel.hop_length, "n_mels": mel.mel_scale.n_mels} if (
-                isinstance(mel, torchaudio.transforms.MelSpectrogram)) else {}  # fmt: skip
+            mel = getattr(self.space, "analysis", None)
+            analysis = {"n_fft": mel.n_fft, "hop_length": mel.hop_length, "n_mels": mel.n_mels} if (
+                isinstance(mel, MelAnalysis)) else {}  # fmt: skip
             return ErrorProfile("audio", self.data_range, sample_rate=self.sample_rate, **analysis)
         return ErrorProfile("image", self.data_range, grid=self.error_map_grid, bands=self.spectrum_bands)
 

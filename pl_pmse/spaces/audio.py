@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import decimal
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -91,23 +95,178 @@ class MelSpace(AudioSpace):
         super().__init__({"mel": 1.0}, raw_weight=0.0, component_weights=component_weights)
         self.eps = eps
         self.min_length = n_fft // 2 + 1
-        self.transform = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4,
-            f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, norm=norm, mel_scale=mel_scale,
-        )  # fmt: skip
+        self.analysis = MelAnalysis(sample_rate, n_fft, hop_length, win_length, n_mels, f_min, f_max, norm, mel_scale)
 
     @property
     def sample_rate(self) -> int:
-        return self.transform.sample_rate
+        return self.analysis.sample_rate
 
     def resolved_options(self) -> dict[str, Any]:
-        mel = self.transform
-        return {"hop_length": mel.hop_length, "win_length": mel.win_length, "f_max": float(mel.mel_scale.f_max)}
+        spectrogram = self.analysis.spectrogram
+        return {"hop_length": spectrogram.hop_length, "win_length": spectrogram.win_length,
+                "f_max": self.analysis.filters.f_max}  # fmt: skip
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
-        power = _power_spectrogram(self.transform.spectrogram, x)
-        mel = torch.matmul(power.transpose(-1, -2), self.transform.mel_scale.fb).transpose(-1, -2)  # as MelScale
-        return {"mel": torch.log(mel + self.eps)}
+        return {"mel": torch.log(self.analysis(x) + self.eps)}
+
+
+class MelAnalysis(nn.Module):
+    """Mel power spectrogram ``[..., T] -> [..., n_mels, frames]``: torchaudio's ``MelSpectrogram`` (centred,
+    reflect-padded Hann-windowed STFT, power 2, triangular filters), made the same bits on every x86 CPU.
+
+    The STFT and the power are torchaudio's own operations (bit-identical to its ``Spectrogram``). The filters differ
+    in two ways that change values at float32 rounding only (tested against torchaudio): their float32 steps are done
+    alike on every machine (:func:`mel_filter_bank`; torchaudio's vectorised ``10 ** x`` rounds by the CPU's vector
+    instructions), and they are applied by a sum over each band's own frequencies instead of a matrix product (a BLAS
+    library chooses its summation order by CPU: MKL's differs between Intel and AMD processors).
+
+    Example:
+        >>> analysis = MelAnalysis(16000, n_fft=512, n_mels=40)
+        >>> analysis(torch.zeros(2, 16000)).shape
+        torch.Size([2, 40, 126])
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        n_fft: int = 1024,
+        hop_length: int | None = None,
+        win_length: int | None = None,
+        n_mels: int = 80,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        norm: str | None = None,
+        mel_scale: str = "htk",
+    ) -> None:
+        super().__init__()
+        self.sample_rate, self.n_fft, self.n_mels = sample_rate, n_fft, n_mels
+        self.spectrogram = torchaudio.transforms.Spectrogram(
+            n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0
+        )
+        self.filters = MelFilterBank(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate, norm, mel_scale)
+
+    @property
+    def hop_length(self) -> int:
+        return self.spectrogram.hop_length
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.filters(_power_spectrogram(self.spectrogram, x))
+
+
+class MelFilterBank(nn.Module):
+    """Triangular mel filters ``[..., n_freqs, frames] -> [..., n_mels, frames]``, applied as a sum over each band's
+    own frequencies (a gather, a product and a sum over the last dimension: the same order on every CPU, a fixed
+    number of operations on any device). ``fb`` is the dense ``[n_freqs, n_mels]`` matrix of
+    :func:`mel_filter_bank`, for plots and references.
+    """
+
+    def __init__(
+        self,
+        n_freqs: int,
+        f_min: float,
+        f_max: float | None,
+        n_mels: int,
+        sample_rate: int,
+        norm: str | None = None,
+        mel_scale: str = "htk",
+    ) -> None:
+        super().__init__()
+        self.f_max = float(f_max if f_max is not None else sample_rate // 2)
+        fb = mel_filter_bank(n_freqs, f_min, self.f_max, n_mels, sample_rate, norm, mel_scale)
+        used = fb > 0
+        first = torch.where(used.any(0), used.int().argmax(0), 0)  # each band's lowest frequency bin
+        width = max(1, int((used.sum(0)).max()))  # bands are contiguous: each lies in [first, first + width)
+        index = (first[:, None] + torch.arange(width)).clamp(max=n_freqs - 1)  # [n_mels, width]
+        inside = first[:, None] + torch.arange(width) < n_freqs  # the clamped tail of a top band counts nothing
+        weight = torch.where(inside, fb.T.gather(1, index), 0.0)
+        self.register_buffer("fb", fb, persistent=False)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, power: Tensor) -> Tensor:
+        per_band = power.transpose(-1, -2)[..., self.index]  # [..., frames, n_mels, width]
+        return (per_band * self.weight.to(power.dtype)).sum(-1).transpose(-1, -2)
+
+
+def mel_filter_bank(
+    n_freqs: int,
+    f_min: float,
+    f_max: float,
+    n_mels: int,
+    sample_rate: int,
+    norm: str | None = None,
+    mel_scale: str = "htk",
+) -> Tensor:
+    """``torchaudio.functional.melscale_fbanks`` (same arguments, float32 ``[n_freqs, n_mels]``) with each of its
+    float32 steps done the same way on every machine: its ``linspace`` by the scalar formula (torch's vectorised one
+    rounds by the CPU's vector width), its ``10 ** x`` and ``exp`` correctly rounded from 40-digit decimal arithmetic
+    (a software computation; torch's vectorised float32 ``pow`` rounds by CPU), the rest single IEEE operations.
+    Equal to torchaudio's where its ``pow`` rounds correctly (nearly every entry; tested).
+
+    Example:
+        >>> import torchaudio
+        >>> fb = mel_filter_bank(257, 0.0, 8000.0, 40, 16000)
+        >>> bool((fb - torchaudio.functional.melscale_fbanks(257, 0.0, 8000.0, 40, 16000)).abs().max() < 1e-5)
+        True
+    """
+    if norm is not None and norm != "slaney":
+        raise ValueError(f"norm: expected None or 'slaney', got {norm!r}")
+    checks.check_choice("mel_scale", mel_scale, ("htk", "slaney"))
+    frequencies = _linspace(0.0, float(sample_rate // 2), n_freqs)
+    with decimal.localcontext() as context:
+        context.prec = 40
+        low, high = (float(_hz_to_mel(decimal.Decimal(float(f)), mel_scale)) for f in (f_min, f_max))
+        corners = torch.tensor([_mel_to_hz(m, mel_scale) for m in _linspace(low, high, n_mels + 2)])
+    spacing = corners[1:] - corners[:-1]  # torchaudio's _create_triangular_filterbank, in float32
+    slopes = corners[None, :] - torch.tensor(frequencies)[:, None]
+    down, up = (-1.0 * slopes[:, :-2]) / spacing[:-1], slopes[:, 2:] / spacing[1:]
+    fb = torch.clamp(torch.minimum(down, up), min=0.0)
+    if norm == "slaney":
+        fb *= (2.0 / (corners[2 : n_mels + 2] - corners[:n_mels]))[None, :]
+    if bool((fb.amax(0) == 0).any()):
+        warnings.warn(
+            f"At least one mel filter has all zero values: n_mels ({n_mels}) may be too high for n_freqs ({n_freqs})",
+            UserWarning,
+            stacklevel=2,
+        )
+    return fb
+
+
+def _linspace(start: float, end: float, steps: int) -> list[float]:
+    """``torch.linspace(start, end, steps)`` in float32 by its scalar formula (as float32 numbers)."""
+    f32 = np.float32
+    first, last = f32(start), f32(end)
+    step = (last - first) / f32(max(steps - 1, 1))
+    half = steps // 2
+    return [float(first + step * f32(i) if i < half else last - step * f32(steps - i - 1)) for i in range(steps)]
+
+
+_SLANEY_STEP = 200 / decimal.Decimal(3)  # Hz per mel below 1 kHz
+_SLANEY_LOG_STEP = decimal.Decimal("6.4").ln() / 27
+
+
+def _hz_to_mel(hertz: decimal.Decimal, mel_scale: str) -> decimal.Decimal:
+    """torchaudio's ``_hz_to_mel`` (in float64 there) in decimal arithmetic."""
+    if mel_scale == "htk":
+        return 2595 * (1 + hertz / 700).log10()
+    if hertz < 1000:
+        return hertz / _SLANEY_STEP
+    return 1000 / _SLANEY_STEP + (hertz / 1000).ln() / _SLANEY_LOG_STEP
+
+
+def _mel_to_hz(mel: float, mel_scale: str) -> float:
+    """torchaudio's ``_mel_to_hz`` on a float32 ``mel``, in float32 steps; its transcendental step correctly rounded."""
+    f32 = np.float32
+    mel = f32(mel)
+    if mel_scale == "htk":  # 700 * (10 ** (mel / 2595) - 1)
+        power = f32(float((decimal.Decimal(float(mel / f32(2595.0))) * decimal.Decimal(10).ln()).exp()))
+        return float(f32(700.0) * (power - f32(1.0)))
+    step, log_step = f32(200.0 / 3), f32(math.log(6.4) / 27.0)
+    min_log_mel = f32(1000.0 / (200.0 / 3))  # torchaudio: a float64 scalar, applied in float32
+    if mel < min_log_mel:
+        return float(step * mel)
+    exponent = log_step * (mel - min_log_mel)
+    return float(f32(1000.0) * f32(float(decimal.Decimal(float(exponent)).exp())))
 
 
 @register_space("mrstft")
