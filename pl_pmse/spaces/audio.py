@@ -154,10 +154,11 @@ class MelAnalysis(nn.Module):
 
 
 class MelFilterBank(nn.Module):
-    """Triangular mel filters ``[..., n_freqs, frames] -> [..., n_mels, frames]``, applied as a sum over each band's
-    own frequencies (a gather, a product and a sum over the last dimension: the same order on every CPU, a fixed
-    number of operations on any device). ``fb`` is the dense ``[n_freqs, n_mels]`` matrix of
-    :func:`mel_filter_bank`, for plots and references.
+    """Triangular mel filters ``[..., n_freqs, frames] -> [..., n_mels, frames]``, applied as a dot product over each
+    band's own window of frequencies (a strided view, one gather of the windows and one ``vecdot``: torch's own
+    reduction, the same order on every x86 CPU, and a fixed number of operations on any device; ~2.5 ms vs 0.9 ms for
+    MKL's matrix product on 32 one-second clips here, whose summation order depends on the CPU). ``fb`` is the dense
+    ``[n_freqs, n_mels]`` matrix of :func:`mel_filter_bank`, for plots and references.
     """
 
     def __init__(
@@ -174,18 +175,17 @@ class MelFilterBank(nn.Module):
         self.f_max = float(f_max if f_max is not None else sample_rate // 2)
         fb = mel_filter_bank(n_freqs, f_min, self.f_max, n_mels, sample_rate, norm, mel_scale)
         used = fb > 0
+        width = max(1, int(used.sum(0).max()))  # bands are contiguous: each lies in a window of this width
         first = torch.where(used.any(0), used.int().argmax(0), 0)  # each band's lowest frequency bin
-        width = max(1, int((used.sum(0)).max()))  # bands are contiguous: each lies in [first, first + width)
-        index = (first[:, None] + torch.arange(width)).clamp(max=n_freqs - 1)  # [n_mels, width]
-        inside = first[:, None] + torch.arange(width) < n_freqs  # the clamped tail of a top band counts nothing
-        weight = torch.where(inside, fb.T.gather(1, index), 0.0)
+        start = first.clamp(max=max(n_freqs - width, 0))  # a top band's window ends at the last bin
         self.register_buffer("fb", fb, persistent=False)
-        self.register_buffer("index", index, persistent=False)
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("start", start, persistent=False)
+        self.register_buffer("weight", fb.T.gather(1, start[:, None] + torch.arange(width)), persistent=False)
 
     def forward(self, power: Tensor) -> Tensor:
-        per_band = power.transpose(-1, -2)[..., self.index]  # [..., frames, n_mels, width]
-        return (per_band * self.weight.to(power.dtype)).sum(-1).transpose(-1, -2)
+        frequencies_last = power.transpose(-1, -2)  # [..., frames, n_freqs] (torch.stft's memory order)
+        windows = frequencies_last.unfold(-1, self.weight.shape[1], 1).index_select(-2, self.start)  # [.., M, width]
+        return torch.linalg.vecdot(windows, self.weight.to(power.dtype)).transpose(-1, -2)
 
 
 def mel_filter_bank(
