@@ -555,6 +555,44 @@ def sync(quick: bool, device: torch.device) -> str:
     return "### Sync: 2 gloo processes on CPU\n\n" + table(table_rows, header) + note
 
 
+def exactness(quick: bool, device: torch.device) -> str:
+    """What the same-number guarantees cost: exact integer inputs, mel filters applied per band (vs torchaudio's MKL
+    matrix product) and the autocast switch, each against its reference in the same run."""
+    import torchaudio
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(2 if quick else 16, 3, 64, 64, generator=generator).to(device) for _ in range(2)]
+    clips = [(torch.rand(4 if quick else 16, 16000, generator=generator) * 2 - 1).to(device) for _ in range(2)]
+    as_uint8 = [(x * 255).to(torch.uint8) for x in images]
+    float_metric, int_metric = PerceptionMSE(data_range=1.0).to(device), PerceptionMSE(data_range=255).to(device)
+    mel_metric = PerceptionMSE("mel", sample_rate=16000).to(device)
+    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=1024, hop_length=256, n_mels=80, power=2.0).to(device)
+    reference_mse = torchmetrics.MeanSquaredError().to(device)
+
+    def torchaudio_log_mel_mse() -> None:
+        both = torch.log(mel(torch.cat(clips)) + 1e-5)
+        reference_mse.update(*(x.contiguous() for x in both.chunk(2)))  # torchmetrics views with .view(-1)
+
+    def under_autocast() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            float_metric.update(*images)
+
+    seconds = interleaved({
+        "pixel float32": lambda: float_metric.update(*images),
+        "pixel float32 under bf16 autocast": under_autocast,
+        "pixel uint8 (exact integer sums)": lambda: int_metric.update(*as_uint8),
+        "mel (filters per band)": lambda: mel_metric.update(*clips),
+        "torchaudio MelSpectrogram + log + torchmetrics MSE": torchaudio_log_mel_mse,
+    })  # fmt: skip
+    audio_reference = "torchaudio MelSpectrogram + log + torchmetrics MSE"
+    references = {name: audio_reference if "mel" in name.lower() else "pixel float32" for name in seconds}
+    rows = [(name, f"{s * 1e3:.2f}", references[name], f"{s / seconds[references[name]]:.2f}x")
+            for name, s in seconds.items()]  # fmt: skip
+    title = (f"### Exactness costs: {images[0].shape[0]}+{images[0].shape[0]} images 64x64, "
+             f"{clips[0].shape[0]}+{clips[0].shape[0]} clips of 1 s at 16 kHz, one update\n\n")  # fmt: skip
+    return title + table(rows, ("", "ms / update", "relative to", "time ratio"))
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "features": features,
@@ -565,6 +603,7 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "loss": loss,
     "compiled": compiled,
     "pyramid": pyramid,
+    "exactness": exactness,
 }
 
 
