@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -437,14 +438,14 @@ class PerceptionMSE(ExactSumMetric):
         self.last_batch = dataclasses.replace(stats, sums=sums)
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
-        columns = [sums[:, k, None] for k in range(sums.shape[1])]  # per component: exact values [N, parts]
-        if stats.raw_parts is not None:
-            columns[0] = stats.raw_parts
-        if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
-            with own_precision(preds.device):
-                columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
-        width = max(column.shape[1] for column in columns)
-        values = torch.stack([torch.nn.functional.pad(column, (0, width - column.shape[1])) for column in columns], 0)
+        values = sums.T[:, :, None]  # [components, N, parts]: here one exact value per sample and component
+        if stats.raw_parts is not None or self.psnr_clamps:
+            columns = [stats.raw_parts if stats.raw_parts is not None else sums[:, :1], *sums[:, 1:, None].unbind(1)]
+            if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
+                with own_precision(preds.device):
+                    columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
+            width = max(column.shape[1] for column in columns)
+            values = torch.stack([c if c.shape[1] == width else F.pad(c, (0, width - c.shape[1])) for c in columns])
         values = torch.where(stats.valid[None, :, None], values, 0)  # [components, N, parts]
         kept = stats.valid.sum()
         samples = stats.valid.numel() if counted is None else counted.sum()
