@@ -394,3 +394,23 @@ def test_the_same_bits_with_the_cpu_kernels_of_other_machines() -> None:
     torch.testing.assert_close(
         ours, torchaudio.functional.melscale_fbanks(513, 0.0, 8000.0, 80, 16000), rtol=0, atol=2e-6
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs_that_are_already_inf_get_a_clear_error_and_change_nothing(dtype: torch.dtype) -> None:
+    preds, target = (x.to(dtype) for x in _image_pair())
+    preds[1, 0, 0, 0] = math.inf  # an fp16 model output that overflowed
+    for space in ("pixel", "pyramid"):
+        metric = PerceptionMSE(space, data_range=1.0)
+        with pytest.raises(ValueError, match=r"preds: contains NaN or Inf in samples \[1\]"):
+            metric.update(preds, target)
+        assert metric.totals.abs().sum() == 0 and metric.update_count == 0
+        unchecked = PerceptionMSE(space, data_range=1.0, validate_args=False)
+        unchecked.update(preds, target)  # found on the device, reported at compute
+        with pytest.raises(ValueError, match=r"1 sample\(s\) had NaN or Inf"):
+            unchecked.compute()
+        skipping = PerceptionMSE(space, data_range=1.0, nan_strategy="ignore")
+        skipping.update(preds, target)
+        reference = PerceptionMSE(space, data_range=1.0)
+        reference.update(preds[:1], target[:1])
+        assert torch.equal(skipping.compute(), reference.compute())
