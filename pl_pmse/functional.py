@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
@@ -254,8 +255,8 @@ def _stats(
 
 
 def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torch.device | None) -> Space:
-    """Named spaces are built once per (name, options, device) and kept in a small LRU cache (shared by threads:
-    one lookup or build at a time; a space's own captures are thread-safe)."""
+    """Named spaces are built once per (name, options, device) and kept in a small LRU cache, shared by threads
+    under a lock (a space's own captures are thread-safe)."""
     if not isinstance(space, str):
         return get_space(space, **options)
     try:
@@ -263,22 +264,25 @@ def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torc
         hash(key)
     except TypeError:  # unhashable options: build every call
         key = None
-    with _SPACE_CACHE_LOCK:
-        cached = _SPACE_CACHE.pop(key, None) if key is not None else None
-        if cached is None:
-            with torch.inference_mode(False):  # weights built in validation must still serve a training loss
-                cached = get_space(space, **options).to(device)
-        if key is None:
-            return cached
+    lock = contextlib.nullcontext() if torch.compiler.is_compiling() else _SPACE_CACHE_LOCK  # traced: no lock
+    with lock:
+        cached = _SPACE_CACHE.get(key) if key is not None else None
+    if cached is None:  # built outside the lock (a download may take long); two threads may both build it
+        with torch.inference_mode(False):  # weights built in validation must still serve a training loss
+            cached = get_space(space, **options).to(device)
+    if key is None:
+        return cached
+    with lock:
+        cached = _SPACE_CACHE.pop(key, cached)  # the first one stored wins: every thread measures with one space
         _SPACE_CACHE[key] = cached
         while len(_SPACE_CACHE) > _SPACE_CACHE_SIZE:
             _SPACE_CACHE.popitem(last=False)
-        return cached
+    return cached
 
 
 _SPACE_CACHE: OrderedDict[tuple, Space] = OrderedDict()
 _SPACE_CACHE_SIZE = 8
-_SPACE_CACHE_LOCK = threading.RLock()
+_SPACE_CACHE_LOCK = threading.Lock()
 
 
 def _hashable(value: Any) -> Any:

@@ -187,9 +187,7 @@ class ExactSumMetric(Metric):
         """
         key = (os.getpid(), id(group))
         if key not in self._checked_groups:
-            state = {
-                "state": f"{self.totals.dtype}, shape {tuple(self.totals.shape)}"
-            }  # a float state raises everywhere
+            state = {"state dtype": str(self.totals.dtype)}  # a float state on one rank raises on every rank
             check_same_everywhere({**self.configuration(), **state}, type(self).__name__, group, self.totals.device)
             self.configuration_checked(group)
 
@@ -435,7 +433,6 @@ class PerceptionMSE(ExactSumMetric):
         """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
         device-side operations only. Integer inputs add the exact parts of their raw squared errors."""
         sums = stats.sums.detach()
-        self.last_batch = dataclasses.replace(stats, sums=sums)
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
         values = sums.T[:, :, None]  # [components, N, parts]: here one exact value per sample and component
@@ -450,6 +447,7 @@ class PerceptionMSE(ExactSumMetric):
         kept = stats.valid.sum()
         samples = stats.valid.numel() if counted is None else counted.sum()
         self._add(values.flatten(1), torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept]))
+        self.last_batch = dataclasses.replace(stats, sums=sums)
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
         """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:
@@ -522,9 +520,11 @@ def _clamped_squared_errors(preds: Tensor, target: Tensor, data_range: tuple[flo
     (PSNR's raw error); integers are clamped to the integers of the range and summed exactly."""
     if preds.is_floating_point():
         return squared_error_sums(*(x.clamp(*data_range) for x in (preds, target)))[:, None]
-    info = torch.iinfo(preds.dtype)
-    low, high = max(math.ceil(data_range[0]), info.min), min(math.floor(data_range[1]), info.max)
-    return integer_squared_error_parts(*(x.clamp(low, high) for x in (preds, target)))
+    low, high = math.ceil(data_range[0]), math.floor(data_range[1])
+    clamped = [
+        x.clamp(max(low, torch.iinfo(x.dtype).min), min(high, torch.iinfo(x.dtype).max)) for x in (preds, target)
+    ]
+    return integer_squared_error_parts(*clamped)  # each within its own dtype: uint8 and int16 may meet
 
 
 def _counted(preds: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -26,8 +26,9 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
     The value always comes from the streaming path, so it is the same bits with or without autograd. Under autograd
     the inputs themselves are saved for backward (no full-size temporary), and the gradient is the plain formula's,
     ``2 * (preds - target) * grad`` in the inputs' float dtype (at least float32). Integer inputs are summed exactly
-    (:func:`integer_squared_error_parts`) and rounded once to float64. Under ``torch.compile`` the plain
-    formula gives the value too (equal to float32 rounding; the compiler fuses it into one pass).
+    (:func:`integer_squared_error_parts`; the metric's state receives those exact parts), their sum here in float64.
+    Under ``torch.compile`` the plain formula gives the value too (equal to float32 rounding; the compiler fuses it
+    into one pass).
 
     Example:
         >>> p, t = torch.ones(2, 3), torch.zeros(2, 3)
@@ -87,6 +88,8 @@ def integer_squared_error_parts(preds: Tensor, target: Tensor) -> Tensor:
     wide = torch.int64 in (preds.dtype, target.dtype)
     limbs = 4 if wide else 1 if max(preds.element_size(), target.element_size()) <= 2 else 2
     pairs = [(j, k) for j in range(limbs) for k in range(j, limbs)]
+    if n == 0:
+        return torch.zeros(0, 2 * len(pairs), dtype=torch.float64, device=preds.device)
     per_sample = preds[0].numel()
     if per_sample >= 1 << 29:
         raise ValueError(

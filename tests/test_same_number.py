@@ -210,22 +210,73 @@ def test_the_error_profile_is_measured_in_float32_under_autocast() -> None:
             assert all(torch.equal(profile.compute()[key], expected[key]) for key in expected)
 
 
-def test_own_precision_turns_tf32_off_on_cuda_and_restores_the_callers_setting() -> None:
+def test_own_precision_turns_tf32_off_and_restores_the_callers_setting_when_the_last_measurement_ends() -> None:
     """The flags are process settings, so this runs without a GPU; tests/test_cuda.py measures on one."""
-    from pl_pmse.precision import own_precision
+    from pl_pmse.precision import _SETTINGS, own_precision
 
-    settings = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
-    before = [setting.fp32_precision for setting in settings]
+    before = [setting.fp32_precision for setting in _SETTINGS]
     try:
-        for setting in settings:
-            setting.fp32_precision = "tf32"  # torch.set_float32_matmul_precision("high"), cuDNN's default
-        with own_precision(torch.device("cuda")):
-            assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
-            assert not torch.is_autocast_enabled("cuda")
-        assert [setting.fp32_precision for setting in settings] == ["tf32", "tf32"]
+        torch.set_float32_matmul_precision("high")  # TF32 for cuBLAS and oneDNN, as Lightning suggests
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # cuDNN's default
+        callers = [setting.fp32_precision for setting in _SETTINGS]
+        first, second = own_precision(torch.device("cuda")), own_precision(torch.device("cpu"))
+        first.__enter__()
+        second.__enter__()  # another thread's measurement overlapping the first
+        assert [setting.fp32_precision for setting in _SETTINGS] == ["ieee"] * len(_SETTINGS)
+        assert not torch.is_autocast_enabled("cuda")
+        first.__exit__(None, None, None)  # the second is still measuring: full precision stays
+        assert [setting.fp32_precision for setting in _SETTINGS] == ["ieee"] * len(_SETTINGS)
+        second.__exit__(None, None, None)
+        assert [setting.fp32_precision for setting in _SETTINGS] == callers
     finally:
-        for setting, value in zip(settings, before, strict=True):
+        for setting, value in zip(_SETTINGS, before, strict=True):
             setting.fp32_precision = value
+
+
+def test_a_space_named_in_a_compiled_loss_traces_without_a_graph_break() -> None:
+    preds, target = _image_pair()
+    loss = lambda p, t: perception_mse(p, t, "pyramid", validate_args=False, levels=3)  # noqa: E731
+    expected = loss(preds, target)  # the cache is warm
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(preds, target), expected, rtol=1e-6, atol=0)
+
+
+def test_empty_and_mixed_integer_batches_with_a_clamped_psnr() -> None:
+    metric = PerceptionMSE(data_range=(0, 255))
+    empty = torch.zeros(0, 1, 2, 2, dtype=torch.uint8)
+    metric.update(empty, empty)  # a rank's last batch that held only padding repeats
+    metric.update(torch.ones(1, 1, 2, 2, dtype=torch.uint8), torch.ones(1, 1, 2, 2, dtype=torch.uint8),
+                  mask=torch.tensor([False]))  # fmt: skip
+    assert metric.totals.abs().sum() == 0
+    mixed = PerceptionMSE(data_range=(-1000, 1000))
+    zeros, negative = torch.zeros(1, 4, dtype=torch.uint8), torch.full((1, 4), -500, dtype=torch.int16)
+    for preds, target in ((zeros, negative), (negative, zeros)):
+        mixed.reset()
+        mixed.update(preds, target)
+        assert mixed.compute_summary()["psnr"].item() == pytest.approx(10 * math.log10(2000**2 / 500**2), rel=1e-12)
+
+
+def test_random_weights_ignore_the_default_device_and_keep_a_callers_own_generator() -> None:
+    from pl_pmse.spaces.backbones import _PrivateGenerator, load_backbone
+
+    expected = load_backbone("squeezenet", "random").features[0].weight
+    with torch.device("meta"):  # a default device of the caller's (cuda on a GPU machine)
+        built = load_backbone("squeezenet", "random")
+    assert built.features[0].weight.device.type == "cpu" and torch.equal(built.features[0].weight, expected)
+    with _PrivateGenerator(torch.Generator().manual_seed(1)):  # an op taking its generator by position
+        given = torch.poisson(torch.full((5,), 4.0), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(given, torch.poisson(torch.full((5,), 4.0), generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_model_holding_a_mel_space_loads_its_0_2_checkpoint_strictly() -> None:
+    from pl_pmse.spaces import get_space
+
+    holder = torch.nn.Module()
+    holder.space = get_space("mel", sample_rate=16000)
+    assert list(holder.state_dict()) == []  # constants of the options: not saved
+    saved_by_0_2 = {"space.transform.spectrogram.window": torch.hann_window(1024),
+                    "space.transform.mel_scale.fb": torch.zeros(513, 80)}  # fmt: skip
+    holder.load_state_dict(saved_by_0_2, strict=True)
 
 
 def _hammer(calls: list, threads: int = 2) -> list:

@@ -96,6 +96,7 @@ class MelSpace(AudioSpace):
         self.eps = eps
         self.min_length = n_fft // 2 + 1
         self.analysis = MelAnalysis(sample_rate, n_fft, hop_length, win_length, n_mels, f_min, f_max, norm, mel_scale)
+        self._register_load_state_dict_pre_hook(_drop_constants_saved_by_0_2)
 
     @property
     def sample_rate(self) -> int:
@@ -110,9 +111,17 @@ class MelSpace(AudioSpace):
         return {"mel": torch.log(self.analysis(x) + self.eps)}
 
 
+def _drop_constants_saved_by_0_2(state_dict: dict, prefix: str, *args: Any) -> None:
+    """0.2 saved the window and the filter bank of its torchaudio ``MelSpectrogram`` (``transform.*``) with a model
+    holding the space; they are constants of the options, saved no more: a checkpoint of 0.2 still loads strictly."""
+    for key in [key for key in state_dict if key.startswith(prefix + "transform.")]:
+        del state_dict[key]
+
+
 class MelAnalysis(nn.Module):
     """Mel power spectrogram ``[..., T] -> [..., n_mels, frames]``: torchaudio's ``MelSpectrogram`` (centred,
-    reflect-padded Hann-windowed STFT, power 2, triangular filters), made the same bits on every x86 CPU.
+    reflect-padded Hann-windowed STFT, power 2, triangular filters), made the same bits on every x86 CPU with AVX2 or
+    AVX-512 (torch's scalar kernels round otherwise).
 
     The STFT and the power are torchaudio's own operations (bit-identical to its ``Spectrogram``). The filters differ
     in two ways that change values at float32 rounding only (tested against torchaudio): their float32 steps are done
@@ -143,6 +152,9 @@ class MelAnalysis(nn.Module):
         self.spectrogram = torchaudio.transforms.Spectrogram(
             n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0
         )
+        window = self.spectrogram.window
+        del self.spectrogram.window  # a constant of the options: in no state_dict (as the filters)
+        self.spectrogram.register_buffer("window", window, persistent=False)
         self.filters = MelFilterBank(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate, norm, mel_scale)
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -74,14 +73,7 @@ class _Captured(Exception):
     """Raised by the last hook: the rest of the network is not needed."""
 
 
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _lock_of(network: nn.Module) -> threading.Lock:
-    """The lock of one network's captures (held beside the network, so copies and pickles of it carry none)."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(network, threading.Lock())
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process: spaces may share hooked submodules
 
 
 def _install_hook(module: nn.Module) -> None:
@@ -204,12 +196,13 @@ class Backbone(Space):
     def _capture(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network on ``x`` until every hooked layer has given its output (see :func:`_keep_output`).
 
-        The hooks' slots belong to the network's modules, which every space and thread reading them shares: one
-        capture at a time per network (a lock; two threads measuring with one network take turns, each with its own
-        features). Under ``torch.compile`` the hooks are traced into the graph and no slot is read at run time."""
+        The hooks' slots belong to the network's modules, which every space and thread reading them shares (two
+        spaces may hook one submodule): one capture at a time in the process (a lock; two threads measuring with
+        network spaces take turns, each with its own features). Under ``torch.compile`` the hooks are traced into the
+        graph and no slot is read at run time."""
         if torch.compiler.is_compiling():
             return self._capture_unlocked(x)
-        with _lock_of(self.module):
+        with _CAPTURE_LOCK:
             return self._capture_unlocked(x)
 
     def _capture_unlocked(self, x: Tensor) -> dict[str, Tensor]:
@@ -273,8 +266,14 @@ class _PrivateGenerator(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
-        if kwargs.get("generator") is None and any(argument.name == "generator" for argument in func._schema.arguments):
-            kwargs["generator"] = self.generator
+        names = [argument.name for argument in func._schema.arguments]
+        if "generator" in names:
+            position = names.index("generator")
+            if position < len(args):  # passed by position (poisson, binomial, ...)
+                if args[position] is None:
+                    args = (*args[:position], self.generator, *args[position + 1 :])
+            elif kwargs.get("generator") is None:
+                kwargs["generator"] = self.generator
         return func(*args, **kwargs)
 
 
@@ -299,8 +298,8 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
     arch = ARCHITECTURES[architecture]
     builder = getattr(torchvision.models, arch.builder)
     if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation, seeded: reproducible
-        with _PrivateGenerator(torch.Generator().manual_seed(RANDOM_WEIGHTS_SEED)):
-            model = builder(weights=None)
+        with torch.device("cpu"), _PrivateGenerator(torch.Generator().manual_seed(RANDOM_WEIGHTS_SEED)):
+            model = builder(weights=None)  # on the CPU whatever the default device: the same values everywhere
         model.classifier = nn.Identity()
         return model
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
