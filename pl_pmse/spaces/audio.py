@@ -222,7 +222,7 @@ def mel_filter_bank(
 ) -> Tensor:
     """``torchaudio.functional.melscale_fbanks`` (same arguments, float32 ``[n_freqs, n_mels]``) with each of its
     float32 steps done the same way on every machine: its ``linspace`` by the scalar formula (torch's vectorised one
-    rounds by the CPU's vector width), its ``10 ** x`` and ``exp`` correctly rounded from 40-digit decimal arithmetic
+    rounds by the CPU's vector width), its ``10 ** x`` and ``exp`` rounded from 40-digit decimal arithmetic
     (a software computation; torch's vectorised float32 ``pow`` rounds by CPU), the rest single IEEE operations.
     Equal to torchaudio's where its ``pow`` rounds correctly (nearly every entry; tested).
 
@@ -278,7 +278,7 @@ def _hz_to_mel(hertz: decimal.Decimal, mel_scale: str) -> decimal.Decimal:
 
 
 def _mel_to_hz(mel: float, mel_scale: str) -> float:
-    """torchaudio's ``_mel_to_hz`` on a float32 ``mel``, in float32 steps; its transcendental step correctly rounded."""
+    """torchaudio's ``_mel_to_hz`` on a float32 ``mel``, in float32 steps; its ``10 ** x`` or ``exp`` in decimals."""
     f32 = np.float32
     mel = f32(mel)
     if mel_scale == "htk":  # 700 * (10 ** (mel / 2595) - 1)
