@@ -11,6 +11,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten operations that launch no kernel (views, metadata, allocation): left out of launch counts
+NO_LAUNCH = frozenset({
+    "view", "_unsafe_view", "reshape", "slice", "select", "expand", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "split", "split_with_sizes", "chunk", "unbind", "unfold", "view_as_real", "as_strided", "alias",
+    "detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "is_same_size", "lift_fresh",
+    "_local_scalar_dense",
+})  # fmt: skip
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the aten operations that would each launch a kernel on a GPU: every aten op but views and metadata,
+    no ``prim`` op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.namespace == "aten" and func.overloadpacket.__name__ not in NO_LAUNCH:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fake_cuda_launches(module: torch.nn.Module, shape: tuple[int, ...], call: Callable[..., object]) -> int:
+    """Kernel launches of the second ``call(module, preds, target)`` on CUDA inputs of ``shape``, counted under torch's
+    ``FakeTensorMode`` with ``device="cuda"`` (no GPU needed; forward code only). ``module`` is built beforehand on
+    the CPU and moved there; it holds fake tensors afterwards."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        moved = module.to("cuda")
+        preds, target = torch.rand(shape), torch.rand(shape)
+        call(moved, preds, target)
+        with LaunchCounter() as counter:
+            call(moved, preds, target)
+    return counter.count
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:

@@ -25,7 +25,7 @@ import torch
 import torchmetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hand_written_loss, interleaved, machine, peak_extra_bytes, saved_bytes, table
+from common import fake_cuda_launches, hand_written_loss, interleaved, machine, peak_extra_bytes, saved_bytes, table
 
 from pl_pmse import PerceptionMSE, perception_mse
 
@@ -593,6 +593,34 @@ def exactness(quick: bool, device: torch.device) -> str:
     return title + table(rows, ("", "ms / update", "relative to", "time ratio"))
 
 
+def launches(quick: bool, device: torch.device) -> str:
+    """Kernel launches per update on CUDA, counted under torch's FakeTensorMode (no GPU needed): every built-in space
+    with validate_args=False vs torchmetrics' MSE on the same inputs, and beyond the space's own features (the
+    network's forward, its normalisation, the spectrogram) of the 2N inputs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*data_ptr.*")  # FakeTensorMode's note on untyped storages
+    random = {"weights": "random"}
+    audio = {"sample_rate": 16000}
+    cases = [("pixel", {}, 64), ("pixel", {}, 1024), ("pyramid", {}, 64), ("pyramid", {}, 1024),
+             ("squeezenet", random, 64), ("squeezenet", random, 1024), ("vgg16", random, 64),
+             ("lpips-alex", {**random, "data_range": 1.0}, 64), ("waveform", {}, 16000), ("mel", audio, 16000),
+             ("mel", audio, 160000), ("mrstft", {}, 16000)]  # fmt: skip
+    rows = []
+    for name, options, size in cases[:3] if quick else cases:
+        shape = (16, size) if size >= 16000 else (16, 3, size, size)
+        metric = PerceptionMSE(name, validate_args=False, **options)
+        count = fake_cuda_launches(metric, shape, lambda m, p, t: m.update(p, t))
+        features = 0
+        if len(metric.space.component_names) > 1 and not metric.space.linear:
+            features = fake_cuda_launches(PerceptionMSE(name, **options), shape,
+                                          lambda m, p, t: m.space.features(torch.cat([p, t])))  # fmt: skip
+        reference = fake_cuda_launches(torchmetrics.MeanSquaredError(), shape, lambda m, p, t: m.update(p, t))
+        rows.append((f"{name} {'x'.join(map(str, shape))}", str(count), str(count - features), str(reference)))
+    header = ("update (validate_args=False)", "launches", "beyond the space's features", "torchmetrics MSE")
+    return "### Kernel launches per update on CUDA (counted under fake CUDA)\n\n" + table(rows, header)
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "features": features,
@@ -604,6 +632,7 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "compiled": compiled,
     "pyramid": pyramid,
     "exactness": exactness,
+    "launches": launches,
 }
 
 

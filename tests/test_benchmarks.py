@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_suite_smoke_run() -> None:
     command = [sys.executable, str(ROOT / "benchmarks/run.py"), "--quick", "--only", "pixel", "--only", "memory",
                "--only", "scaling", "--only", "sync", "--only", "callback", "--only", "loss",
-               "--only", "pyramid", "--only", "exactness"]  # fmt: skip
+               "--only", "pyramid", "--only", "exactness", "--only", "launches"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     for title in (
