@@ -30,7 +30,7 @@ class SampleStats:
         sizes: elements per sample of each component (the MSE divisors).
         valid: ``[N]`` bool, False for samples skipped under ``nan_strategy="ignore"`` or ``"warn"``.
         raw_parts: for integer inputs, ``[N, R]`` exact non-negative float64 values whose exact sum is the raw
-            component's squared-error sum (``sums[:, 0]`` is that sum rounded to float64); None for float inputs.
+            component's squared-error sum (``sums[:, 0]`` is their sum in float64); None for float inputs.
     """
 
     names: tuple[str, ...]
