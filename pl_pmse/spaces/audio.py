@@ -202,6 +202,13 @@ class MelFilterBank(nn.Module):
             self.groups += 1
 
     def forward(self, power: Tensor) -> Tensor:
+        tracked = power.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if tracked and power.device.type != "cpu":  # index_select's backward adds atomically there: not reproducible
+            return _DenseBackward.apply(power, self)
+        return self.per_band(power)
+
+    def per_band(self, power: Tensor) -> Tensor:
+        """The filters applied band by band (see the class docstring)."""
         frequencies_last = power.transpose(-1, -2)  # [..., frames, n_freqs] (torch.stft's memory order)
         bands = []
         for group in range(self.groups):
@@ -209,6 +216,24 @@ class MelFilterBank(nn.Module):
             windows = frequencies_last.unfold(-1, weight.shape[1], 1).index_select(-2, start)  # [..., bands, width]
             bands.append(torch.linalg.vecdot(windows, weight))
         return torch.cat(bands, -1).transpose(-1, -2)
+
+
+class _DenseBackward(torch.autograd.Function):
+    """:meth:`MelFilterBank.per_band` with the gradient of the dense product, ``fb @ grad``: on an accelerator
+    ``index_select``'s backward adds atomically (run-to-run different bits); a matrix product does not."""
+
+    @staticmethod
+    def forward(power: Tensor, filters: MelFilterBank) -> Tensor:
+        return filters.per_band(power)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, MelFilterBank], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1].fb)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (fb,) = ctx.saved_tensors
+        return torch.matmul(fb.to(grad.dtype), grad), None  # [n_freqs, n_mels] @ [..., n_mels, frames]
 
 
 def mel_filter_bank(
