@@ -129,9 +129,10 @@ def _component_sums(
         if tuple(pairs) != space.component_names:
             raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
         raw_parts = None if preds.is_floating_point() else integer_squared_error_parts(preds, target)
-        columns = [squared_error_sums(p, t).to(torch.float64) for p, t in list(pairs.values())[raw_parts is not None :]]
-    if raw_parts is not None:
-        columns.insert(0, raw_parts.sum(1))
+        columns = [
+            raw_parts.sum(1) if raw_parts is not None and name == space.raw_name else squared_error_sums(p, t).double()
+            for name, (p, t) in pairs.items()
+        ]
     return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values()), raw_parts
 
 
