@@ -45,23 +45,86 @@ def exact_bins(values: Tensor) -> Tensor:
 
 
 def add_exact(bins: Tensor, values: Tensor) -> Tensor:
-    """Add non-negative finite values ``[K, P]`` to the accumulators ``bins`` (``[K, NUM_BINS]``), in place."""
+    """Add non-negative finite values ``[K, P]`` to the accumulators ``bins`` (``[K, NUM_BINS]``), in place.
+
+    A value is ``integer * 2**position`` on the grid (53-bit integer); ``position`` splits into a digit and an
+    offset below 30, looked up by the biased exponent. ``integer << offset`` is written as four pieces below
+    ``2**30`` on digits ``d, d+1, d+1, d+2``: one ``scatter_add_`` for the whole batch.
+    """
     values = values.detach()
     if values.dtype in (torch.float32, torch.float16, torch.bfloat16) and values.shape[1] > 1:
         values = _exact_row_sums(values)
     bits = values.to(torch.float64).contiguous().view(torch.int64)
-    biased = bits >> _FRACTION_BITS  # the biased exponent (the sign bit is 0)
-    # value = integer * 2**(max(biased, 1) - 1075), with the implicit leading bit for normal numbers
-    integer = (bits & ((1 << _FRACTION_BITS) - 1)) | ((biased > 0).to(torch.int64) << _FRACTION_BITS)
-    position = biased.clamp(min=1) - 1075 - _LOWEST_BIT  # value = integer * 2**(position + lowest)
-    digit = torch.div(position, DIGIT_BITS, rounding_mode="floor")
-    offset = position - digit * DIGIT_BITS
-    low = (integer & _MASK) << offset  # < 2**60
-    high = (integer >> DIGIT_BITS) << offset  # < 2**53, one digit higher
-    bins.scatter_add_(1, digit, low & _MASK)
-    bins.scatter_add_(1, digit + 1, (low >> DIGIT_BITS) + (high & _MASK))
-    bins.scatter_add_(1, digit + 2, high >> DIGIT_BITS)
+    layout = device_constant("binning", bins.device)[bits >> _FRACTION_BITS]  # [K, P, 3]: digit, offset, implicit bit
+    integer = (bits & ((1 << _FRACTION_BITS) - 1)) | layout[..., 2]
+    offset = layout[..., 1]
+    halves = torch.stack([(integer & _MASK) << offset, (integer >> DIGIT_BITS) << offset], -1)  # < 2**60, < 2**53
+    pieces = halves[..., None] >> device_constant("digit shifts", bins.device) & _MASK  # [K, P, 2, 2], each < 2**30
+    index = layout[..., :1, None] + device_constant("value digits", bins.device, bins.shape[0])  # d, d+1 | d+1, d+2
+    bins.view(-1).scatter_add_(0, index.reshape(-1), pieces.reshape(-1))
     return bins
+
+
+def add_fixed(bins: Tensor, words: Tensor, digit: Tensor, valid: Tensor) -> Tensor:
+    """Add fixed-point sums to ``bins`` (``[K, NUM_BINS]``), in place: for each sample ``i`` and row ``k``,
+    ``sum_j words[i, k, j] * 2**(DIGIT_BITS * (digit[i, k] - j) + lowest)`` (``words`` ``[N, K, 3]`` int64 below
+    ``2**60``, as :func:`pl_pmse.reduction.fixed_point_square_sums` gives them), for the samples ``valid`` marks.
+
+    The words sit on the grid's digits, so each is two pieces below ``2**30``: pure integer work, one
+    ``scatter_add_``, and every bin receives less than ``2**31`` per sample, as from :func:`add_exact`.
+    """
+    pieces = words[..., None] >> device_constant("digit shifts", bins.device) & _MASK  # [N, K, 3, 2]
+    pieces = pieces * valid[:, None, None, None]
+    index = digit[..., None, None] + device_constant("word digits", bins.device, words.shape[1])
+    bins.view(-1).scatter_add_(0, index.reshape(-1), pieces.reshape(-1))
+    return bins
+
+
+def fixed_point_layout(code: int) -> tuple[float, float, int]:
+    """``(scale, unit, digit)`` for squares whose largest has the biased float64 exponent ``code``: words of the
+    scaled squares ``square * scale`` lie below ``2**30`` on grid digit ``digit``, and ``unit = 1 / scale`` is its
+    value. ``code`` 2047 (NaN, inf) and squares of ``2**1005`` or more give a non-finite unit: such sums overflow
+    float64 anyway. The scale is at most ``2**1006``, so squares below ``2**-976`` keep fewer than 30 bits."""
+    if code >= 2027:  # above 2**1004: the top words would pass the grid
+        return (math.nan, math.nan if code == 2047 else math.inf, 4)
+    digit = max(4, -(-(code + 74) // DIGIT_BITS))  # amax < 2**(code - 1022) <= 2**30 * unit
+    return (2.0 ** (-(DIGIT_BITS * digit + _LOWEST_BIT)), 2.0 ** (DIGIT_BITS * digit + _LOWEST_BIT), digit)
+
+
+def device_constant(name: str, device: torch.device, rows: int = 0) -> Tensor:
+    """A small constant tensor of the binning arithmetic on ``device`` (its first ``rows`` rows for the tables by
+    accumulator row), made once per device (and per fake tensor mode: tensors made under one never meet real ones);
+    the CPU's are made at import."""
+    if torch.compiler.is_compiling():  # traced: a constant of the graph
+        return _make_constant(name, max(rows, _ROWS)).to(device)[: rows or None]
+    key = (name, device, id(torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)))
+    if key not in _CONSTANTS or rows > _CONSTANTS[key].shape[0]:
+        _CONSTANTS[key] = _make_constant(name, max(rows, _ROWS)).to(device)
+    return _CONSTANTS[key][: rows or None]
+
+
+def _make_constant(name: str, rows: int) -> Tensor:
+    if name == "binning":  # by biased exponent: the value's digit, its offset in it, the implicit leading bit
+        rows = []
+        for biased in range(2048):
+            position = max(biased, 1) - 1075 - _LOWEST_BIT
+            rows.append((position // DIGIT_BITS, position % DIGIT_BITS, (biased > 0) << _FRACTION_BITS))
+        return torch.tensor(rows, dtype=torch.int64)
+    if name == "fixed point":  # by the largest square's biased exponent: scale, unit, digit (float64)
+        return torch.tensor([fixed_point_layout(code) for code in range(2048)], dtype=torch.float64)
+    if name == "digit shifts":
+        return torch.tensor([0, DIGIT_BITS], dtype=torch.int64)
+    # by accumulator row k: its values go to digits of row k
+    if name == "value digits":  # pieces on digits (d, d + 1), (d + 1, d + 2)
+        return torch.tensor([[[[k * NUM_BINS + i + j for j in range(2)] for i in range(2)]] for k in range(rows)])
+    assert name == "word digits", name  # word j on digits (d - j, d - j + 1)
+    return torch.tensor([[[k * NUM_BINS - j + i for i in range(2)] for j in range(3)] for k in range(rows)])
+
+
+_ROWS = 64  # rows of the tables by accumulator row made at first (more when a metric needs them)
+_CONSTANTS: dict[tuple, Tensor] = {}
+for _name in ("binning", "fixed point", "digit shifts", "value digits", "word digits"):
+    device_constant(_name, torch.device("cpu"))
 
 
 def _exact_row_sums(values: Tensor) -> Tensor:

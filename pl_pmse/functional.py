@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from . import checks
 from .precision import own_precision
-from .reduction import compute_dtype, integer_squared_error_parts, squared_error_sums
+from .reduction import compute_dtype, integer_squared_error_parts, square_sums
 from .spaces import Space, get_space
 
 
@@ -25,12 +26,14 @@ class SampleStats:
 
     Attributes:
         names: component names, the raw component first.
-        sums: ``[N, K]`` float64 sums of squared differences; rows of skipped samples are NaN (samples a metric
-            leaves out under ``validate_args=False`` keep their values and are marked in ``valid``).
+        sums: ``[N, K]`` float64 sums of squared differences; rows of samples skipped by a host-side check are NaN
+            (under ``validate_args=False`` skipped samples keep their values and are marked in ``valid``).
         sizes: elements per sample of each component (the MSE divisors).
         valid: ``[N]`` bool, False for samples skipped under ``nan_strategy="ignore"`` or ``"warn"``.
         raw_parts: for integer inputs, ``[N, R]`` exact non-negative float64 values whose exact sum is the raw
             component's squared-error sum (``sums[:, 0]`` is their sum in float64); None for float inputs.
+        words, digit: on accelerators, for a space of exact features and float inputs, the sums as fixed-point
+            integers (``[N, K, 3]``, ``[N, K]``; see :func:`pl_pmse.exact.add_fixed`), ``sums`` their float64 values.
     """
 
     names: tuple[str, ...]
@@ -38,6 +41,8 @@ class SampleStats:
     sizes: tuple[int, ...]
     valid: Tensor
     raw_parts: Tensor | None = None
+    words: Tensor | None = None
+    digit: Tensor | None = None
 
     def mse(self) -> Tensor:
         """``[N, K]`` per-sample, per-component mean squared error."""
@@ -83,26 +88,27 @@ def sample_stats(
     if not validate_args:
         return _unchecked_stats(space, preds, target, data_range, nan_strategy)
     checks.check_integer_range(preds, target, data_range)
-    sums, sizes, raw_parts = _component_sums(space, preds, target, data_range)
-    valid = torch.isfinite(sums.detach()).all(1)
-    if not bool(valid.all()):
-        sums = _drop_nonfinite(space, preds, target, data_range, nan_strategy, sums, valid)
-    return SampleStats(space.component_names, sums, sizes, valid, raw_parts)
+    stats = _component_sums(space, preds, target, data_range)
+    if not bool(stats.valid.all()):
+        sums = _drop_nonfinite(space, preds, target, data_range, nan_strategy, stats.sums, stats.valid)
+        stats = dataclasses.replace(stats, sums=sums)
+    return stats
 
 
 def _unchecked_stats(
     space: Space, preds: Tensor, target: Tensor, data_range: tuple[float, float] | None, nan_strategy: str
 ) -> SampleStats:
     """:func:`sample_stats` with device-side operations only (``validate_args=False``)."""
-    valid = None  # under "error" NaN/Inf are not looked for: they reach the sums
-    if nan_strategy != "error":  # skipped samples are computed on zeros: nothing non-finite reaches sums or gradient
-        valid = _finite_samples(preds) & _finite_samples(target)
-        preds, target = (torch.where(_per_sample(valid, x), x, 0) for x in (preds, target))
-    sums, sizes, raw_parts = _component_sums(space, preds, target, data_range, validate_args=False)
-    if valid is None:
-        valid = torch.ones_like(sums[:, 0], dtype=torch.bool)
-        return SampleStats(space.component_names, sums, sizes, valid, raw_parts)
-    return SampleStats(space.component_names, torch.where(valid[:, None], sums, math.nan), sizes, valid, raw_parts)
+    if nan_strategy == "error":  # NaN/Inf are not looked for: they reach the sums
+        stats = _component_sums(space, preds, target, data_range, validate_args=False)
+        return dataclasses.replace(stats, valid=torch.ones_like(stats.valid))
+    finite = None
+    if torch.is_grad_enabled() and (preds.requires_grad or target.requires_grad):
+        # skipped samples are computed on zeros, so that nothing non-finite reaches the gradient
+        finite = _finite_samples(preds) & _finite_samples(target)
+        preds, target = (torch.where(_per_sample(finite, x), x, 0) for x in (preds, target))
+    stats = _component_sums(space, preds, target, data_range, validate_args=False)
+    return stats if finite is None else dataclasses.replace(stats, valid=stats.valid & finite)  # else: on the sums
 
 
 def _finite_samples(x: Tensor) -> Tensor:
@@ -121,19 +127,24 @@ def _component_sums(
     target: Tensor,
     data_range: tuple[float, float] | None,
     validate_args: bool = True,
-) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
-    """Per-sample squared-error sums ``[N, K]``, the components' sizes, and the raw component's exact parts for
-    integer inputs (see :attr:`SampleStats.raw_parts`), in the space's own precision (see :mod:`pl_pmse.precision`)."""
-    with own_precision(preds.device):
+) -> SampleStats:
+    """The per-sample squared-error sums of every component, in the space's own precision (see
+    :mod:`pl_pmse.precision`); ``valid`` marks the samples whose sums are all finite (device-side)."""
+    with own_precision(preds.device, inner_products=not space.exact_features):
         pairs = space.pairs(preds, target, data_range, validate_args)
         if tuple(pairs) != space.component_names:
             raise RuntimeError(f"space {space.name!r} returned {list(pairs)}, expected {list(space.component_names)}")
         raw_parts = None if preds.is_floating_point() else integer_squared_error_parts(preds, target)
-        columns = [
-            raw_parts.sum(1) if raw_parts is not None and name == space.raw_name else squared_error_sums(p, t).double()
-            for name, (p, t) in pairs.items()
-        ]
-    return torch.stack(columns, 1), tuple(p[0].numel() for p, _ in pairs.values()), raw_parts
+        floats = list(pairs.values())[raw_parts is not None :]  # the raw pair comes first
+        computed = square_sums(floats, space.exact_features) if floats else None
+    columns = [raw_parts.sum(1, keepdim=True)] if raw_parts is not None else []
+    columns += [computed.values] if computed is not None else []
+    sums = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+    valid = (sums.detach() < math.inf).all(1)  # NaN compares False
+    sizes = tuple(p[0].numel() for p, _ in pairs.values())
+    if raw_parts is not None or computed is None:  # integer inputs: the state takes the exact parts and the values
+        return SampleStats(space.component_names, sums, sizes, valid, raw_parts)
+    return SampleStats(space.component_names, sums, sizes, valid, None, computed.words, computed.digit)
 
 
 def _drop_nonfinite(
@@ -156,7 +167,7 @@ def _drop_nonfinite(
     keep = valid.nonzero().flatten()
     kept = sums[keep]
     if sums.requires_grad and keep.numel():
-        kept = _component_sums(space, preds[keep], target[keep], data_range)[0]
+        kept = _component_sums(space, preds[keep], target[keep], data_range).sums
     return torch.full_like(sums.detach(), math.nan).index_put((keep,), kept)
 
 
@@ -164,7 +175,7 @@ def reduce_samples(values: Tensor, valid: Tensor, reduction: str) -> Tensor:
     """Reduce per-sample ``values`` over the valid samples: ``"mean"``, ``"sum"`` or ``"none"`` (device-side:
     no host synchronisation; the mean of no sample is NaN)."""
     if reduction == "none":
-        return values
+        return torch.where(_per_sample(valid, values), values, math.nan)
     total = torch.where(_per_sample(valid, values), values, 0).sum(0)
     return total if reduction == "sum" else total / valid.sum()
 

@@ -19,10 +19,10 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
 from .distributed import check_same_everywhere, differences
-from .exact import NUM_BINS, add_exact, exact_ratios
+from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios
 from .functional import SampleStats, reduce_samples, sample_stats
 from .precision import own_precision
-from .reduction import integer_squared_error_parts, squared_error_sums
+from .reduction import SquareSums, integer_squared_error_parts, square_sums
 from .spaces import Space, get_space
 from .spaces.registry import split_options
 
@@ -127,16 +127,23 @@ class ExactSumMetric(Metric):
             self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
         super().merge_state(incoming_state)
 
-    def _add(self, sums: Tensor, counts: Sequence[int] | Tensor) -> None:
-        """Add ``sums`` (``[num_sums, P]``, non-negative, finite) and ``counts`` (ints, or an int64 tensor on the
-        state's device: no host synchronisation) to the state."""
+    def _add(
+        self, sums: Tensor | None, counts: Sequence[int] | Tensor, fixed: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> None:
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite; or None) or ``fixed`` (``(words, digit, valid)``:
+        fixed-point sums of every row, see :func:`~pl_pmse.exact.add_fixed`), and ``counts`` (ints, or an int64
+        tensor on the state's device: no host synchronisation) to the state."""
         totals = self.totals
         if totals.is_inference() and not torch.is_inference_mode_enabled():
             totals = totals.clone()  # reset inside validation: an inference tensor only changes in inference mode
-        add_exact(totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), sums.to(totals.device))
+        bins = totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS)
+        if fixed is not None:
+            add_fixed(bins, *(x.to(totals.device) for x in fixed))
+        if sums is not None:
+            add_exact(bins, sums.to(totals.device))
         if not isinstance(counts, Tensor):
             counts = torch.tensor(counts, dtype=torch.int64)
-        totals[self._num_sums * NUM_BINS :] += counts.to(totals.device)
+        totals[self._num_sums * NUM_BINS :].add_(counts.to(totals.device))
         self.totals = totals
 
     def synced_state(self) -> Tensor:
@@ -329,10 +336,9 @@ class PerceptionMSE(ExactSumMetric):
             checks.check_mask(mask, preds)
         # samples with NaN/Inf inputs are computed on zeros (no NaN reaches a gradient) and reported by compute
         stats = sample_stats(preds, target, self.space, self.data_range, "ignore", validate_args=False)
-        valid = stats.valid & torch.isfinite(stats.sums.detach()).all(1)
         if mask is not None:
-            valid = valid & mask
-        return dataclasses.replace(stats, valid=valid), preds, target, mask
+            stats = dataclasses.replace(stats, valid=stats.valid & mask)
+        return stats, preds, target, mask
 
     def compute(self) -> Tensor:
         """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
@@ -431,22 +437,31 @@ class PerceptionMSE(ExactSumMetric):
 
     def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor, counted: Tensor | None = None) -> None:
         """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
-        device-side operations only. Integer inputs add the exact parts of their raw squared errors."""
+        device-side operations only: fixed-point words where the space gave them, else the float64 sums (integer
+        inputs: the exact parts of their raw squared errors)."""
         sums = stats.sums.detach()
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
-        values = sums.T[:, :, None]  # [components, N, parts]: here one exact value per sample and component
-        if stats.raw_parts is not None or self.psnr_clamps:
-            columns = [stats.raw_parts if stats.raw_parts is not None else sums[:, :1], *sums[:, 1:, None].unbind(1)]
-            if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
-                with own_precision(preds.device):
-                    columns.append(_clamped_squared_errors(preds.detach(), target.detach(), self.data_range))
-            width = max(column.shape[1] for column in columns)
-            values = torch.stack([c if c.shape[1] == width else F.pad(c, (0, width - c.shape[1])) for c in columns])
-        values = torch.where(stats.valid[None, :, None], values, 0)  # [components, N, parts]
+        clamped = None
+        if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
+            with own_precision(preds.device):
+                clamped = _clamped_squared_errors(preds.detach(), target.detach(), self.data_range, self.space)
         kept = stats.valid.sum()
         samples = stats.valid.numel() if counted is None else counted.sum()
-        self._add(values.flatten(1), torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept]))
+        counts = torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept])
+        if stats.words is not None:
+            words, digit = stats.words, stats.digit
+            if clamped is not None:
+                words, digit = torch.cat([words, clamped.words], 1), torch.cat([digit, clamped.digit], 1)
+            self._add(None, counts, (words, digit, stats.valid))
+        else:
+            values = sums.T[:, :, None]  # [components, N, parts]: here one exact value per sample and component
+            if stats.raw_parts is not None or clamped is not None:
+                raw = stats.raw_parts if stats.raw_parts is not None else sums[:, :1]
+                columns = [raw, *sums[:, 1:, None].unbind(1), *([clamped.values] if clamped is not None else [])]
+                width = max(column.shape[1] for column in columns)
+                values = torch.stack([c if c.shape[1] == width else F.pad(c, (0, width - c.shape[1])) for c in columns])
+            self._add(torch.where(stats.valid[None, :, None], values, 0).flatten(1), counts)
         self.last_batch = dataclasses.replace(stats, sums=sums)
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
@@ -515,16 +530,17 @@ class PerceptionMSE(ExactSumMetric):
         )
 
 
-def _clamped_squared_errors(preds: Tensor, target: Tensor, data_range: tuple[float, float]) -> Tensor:
-    """``[N, parts]`` exact values summing to each sample's squared error of the inputs clamped to ``data_range``
-    (PSNR's raw error); integers are clamped to the integers of the range and summed exactly."""
+def _clamped_squared_errors(preds: Tensor, target: Tensor, data_range: tuple[float, float], space: Space) -> SquareSums:
+    """Each sample's squared error of the inputs clamped to ``data_range`` (PSNR's raw error), measured as the space
+    measures its raw component; integers are clamped to the integers of the range and summed exactly (``values``:
+    ``[N, parts]`` exact parts)."""
     if preds.is_floating_point():
-        return squared_error_sums(*(x.clamp(*data_range) for x in (preds, target)))[:, None]
+        return square_sums([(preds.clamp(*data_range), target.clamp(*data_range))], space.exact_features)
     low, high = math.ceil(data_range[0]), math.floor(data_range[1])
     clamped = [
         x.clamp(max(low, torch.iinfo(x.dtype).min), min(high, torch.iinfo(x.dtype).max)) for x in (preds, target)
     ]
-    return integer_squared_error_parts(*clamped)  # each within its own dtype: uint8 and int16 may meet
+    return SquareSums(integer_squared_error_parts(*clamped))  # each within its own dtype: uint8 and int16 may meet
 
 
 def _counted(preds: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

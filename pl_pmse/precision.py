@@ -18,12 +18,13 @@ from collections.abc import Iterator
 import torch
 
 
-def own_precision(device: torch.device) -> contextlib.AbstractContextManager:
+def own_precision(device: torch.device, inner_products: bool = True) -> contextlib.AbstractContextManager:
     """A context with autocast off for ``device``'s type and full float32 precision for the matmuls and convolutions
     of cuBLAS, cuDNN and oneDNN (no TF32 or bfloat16 inner products, which ``torch.set_float32_matmul_precision``
     and cuDNN's defaults allow), restored when the last measurement in the process ends. These are process-wide
     settings: another thread's work during a measurement runs with full precision too. Under ``torch.compile`` only
-    autocast is turned off (the compiled graph is traced as a plain ``with torch.autocast(...)``).
+    autocast is turned off (the compiled graph is traced as a plain ``with torch.autocast(...)``), and so it is for
+    ``inner_products=False`` (work of elementwise arithmetic only, which those libraries never see).
 
     Example:
         >>> with torch.autocast("cpu", dtype=torch.bfloat16), own_precision(torch.device("cpu")):
@@ -33,7 +34,7 @@ def own_precision(device: torch.device) -> contextlib.AbstractContextManager:
     autocast_off = (
         torch.autocast(device.type, enabled=False) if device.type in _AUTOCAST_TYPES else contextlib.nullcontext()
     )
-    if torch.compiler.is_compiling():
+    if not inner_products or torch.compiler.is_compiling():
         return autocast_off
     return _both(autocast_off, _ieee_float32())
 

@@ -1,34 +1,61 @@
-"""Per-sample sums of squared differences: a differentiable path and a fast streaming path.
+"""Per-sample sums of squared differences, shaped for the device, each sample's value independent of its batch.
 
-The fast path (no autograd) never builds a full-size ``preds - target`` for the batch: it walks the
-batch in blocks of about ``BLOCK_ELEMENTS`` elements, subtracts, and takes per-chunk dot products
-(``CHUNK`` elements each, float32 for inputs of 32 bits or fewer, float64 for float64 input), which are then
-added per sample in float64. A sample's value depends only on that sample, never on the rest of the batch,
-so any batch split gives bit-identical per-sample values.
+**CPU: streaming.** The batch is walked in blocks of about ``BLOCK_ELEMENTS`` elements (whole samples, or column
+blocks of a long sample), never as a full-size temporary: a block is subtracted and summed in chunks of ``CHUNK``
+elements (float32 for inputs of 32 bits or fewer, float64 for float64 input), and the chunk sums are added per
+sample in float64. Every sum runs along one row of a fixed length, which the CPU kernels reduce row by row in one
+order (below their parallel grain of 32768 elements), so a sample's value never depends on its neighbours.
+
+**Accelerators (CUDA, ...): few full-size kernels.** A GPU reduction's order depends on the shape of the whole
+launch (how many rows, how many blocks per row), so float sums would change with the batch. Spaces whose features
+are exact elementwise arithmetic (``Space.exact_features``: pixel, waveform, pyramid) are summed in integers
+instead (:func:`fixed_point_square_sums`): each sample's squares are scaled by a power of two chosen from its
+largest square and cut into three 30-bit integer words on the grid of :mod:`pl_pmse.exact`, and integer sums do
+not depend on their order. About 15 kernels per component whatever the size, and the metric's state receives the
+words exactly. Other spaces (networks, FFTs: their features are equal to rounding on a GPU anyway) are summed in
+float64 by one reduction per component.
+
+The value always comes from the same path, with or without autograd; the gradient is the plain formula's.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .exact import DIGIT_BITS, device_constant
+
 BLOCK_ELEMENTS = 1 << 19
 CHUNK = 2048
-MAX_ROWS = 1024  # bounds the padding work for tiny samples
+ACCELERATOR_ELEMENTS = 1 << 28  # bounds the full-size temporaries on an accelerator (samples are split beyond it)
 
 
-def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class SquareSums:
+    """Per-sample sums of squared differences of ``K`` components.
+
+    Attributes:
+        values: ``[N, K]`` float64 (differentiable where an input requires grad).
+        words, digit: on accelerators for exact spaces, the sums as fixed-point integers (``[N, K, 3]`` int64 and
+            ``[N, K]`` int64, see :func:`pl_pmse.exact.add_fixed`); None otherwise.
+    """
+
+    values: Tensor
+    words: Tensor | None = None
+    digit: Tensor | None = None
+
+
+def squared_error_sums(preds: Tensor, target: Tensor | None = None, exact: bool = True) -> Tensor:
     """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample
     (``target=None``: the sum of ``preds ** 2``, for a difference computed already).
 
-    The value always comes from the streaming path, so it is the same bits with or without autograd. Under autograd
-    the inputs themselves are saved for backward (no full-size temporary), and the gradient is the plain formula's,
-    ``2 * (preds - target) * grad`` in the inputs' float dtype (at least float32). Integer inputs are summed exactly
-    (:func:`integer_squared_error_parts`; the metric's state receives those exact parts), their sum here in float64.
-    Under ``torch.compile`` the plain formula gives the value too (equal to float32 rounding; the compiler fuses it
-    into one pass).
+    Integer inputs are summed exactly (:func:`integer_squared_error_parts`; the metric's state receives those exact
+    parts), their sum here in float64. ``exact`` chooses the integer words on accelerators (see the module doc).
+    Under ``torch.compile`` the plain formula gives the value (equal to float32 rounding; the compiler fuses it).
 
     Example:
         >>> p, t = torch.ones(2, 3), torch.zeros(2, 3)
@@ -37,36 +64,114 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
     """
     if not preds.is_floating_point():
         return integer_squared_error_parts(preds, target).sum(1)
+    return square_sums([(preds, target)], exact).values[:, 0]
+
+
+def square_sums(pairs: list[tuple[Tensor, Tensor | None]], exact: bool = True) -> SquareSums:
+    """:func:`squared_error_sums` of each ``(preds, target)`` pair (floating point), as the columns of one
+    :class:`SquareSums`; with the integer words where the device and ``exact`` call for them."""
     if torch.compiler.is_compiling():
-        return _difference(preds, target).square().reshape(preds.shape[0], -1).sum(1).to(torch.float64)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (preds, target)):
-        return _SquaredErrorSums.apply(preds, target)
-    return _streaming_sums(*_memory_order(preds, target))
+        return SquareSums(torch.stack([_plain(p, t) for p, t in pairs], 1))
+    with torch.no_grad():
+        if works_in_cache_blocks(pairs[0][0].device):
+            sums = SquareSums(torch.stack([_streaming_sums(*_memory_order(p, t)) for p, t in pairs], 1))
+        elif exact:
+            sums = fixed_point_square_sums([_difference(p, t) for p, t in pairs])
+        else:
+            sums = SquareSums(torch.stack([_plain(p, t) for p, t in pairs], 1))
+    if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for pair in pairs for x in pair):
+        return sums
+    values = torch.stack([_PlainGradient.apply(sums.values[:, k], p, t) for k, (p, t) in enumerate(pairs)], 1)
+    return SquareSums(values, sums.words, sums.digit)
 
 
-class _SquaredErrorSums(torch.autograd.Function):
-    """The streaming sums with the plain formula's gradient; saves the inputs (views, no copy)."""
+def works_in_cache_blocks(device: torch.device) -> bool:
+    """Whether work on ``device`` is shaped for a CPU cache (blocks) rather than for an accelerator (few large
+    kernels): the one place that decides, for the sums here and for the pyramid."""
+    return device.type == "cpu"
+
+
+def _plain(preds: Tensor, target: Tensor | None) -> Tensor:
+    difference = _difference(preds, target)
+    return difference.square().reshape(difference.shape[0], -1).sum(1, dtype=torch.float64)
+
+
+class _PlainGradient(torch.autograd.Function):
+    """The given per-sample sums, with the plain formula's gradient ``2 * (preds - target) * grad`` in the inputs'
+    float dtype (at least float32); saves the inputs (views, no copy)."""
 
     @staticmethod
-    def forward(preds: Tensor, target: Tensor | None) -> Tensor:
-        return _streaming_sums(*_memory_order(preds, target))
+    def forward(sums: Tensor, preds: Tensor, target: Tensor | None) -> Tensor:
+        return sums.clone()
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor | None], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
         preds, target = ctx.saved_tensors
-        preds_wanted, target_wanted = ctx.needs_input_grad
+        _, preds_wanted, target_wanted = ctx.needs_input_grad
         difference = _difference(preds, target)
         scale = (2 * grad.to(difference.dtype)).view(-1, *(1,) * (preds.dim() - 1))
         if target is None:  # the difference may be preds itself: not in place
-            return (difference * scale).to(preds.dtype), None
+            return None, (difference * scale).to(preds.dtype), None
         if not preds_wanted:  # d/dtarget = -2 (preds - target) grad: the sign folded into the scale
-            return None, difference.mul_(-scale).to(target.dtype)
+            return None, None, difference.mul_(-scale).to(target.dtype)
         scaled = difference.mul_(scale)
-        return scaled.to(preds.dtype), (-scaled).to(target.dtype) if target_wanted else None
+        return None, scaled.to(preds.dtype), (-scaled).to(target.dtype) if target_wanted else None
+
+
+def fixed_point_square_sums(differences: list[Tensor]) -> SquareSums:
+    """The per-sample sums of squares of each difference (``[N, ...]`` float), computed in integers.
+
+    Per sample and component: the float64 squares (exact for inputs of 32 bits or fewer) are multiplied by a power
+    of two chosen from the largest of them (:func:`pl_pmse.exact.fixed_point_layout`), so that the scaled squares
+    lie below ``2**30`` in units of a grid digit; their integer parts, then the next 30 bits twice, are summed in
+    int64 (three words, each sum below ``2**60``). Integer addition is exact in any order, so the words, and the
+    float64 value made from them, depend on the sample only. The value is within ``E * 2**-60`` of the largest square
+    (``E`` elements) of the float64 sum; NaN or inf anywhere gives a NaN or inf value.
+
+    Example:
+        >>> sums = fixed_point_square_sums([torch.tensor([[3.0, 4.0]])])
+        >>> sums.values
+        tensor([[25.]], dtype=torch.float64)
+    """
+    n = differences[0].shape[0]
+    sizes = [d[0].numel() if n else 0 for d in differences]
+    if max(sizes) >= 1 << 30:
+        raise ValueError(
+            f"preds and target: samples of {max(sizes)} elements exceed the exact sums' range on an accelerator "
+            f"(2**30 elements per sample and component); pass smaller samples"
+        )
+    rows = max(1, ACCELERATOR_ELEMENTS // max(sum(sizes), 1))
+    if n > rows:  # bounded temporaries: samples in groups (each sample's words do not depend on its group)
+        parts = [fixed_point_square_sums([d[i : i + rows] for d in differences]) for i in range(0, n, rows)]
+        return SquareSums(*(torch.cat([getattr(p, name) for p in parts]) for name in ("values", "words", "digit")))
+    squares = [_squares(d.reshape(n, -1)) for d in differences]
+    if not n:
+        largest = squares[0].new_zeros(0, len(squares))
+    else:
+        largest = squares[0].amax(1, keepdim=True) if len(squares) == 1 else torch.stack([s.amax(1) for s in squares], 1)
+    code = largest.to(torch.float64).view(torch.int64) >> 52 & 2047
+    scale, unit, digit = device_constant("fixed point", largest.device)[code].unbind(-1)
+    words = []
+    for k, scaled in enumerate(squares):
+        scaled.mul_(scale[:, k, None])
+        for j in range(3):
+            if j:
+                scaled.frac_().mul_(float(1 << DIGIT_BITS))
+            words.append(scaled.to(torch.int64).sum(1))
+    words = torch.stack(words, 1).view(n, len(squares), 3)
+    real = words.double()
+    lower = torch.add(real[..., 1], real[..., 2], alpha=2.0**-DIGIT_BITS)
+    values = torch.add(real[..., 0], lower, alpha=2.0**-DIGIT_BITS) * unit
+    return SquareSums(values, words, digit.long())
+
+
+def _squares(difference: Tensor) -> Tensor:
+    """float64 squares in a new tensor (exact for a difference of 32 bits or fewer)."""
+    return difference.double().square() if difference.dtype != torch.float64 else difference.square()
 
 
 def integer_squared_error_parts(preds: Tensor, target: Tensor) -> Tensor:
@@ -160,35 +265,29 @@ def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
     if n == 0:
         return torch.zeros(0, dtype=torch.float64, device=preds.device)
     dtype, per_sample = compute_dtype(preds, target), preds[0].numel()
-    chunks, tail = divmod(per_sample, CHUNK)
-    # Every kernel call sees the same shapes whatever the batch size (the last block is padded with zeros), so
-    # that no backend can pick a different reduction order for a sample because of its neighbours.
-    rows = min(MAX_ROWS, max(1, BLOCK_ELEMENTS // per_sample))
     preds = _rows(preds, per_sample)
     target = None if target is None else _rows(target, per_sample)
-    out = torch.empty(n, dtype=torch.float64, device=preds.device)
-    buffer: Tensor | None = None  # the padded block, allocated when first needed
-    partials = torch.zeros(rows, chunks + 1, dtype=dtype, device=preds.device)
-    for start in range(0, n, rows):
-        count = min(rows, n - start)
-        p = preds[start : start + count].reshape(-1, per_sample).to(dtype)
-        if target is None and count == rows and p.is_contiguous():
-            block = p  # a full block of a difference computed already: read in place, no copy
-        else:
-            if buffer is None:  # every row is written below: the padding rows with zeros
-                buffer = torch.empty(rows, per_sample, dtype=dtype, device=preds.device)
-            if target is None:
-                buffer[:count].copy_(p)
-            else:
-                torch.sub(p, target[start : start + count].reshape(-1, per_sample).to(dtype), out=buffer[:count])
-            buffer[count:].zero_()
-            block = buffer
-        if chunks:
-            whole = block[:, : chunks * CHUNK].view(rows, chunks, CHUNK)
-            torch.linalg.vecdot(whole, whole, out=partials[:, :chunks])
-        if tail:
-            partials[:, chunks] = torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])
-        out[start : start + count] = partials.sum(1, dtype=torch.float64)[:count]
+    rows = max(1, BLOCK_ELEMENTS // per_sample)
+    columns = per_sample if rows > 1 else BLOCK_ELEMENTS  # a long sample in column blocks (a multiple of CHUNK)
+    out = None
+    for first in range(0, per_sample, columns):
+        width = min(columns, per_sample - first)
+        chunks, tail = divmod(width, CHUNK)
+        sums = []
+        for start in range(0, n, rows):
+            p = preds[start : start + rows].reshape(-1, per_sample)[:, first : first + width].to(dtype)
+            block = p if target is None else p - target[start : start + rows].reshape(-1, per_sample)[
+                :, first : first + width].to(dtype)  # fmt: skip
+            partials = []
+            if chunks:
+                whole = block[:, : chunks * CHUNK].reshape(-1, chunks, CHUNK)
+                partials.append(torch.linalg.vecdot(whole, whole))
+            if tail:
+                partials.append(torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])[:, None])
+            partial = partials[0] if len(partials) == 1 else torch.cat(partials, 1)
+            sums.append(partial.sum(1, dtype=torch.float64))
+        total = sums[0] if len(sums) == 1 else torch.cat(sums)
+        out = total if out is None else out.add_(total)
     return out
 
 

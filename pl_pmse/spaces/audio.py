@@ -43,6 +43,7 @@ class WaveformSpace(AudioSpace):
     """
 
     name = "waveform"
+    exact_features = True
 
     def __init__(self, component_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(component_weights=component_weights)

@@ -57,6 +57,9 @@ class Space(nn.Module):
     allowed_ndim: tuple[int, ...] | None = None
     requires_data_range: bool = False  # True where two input conventions are common (LPIPS: [0, 1] and [-1, 1])
     linear: bool = False  # features(a) - features(b) == features(a - b): measured on the difference, in one pass
+    # features made by elementwise float arithmetic only (the same bits on every device and in any batch): summed
+    # in exact integers on accelerators (see pl_pmse.reduction); networks and FFTs are equal to rounding there
+    exact_features: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass constructor records its arguments (see :meth:`configuration`)."""

@@ -6,8 +6,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-from .. import checks
+from .. import checks, reduction
 from .base import Space
 from .registry import register_space
 
@@ -29,6 +30,7 @@ class PixelSpace(Space):
     """
 
     name = "pixel"
+    exact_features = True
 
     def __init__(self, component_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(component_weights=component_weights)
@@ -55,6 +57,7 @@ class LaplacianPyramid(Space):
     """
 
     name = "pyramid"
+    exact_features = True
     modality = "image"
     linear = True
     layout = "images [N, C, H, W]"
@@ -139,9 +142,12 @@ def _blocked(planes: Tensor, size: tuple[int, int], work: Callable[..., Tensor],
     Under autograd blocks are whole planes, split and concatenated (slices of one tensor would make the backward
     fill a full-size gradient once per block)."""
     count, (height, width) = planes.shape[0], size
+    graph = torch.is_grad_enabled() and any(x.requires_grad for x in (planes, *extra))
+    if not reduction.works_in_cache_blocks(planes.device) and not graph:  # an accelerator takes the whole batch in few large kernels
+        return work(planes, range(height), *extra)
     plane_step = max(1, BLOCK_ELEMENTS // (height * width))
     chunks = list(zip(planes.split(plane_step), *(x.split(plane_step) for x in extra), strict=True))
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (planes, *extra)):
+    if graph:
         return torch.cat([work(chunk[0], range(height), *chunk[1:]) for chunk in chunks])
     row_step = height if plane_step > 1 else max(1, BLOCK_ELEMENTS // width)
     out = planes.new_empty(count, height, width)
@@ -154,14 +160,17 @@ def _blocked(planes: Tensor, size: tuple[int, int], work: Callable[..., Tensor],
 
 def _padded_rows(x: Tensor, first: int, stop: int) -> Tensor:
     """Rows ``first .. stop - 1`` of ``[P, H, W]`` planes (out-of-range ones mirrored, as reflect padding does), with
-    2 mirrored columns each side. Slices, flips and concatenation only: no index tensor (no host-to-device copy) and
-    nothing saved for backward (``F.pad``'s reflect mode would save its input)."""
+    2 mirrored columns each side."""
     height = x.shape[-2]
     return _padded(x[:, max(first, 0) : min(stop, height)], max(0, -first), max(0, stop - height))
 
 
 def _padded(x: Tensor, top: int, bottom: int) -> Tensor:
-    """``[P, H, W]`` planes with ``top`` / ``bottom`` rows and 2 columns each side mirrored (reflect padding)."""
+    """``[P, H, W]`` planes with ``top`` / ``bottom`` rows and 2 columns each side mirrored (reflect padding): one
+    ``F.pad`` without autograd; under autograd slices, flips and concatenation, which save nothing for backward
+    (``F.pad``'s reflect mode would save its input). Copies both ways: the same bits."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.pad(x, (2, 2, top, bottom), mode="reflect")
     return _mirror(_mirror(x, 1, top, bottom), 2, 2, 2)
 
 
@@ -173,12 +182,18 @@ def _mirror(x: Tensor, dim: int, before: int, after: int) -> Tensor:
     return torch.cat([x.narrow(dim, 1, before).flip(dim), x, x.narrow(dim, size - 1 - after, after).flip(dim)], dim)
 
 
-def _taps(x: Tensor, dim: int, count: int, step: int) -> Tensor:
-    """``sum_i tap_i * x[i + step * j]`` for ``j < count`` along ``dim``: the 5-tap binomial filter as weighted sums
-    of shifted views (3x faster than a depthwise conv2d on CPU), every ``step``-th output only."""
+def _taps(x: Tensor, dim: int, count: int, step: int, gain: float = 1.0) -> Tensor:
+    """``sum_i gain * tap_i * x[i + step * j]`` for ``j < count`` along ``dim``: the 5-tap binomial filter as weighted
+    sums of shifted views, one multiplication and one addition each (no fused multiply-add, whose rounding differs
+    between CPU kernels; 3x faster than a depthwise conv2d on CPU), every ``step``-th output only. ``gain`` is a power
+    of two: it scales every rounding alike, the same bits as scaling the result."""
     span = step * (count - 1) + 1
-    return sum(tap * x.narrow(dim, i, span)[(slice(None),) * (dim % x.dim()) + (slice(None, None, step),)]
-               for i, tap in enumerate(_BINOMIAL))  # fmt: skip
+    index = (slice(None),) * (dim % x.dim()) + (slice(None, None, step),)
+    terms = [gain * tap * x.narrow(dim, i, span)[index] for i, tap in enumerate(_BINOMIAL)]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _blur_down(planes: Tensor, rows: range) -> Tensor:
@@ -201,4 +216,4 @@ def _expanded(planes: Tensor, rows: range, smaller: Tensor) -> Tensor:
     up = smaller.new_zeros(smaller.shape[0], stop - first, width)
     up[:, even - first :: 2, ::2] = smaller[:, even // 2 : even // 2 + len(range(even, stop, 2))]
     up = _padded(up, first - (rows.start - 2), rows.stop + 2 - stop)
-    return 4 * _taps(_taps(up, -1, width, 1), -2, len(rows), 1)
+    return _taps(_taps(up, -1, width, 1), -2, len(rows), 1, gain=4.0)
