@@ -49,6 +49,30 @@ def pixel(quick: bool, device: torch.device) -> str:
     return title + table(rows, ("", "ms / update", "GB/s", "speed vs torchmetrics MSE"))
 
 
+def small_batch(quick: bool, device: torch.device) -> str:
+    """The fixed cost of an update: small batches (validation loops of batch 1-16) and one large frame, pl-pmse with
+    both validate_args modes vs torchmetrics' MeanSquaredError, timed in turns."""
+    shapes = [(1, 3, 64, 64), (2, 3, 64, 64), (16, 3, 64, 64), (1, 3, 2048, 2048), (64, 3, 256, 256)]
+    rows = []
+    for shape in shapes[:3] if quick else shapes:
+        preds, target = torch.rand(shape, device=device), torch.rand(shape, device=device)
+        checked, unchecked = PerceptionMSE().to(device), PerceptionMSE(validate_args=False).to(device)
+        reference = torchmetrics.MeanSquaredError().to(device)
+        repeats = 200 if preds.numel() < 1 << 20 else 15
+        seconds = interleaved({"checked": lambda: checked.update(preds, target),
+                               "unchecked": lambda: unchecked.update(preds, target),
+                               "torchmetrics": lambda: reference.update(preds, target)}, repeats=repeats)  # fmt: skip
+        theirs = seconds["torchmetrics"]
+        rows.append((
+            "x".join(map(str, shape)), f"{theirs * 1e3:.3f}", f"{seconds['checked'] * 1e3:.3f}",
+            f"{seconds['checked'] / theirs:.2f}x", f"{seconds['unchecked'] * 1e3:.3f}",
+            f"{seconds['unchecked'] / theirs:.2f}x", f"{seconds['unchecked'] / seconds['checked']:.2f}",
+        ))  # fmt: skip
+    header = ("pixel update of", "torchmetrics MSE ms", "pl-pmse ms", "time vs torchmetrics",
+              "validate_args=False ms", "time vs torchmetrics", "False / True")  # fmt: skip
+    return "### Fixed cost: pixel updates, small batches and one large frame\n\n" + table(rows, header)
+
+
 def _torchmetrics_lpips(architecture: str, net: str, weights: str, device: torch.device) -> torch.nn.Module:
     """torchmetrics' LPIPS built on the same torchvision trunk weights instead of its ImageNet download."""
     import torchmetrics.functional.image.lpips as tm_lpips
@@ -623,6 +647,7 @@ def launches(quick: bool, device: torch.device) -> str:
 
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
+    "small-batch": small_batch,
     "features": features,
     "memory": state_memory,
     "callback": callback_overhead,

@@ -49,11 +49,15 @@ def add_exact(bins: Tensor, values: Tensor) -> Tensor:
 
     A value is ``integer * 2**position`` on the grid (53-bit integer); ``position`` splits into a digit and an
     offset below 30, looked up by the biased exponent. ``integer << offset`` is written as four pieces below
-    ``2**30`` on digits ``d, d+1, d+1, d+2``: one ``scatter_add_`` for the whole batch.
+    ``2**30`` on digits ``d, d+1, d+1, d+2``: one ``scatter_add_`` for the whole batch. A few values on a CPU are
+    binned the same way in Python integers (a dozen tensor operations cost more than the arithmetic): the same bins.
     """
     values = values.detach()
     if values.dtype in (torch.float32, torch.float16, torch.bfloat16) and values.shape[1] > 1:
         values = _exact_row_sums(values)
+    if on_host(bins.device, values.numel()):
+        bins += torch.tensor(host_bins(values.to(torch.float64).tolist())).view(bins.shape)
+        return bins
     bits = values.to(torch.float64).contiguous().view(torch.int64)
     layout = device_constant("binning", bins.device)[bits >> _FRACTION_BITS]  # [K, P, 3]: digit, offset, implicit bit
     integer = (bits & ((1 << _FRACTION_BITS) - 1)) | layout[..., 2]
@@ -63,6 +67,32 @@ def add_exact(bins: Tensor, values: Tensor) -> Tensor:
     index = layout[..., :1, None] + device_constant("value digits", bins.device, bins.shape[0])  # d, d+1 | d+1, d+2
     bins.view(-1).scatter_add_(0, index.reshape(-1), pieces.reshape(-1))
     return bins
+
+
+def on_host(device: torch.device, count: int) -> bool:
+    """Whether ``count`` values on ``device`` are binned in Python (:func:`host_bins`): a few, on a CPU."""
+    return device.type == "cpu" and count <= 64 and not torch.compiler.is_compiling()
+
+
+def host_bins(rows: list[list[float]]) -> list[int]:
+    """:func:`add_exact`'s arithmetic in Python integers, value by value (the same pieces on the same digits): the
+    increments of ``[K, NUM_BINS]`` bins, flattened, for the rows of non-negative finite values ``rows``."""
+    added = [0] * (NUM_BINS * len(rows))
+    for first, values in zip(range(0, len(added), NUM_BINS), rows, strict=True):
+        for value in values:
+            mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
+            if not mantissa:
+                continue
+            integer = int(math.ldexp(mantissa, _FRACTION_BITS + 1))  # 53 bits, exact (fewer for subnormals)
+            position = exponent - _FRACTION_BITS - 1 - _LOWEST_BIT
+            if position < _FRACTION_BITS:  # a subnormal: as add_exact writes it, k * 2**-1074 (exact: trailing zeros)
+                integer, position = integer >> (_FRACTION_BITS - position), _FRACTION_BITS
+            digit, offset = divmod(position, DIGIT_BITS)
+            low, high = (integer & _MASK) << offset, (integer >> DIGIT_BITS) << offset
+            added[first + digit] += low & _MASK
+            added[first + digit + 1] += (low >> DIGIT_BITS) + (high & _MASK)
+            added[first + digit + 2] += high >> DIGIT_BITS
+    return added
 
 
 def add_fixed(bins: Tensor, words: Tensor, digit: Tensor, valid: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
 from .distributed import check_same_everywhere, differences
-from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios
+from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins, on_host
 from .functional import SampleStats, reduce_samples, sample_stats
 from .precision import own_precision
 from .reduction import SquareSums, integer_squared_error_parts, square_sums
@@ -128,14 +128,23 @@ class ExactSumMetric(Metric):
         super().merge_state(incoming_state)
 
     def _add(
-        self, sums: Tensor | None, counts: Sequence[int] | Tensor, fixed: tuple[Tensor, Tensor, Tensor] | None = None
+        self,
+        sums: Tensor | list[list[float]] | None,
+        counts: Sequence[int] | Tensor,
+        fixed: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
-        """Add ``sums`` (``[num_sums, P]``, non-negative, finite; or None) or ``fixed`` (``(words, digit, valid)``:
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite, as a tensor or as rows of Python floats; or None)
+        or ``fixed`` (``(words, digit, valid)``:
         fixed-point sums of every row, see :func:`~pl_pmse.exact.add_fixed`), and ``counts`` (ints, or an int64
         tensor on the state's device: no host synchronisation) to the state."""
         totals = self.totals
         if totals.is_inference() and not torch.is_inference_mode_enabled():
-            totals = totals.clone()  # reset inside validation: an inference tensor only changes in inference mode
+            totals = self.totals = totals.clone()  # reset in validation: an inference tensor changes in inference mode
+        if isinstance(sums, Tensor) and not isinstance(counts, Tensor) and on_host(totals.device, sums.numel()):
+            sums = sums.double().tolist()
+        if isinstance(sums, list):  # rows of Python floats: binned in Python, one addition for all
+            totals += torch.tensor(host_bins(sums) + list(counts))
+            return
         bins = totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS)
         if fixed is not None:
             add_fixed(bins, *(x.to(totals.device) for x in fixed))
@@ -144,7 +153,6 @@ class ExactSumMetric(Metric):
         if not isinstance(counts, Tensor):
             counts = torch.tensor(counts, dtype=torch.int64)
         totals[self._num_sums * NUM_BINS :].add_(counts.to(totals.device))
-        self.totals = totals
 
     def synced_state(self) -> Tensor:
         """A CPU copy of the state summed over all processes (one all_reduce: call it on every rank)."""
@@ -439,21 +447,18 @@ class PerceptionMSE(ExactSumMetric):
         """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
         device-side operations only: fixed-point words where the space gave them, else the float64 sums (integer
         inputs: the exact parts of their raw squared errors)."""
-        sums = stats.sums.detach()
+        sums = stats.sums.detach() if stats.sums.requires_grad else stats.sums
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
         clamped = None
         if self.psnr_clamps:  # torchmetrics' PSNR clamps both inputs to a (min, max) data_range
             with own_precision(preds.device):
                 clamped = _clamped_squared_errors(preds.detach(), target.detach(), self.data_range, self.space)
-        kept = stats.valid.sum()
-        samples = stats.valid.numel() if counted is None else counted.sum()
-        counts = torch.stack([*(kept * size for size in stats.sizes), kept, samples - kept])
         if stats.words is not None:
             words, digit = stats.words, stats.digit
             if clamped is not None:
                 words, digit = torch.cat([words, clamped.words], 1), torch.cat([digit, clamped.digit], 1)
-            self._add(None, counts, (words, digit, stats.valid))
+            self._add(None, self._batch_counts(stats, counted), (words, digit, stats.valid))
         else:
             values = sums.T[:, :, None]  # [components, N, parts]: here one exact value per sample and component
             if stats.raw_parts is not None or clamped is not None:
@@ -461,8 +466,27 @@ class PerceptionMSE(ExactSumMetric):
                 columns = [raw, *sums[:, 1:, None].unbind(1), *([clamped.values] if clamped is not None else [])]
                 width = max(column.shape[1] for column in columns)
                 values = torch.stack([c if c.shape[1] == width else F.pad(c, (0, width - c.shape[1])) for c in columns])
-            self._add(torch.where(stats.valid[None, :, None], values, 0).flatten(1), counts)
-        self.last_batch = dataclasses.replace(stats, sums=sums)
+            if on_host(self.totals.device, values.numel()):  # a few values on a CPU: chosen and binned in Python
+                valid = stats.valid.tolist()
+                rows = [[x for sample, kept in zip(row, valid, strict=True) if kept for x in sample]
+                        for row in values.double().tolist()]  # fmt: skip
+                self._add(rows, self._batch_counts(stats, counted, sum(valid)))
+            else:
+                values = torch.where(stats.valid[None, :, None], values, 0).flatten(1)
+                self._add(values, self._batch_counts(stats, counted))
+        self.__dict__["last_batch"] = stats if sums is stats.sums else dataclasses.replace(stats, sums=sums)
+
+    @staticmethod
+    def _batch_counts(stats: SampleStats, counted: Tensor | None, kept: int | None = None) -> list[int] | Tensor:
+        """The counts a batch adds: elements per component, samples kept, samples skipped (a tensor on the device,
+        Python ints when ``kept`` is given)."""
+        if kept is None:
+            kept = stats.valid.sum()
+            samples = stats.valid.numel() if counted is None else counted.sum()
+        else:
+            samples = stats.valid.numel() if counted is None else int(counted.sum())
+        counts = [*(kept * size for size in stats.sizes), kept, samples - kept]
+        return torch.stack(counts) if isinstance(kept, Tensor) else counts
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
         """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:

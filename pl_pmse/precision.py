@@ -24,7 +24,7 @@ def own_precision(device: torch.device, inner_products: bool = True) -> contextl
     and cuDNN's defaults allow), restored when the last measurement in the process ends. These are process-wide
     settings: another thread's work during a measurement runs with full precision too. Under ``torch.compile`` only
     autocast is turned off (the compiled graph is traced as a plain ``with torch.autocast(...)``), and so it is for
-    ``inner_products=False`` (work of elementwise arithmetic only, which those libraries never see).
+    ``inner_products=False`` (work that no matmul or convolution library sees: elementwise arithmetic and sums).
 
     Example:
         >>> with torch.autocast("cpu", dtype=torch.bfloat16), own_precision(torch.device("cpu")):

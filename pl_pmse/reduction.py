@@ -74,7 +74,8 @@ def square_sums(pairs: list[tuple[Tensor, Tensor | None]], exact: bool = True) -
         return SquareSums(torch.stack([_plain(p, t) for p, t in pairs], 1))
     with torch.no_grad():
         if works_in_cache_blocks(pairs[0][0].device):
-            sums = SquareSums(torch.stack([_streaming_sums(*_memory_order(p, t)) for p, t in pairs], 1))
+            columns = [_streaming_sums(*_memory_order(p, t)) for p, t in pairs]
+            sums = SquareSums(columns[0][:, None] if len(columns) == 1 else torch.stack(columns, 1))
         elif exact:
             sums = fixed_point_square_sums([_difference(p, t) for p, t in pairs])
         else:
@@ -251,7 +252,7 @@ def _memory_order(preds: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor 
     A sum over a sample does not depend on the order of its elements, so reading them in memory order
     avoids a copy. Inputs with different or overlapping layouts are left as they are (copied block by block).
     """
-    if preds.dim() < 3 or (target is not None and preds.stride() != target.stride()):
+    if preds.dim() < 3 or preds.is_contiguous() or (target is not None and preds.stride() != target.stride()):
         return preds, target
     order = sorted(range(1, preds.dim()), key=lambda dim: -preds.stride(dim))
     permuted = preds.permute(0, *order)
@@ -268,27 +269,42 @@ def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
     preds = _rows(preds, per_sample)
     target = None if target is None else _rows(target, per_sample)
     rows = max(1, BLOCK_ELEMENTS // per_sample)
+    if n * per_sample <= BLOCK_ELEMENTS and preds.dim() == 2 and (target is None or target.dim() == 2):  # one block
+        return _block_sums(_difference(preds, target), per_sample)
     columns = per_sample if rows > 1 else BLOCK_ELEMENTS  # a long sample in column blocks (a multiple of CHUNK)
     out = None
+    buffer = torch.empty(min(rows, n) * min(columns, per_sample), dtype=dtype, device=preds.device)  # reused
     for first in range(0, per_sample, columns):
         width = min(columns, per_sample - first)
-        chunks, tail = divmod(width, CHUNK)
         sums = []
         for start in range(0, n, rows):
-            p = preds[start : start + rows].reshape(-1, per_sample)[:, first : first + width].to(dtype)
-            block = p if target is None else p - target[start : start + rows].reshape(-1, per_sample)[
-                :, first : first + width].to(dtype)  # fmt: skip
-            partials = []
-            if chunks:
-                whole = block[:, : chunks * CHUNK].reshape(-1, chunks, CHUNK)
-                partials.append(torch.linalg.vecdot(whole, whole))
-            if tail:
-                partials.append(torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])[:, None])
-            partial = partials[0] if len(partials) == 1 else torch.cat(partials, 1)
-            sums.append(partial.sum(1, dtype=torch.float64))
+            p = preds[start : start + rows].reshape(-1, per_sample)[:, first : first + width]
+            block = buffer[: p.shape[0] * width].view(p.shape[0], width)
+            if target is None and p.dtype == dtype and p.is_contiguous():
+                block = p  # a difference computed already: read in place
+            elif target is None:
+                block.copy_(p)
+            else:
+                torch.sub(p.to(dtype), target[start : start + rows].reshape(-1, per_sample)[
+                    :, first : first + width].to(dtype), out=block)  # fmt: skip
+            sums.append(_block_sums(block, width))
         total = sums[0] if len(sums) == 1 else torch.cat(sums)
         out = total if out is None else out.add_(total)
     return out
+
+
+def _block_sums(block: Tensor, width: int) -> Tensor:
+    """float64 row sums of the squares of ``[rows, width]``: per chunk of ``CHUNK`` in the block's dtype, then the
+    chunk sums in float64."""
+    chunks, tail = divmod(width, CHUNK)
+    if not tail:
+        whole = block.reshape(-1, chunks, CHUNK)
+        return torch.linalg.vecdot(whole, whole).sum(1, dtype=torch.float64)
+    partials = [torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])[:, None]]
+    if chunks:
+        whole = block[:, : chunks * CHUNK].reshape(-1, chunks, CHUNK)
+        partials.insert(0, torch.linalg.vecdot(whole, whole))
+    return (partials[0] if not chunks else torch.cat(partials, 1)).sum(1, dtype=torch.float64)
 
 
 def _rows(x: Tensor, per_sample: int) -> Tensor:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchaudio
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
@@ -107,20 +108,28 @@ def test_validate_args_false_makes_no_host_synchronisation(name: str) -> None:
         perception_mse(preds, target, space)
     assert "item" in syncs.calls or "__bool__" in syncs.calls or "__float__" in syncs.calls
 
-    metric, reference = (PerceptionMSE(space, validate_args=v, data_range=(0.0, 1.0)) for v in (False, True))
-    if name == "mel":
-        metric, reference = (PerceptionMSE(space, validate_args=v) for v in (False, True))
+    options = {} if name == "mel" else {"data_range": (0.0, 1.0)}
+    metric, reference = (PerceptionMSE(space, validate_args=v, **options) for v in (False, True))
     mask = torch.tensor([True, False, True])
-    with torch.no_grad(), HostSyncs() as syncs:
-        metric.update(preds, target)
-        metric.update(preds, target, mask=mask)
-        metric(preds, target)
-    assert syncs.calls == []
     with torch.no_grad():
-        reference.update(preds, target)
-        reference.update(preds, target, mask=mask)
-        reference(preds, target)
+        for each in (metric, reference):
+            each.update(preds, target)
+            each.update(preds, target, mask=mask)
+            each(preds, target)
     assert torch.equal(metric.totals, reference.totals)  # the same state, bit for bit
+
+    # The metric's updates on an accelerator (a CPU reads its counts at no cost): under fake CUDA, where reading a
+    # value back raises, with the detector on
+    on_device = PerceptionMSE(loss_case(name)[0], validate_args=False, **options)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        on_device = on_device.to("cuda")
+        preds, target, mask = preds.to("cuda"), target.to("cuda"), mask.to("cuda")
+        on_device.update(preds, target)  # the first update on a device makes its constants
+        with HostSyncs() as syncs:
+            on_device.update(preds, target)
+            on_device.update(preds, target, mask=mask)
+            on_device(preds, target)
+    assert syncs.calls == []
 
 
 def test_validate_args_false_keeps_the_state_clean_and_reports_at_compute() -> None:
