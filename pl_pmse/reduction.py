@@ -20,7 +20,6 @@ The value always comes from the same path, with or without autograd; the gradien
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,8 +151,10 @@ def fixed_point_square_sums(differences: list[Tensor]) -> SquareSums:
     squares = [_squares(d.reshape(n, -1)) for d in differences]
     if not n:
         largest = squares[0].new_zeros(0, len(squares))
+    elif len(squares) == 1:
+        largest = squares[0].amax(1, keepdim=True)
     else:
-        largest = squares[0].amax(1, keepdim=True) if len(squares) == 1 else torch.stack([s.amax(1) for s in squares], 1)
+        largest = torch.stack([s.amax(1) for s in squares], 1)
     code = largest.to(torch.float64).view(torch.int64) >> 52 & 2047
     scale, unit, digit = device_constant("fixed point", largest.device)[code].unbind(-1)
     words = []

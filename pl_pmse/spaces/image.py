@@ -143,7 +143,7 @@ def _blocked(planes: Tensor, size: tuple[int, int], work: Callable[..., Tensor],
     fill a full-size gradient once per block)."""
     count, (height, width) = planes.shape[0], size
     graph = torch.is_grad_enabled() and any(x.requires_grad for x in (planes, *extra))
-    if not reduction.works_in_cache_blocks(planes.device) and not graph:  # an accelerator takes the whole batch in few large kernels
+    if not reduction.works_in_cache_blocks(planes.device) and not graph:  # an accelerator: whole planes at once
         return work(planes, range(height), *extra)
     plane_step = max(1, BLOCK_ELEMENTS // (height * width))
     chunks = list(zip(planes.split(plane_step), *(x.split(plane_step) for x in extra), strict=True))
