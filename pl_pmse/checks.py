@@ -112,17 +112,35 @@ def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] |
         )
     if preds.device != target.device:
         raise ValueError(f"preds and target: expected the same device, got {preds.device} and {target.device}")
-    if preds.device.type == "meta":
-        raise ValueError(
-            "preds and target: are on the meta device, which holds no values to measure; pass tensors on a real "
-            "device (cpu, cuda, ...)"
-        )
+    check_measuring_device(preds.device, "preds and target")
     if preds.shape != target.shape:
         raise ValueError(
             f"preds and target: expected the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
         )
     if preds.shape[0] > 0 and preds[0].numel() == 0:
         raise ValueError(f"preds and target: every sample needs at least one element, got shape {tuple(preds.shape)}")
+
+
+def check_measuring_device(device: torch.device, what: str) -> None:
+    """A device that can hold a measurement: not ``meta`` (no values), not ``mps`` (no float64, in which every sum is
+    taken and every state is binned). ``what`` names the argument or call, e.g. ``"PerceptionMSE.to"``."""
+    if device.type == "meta":
+        raise ValueError(f"{what}: the meta device holds no values to measure; use a real device (cpu, cuda, ...)")
+    if device.type == "mps":
+        raise ValueError(
+            f"{what}: Apple's MPS device has no float64, in which pl-pmse sums squared errors and bins its exact "
+            f"state; measure on the CPU (metric.cpu(), x.cpu()), a cheap move with unified memory"
+        )
+
+
+def check_metric_device(x: Tensor, device: torch.device, metric: str) -> None:
+    """Inputs must be where the metric's state is: a state is never moved behind the caller's back."""
+    check_measuring_device(x.device, "preds and target")
+    if x.device != device:
+        raise ValueError(
+            f"preds and target: are on {x.device} but the {metric} state is on {device}; move the metric to the "
+            f"inputs' device (metric.to({str(x.device)!r})), as torchmetrics metrics are moved"
+        )
 
 
 def check_integer_range(preds: Tensor, target: Tensor, data_range: tuple[float, float] | None) -> None:

@@ -121,7 +121,7 @@ def fixed_point_layout(code: int) -> tuple[float, float, int]:
     return (2.0 ** (-(DIGIT_BITS * digit + _LOWEST_BIT)), 2.0 ** (DIGIT_BITS * digit + _LOWEST_BIT), digit)
 
 
-def device_constant(name: str, device: torch.device, rows: int = 0) -> Tensor:
+def device_constant(name: str | tuple, device: torch.device, rows: int = 0) -> Tensor:
     """A small constant tensor of the binning arithmetic on ``device`` (its first ``rows`` rows for the tables by
     accumulator row), made once per device (and per fake tensor mode: tensors made under one never meet real ones);
     the CPU's are made at import."""
@@ -129,11 +129,15 @@ def device_constant(name: str, device: torch.device, rows: int = 0) -> Tensor:
         return _make_constant(name, max(rows, _ROWS)).to(device)[: rows or None]
     key = (name, device, id(torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)))
     if key not in _CONSTANTS or rows > _CONSTANTS[key].shape[0]:
+        if isinstance(name, tuple) and len(_CONSTANTS) >= _MAX_CONSTANTS:  # keyed by input sizes: the oldest goes
+            del _CONSTANTS[next(k for k in _CONSTANTS if isinstance(k[0], tuple))]
         _CONSTANTS[key] = _make_constant(name, max(rows, _ROWS)).to(device)
     return _CONSTANTS[key][: rows or None]
 
 
-def _make_constant(name: str, rows: int) -> Tensor:
+def _make_constant(name: str | tuple, rows: int) -> Tensor:
+    if isinstance(name, tuple):  # ("count weights", sizes): a batch's counts are kept * [*sizes, 1, -1], + samples
+        return torch.tensor([*name[1], 1, -1], dtype=torch.int64)
     if name == "binning":  # by biased exponent: the value's digit, its offset in it, the implicit leading bit
         rows = []
         for biased in range(2048):
@@ -151,6 +155,7 @@ def _make_constant(name: str, rows: int) -> Tensor:
     return torch.tensor([[[k * NUM_BINS - j + i for i in range(2)] for j in range(3)] for k in range(rows)])
 
 
+_MAX_CONSTANTS = 64
 _ROWS = 64  # rows of the tables by accumulator row made at first (more when a metric needs them)
 _CONSTANTS: dict[tuple, Tensor] = {}
 for _name in ("binning", "fixed point", "digit shifts", "value digits", "word digits"):

@@ -19,7 +19,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
 from .distributed import check_same_everywhere, differences
-from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins, on_host
+from .exact import NUM_BINS, add_exact, add_fixed, device_constant, exact_ratios, host_bins, on_host
 from .functional import SampleStats, reduce_samples, sample_stats
 from .precision import own_precision
 from .reduction import SquareSums, integer_squared_error_parts, square_sums
@@ -58,6 +58,13 @@ class ExactSumMetric(Metric):
     def set_dtype(self, dst_type: Any) -> ExactSumMetric:
         """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
         return self
+
+    def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:
+        """``nn.Module.to``; a device that cannot hold the measurement (meta, MPS) is refused before anything moves."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            checks.check_measuring_device(device, f"{type(self).__name__}.to")
+        return super().to(*args, **kwargs)
 
     def configuration(self) -> dict[str, str]:
         """Every setting that decides what the state means, as text: compared across ranks before the first sync,
@@ -337,6 +344,8 @@ class PerceptionMSE(ExactSumMetric):
         ``mask`` slices the samples that count out of the batch; with ``validate_args=False`` every sample is
         computed instead, and those outside ``mask`` or with non-finite squared errors are marked not valid on the
         device."""
+        if isinstance(preds, Tensor):
+            checks.check_metric_device(preds, self.totals.device, type(self).__name__)
         if self.validate_args:
             preds, target = _counted(preds, target, mask)
             return sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target, None
@@ -480,13 +489,12 @@ class PerceptionMSE(ExactSumMetric):
     def _batch_counts(stats: SampleStats, counted: Tensor | None, kept: int | None = None) -> list[int] | Tensor:
         """The counts a batch adds: elements per component, samples kept, samples skipped (a tensor on the device,
         Python ints when ``kept`` is given)."""
-        if kept is None:
-            kept = stats.valid.sum()
-            samples = stats.valid.numel() if counted is None else counted.sum()
-        else:
+        if kept is not None:
             samples = stats.valid.numel() if counted is None else int(counted.sum())
-        counts = [*(kept * size for size in stats.sizes), kept, samples - kept]
-        return torch.stack(counts) if isinstance(kept, Tensor) else counts
+            return [*(kept * size for size in stats.sizes), kept, samples - kept]
+        counts = stats.valid.sum() * device_constant(("count weights", stats.sizes), stats.valid.device)
+        counts[-1] += stats.valid.numel() if counted is None else counted.sum()
+        return counts
 
     def _warn_outside_range(self, preds: Tensor, target: Tensor) -> None:
         """Raw-signal spaces measure in the data's own units, but PSNR and the callback's pictures assume the range:
@@ -538,11 +546,7 @@ class PerceptionMSE(ExactSumMetric):
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         """Moves the space with the metric; the space keeps its dtype (see :class:`~pl_pmse.spaces.Space`), as
         torchmetrics keeps its states' dtype. The meta device is refused before anything moves."""
-        if fn(torch.zeros(())).device.type == "meta":
-            raise ValueError(
-                "PerceptionMSE: cannot move to the meta device (its state and space hold values); keep it on a real "
-                "device (cpu, cuda, ...)"
-            )
+        checks.check_measuring_device(fn(torch.zeros(())).device, "PerceptionMSE.to")
         this = super()._apply(fn, *args, **kwargs)
         this.space._apply(fn)
         return this

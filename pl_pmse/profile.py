@@ -83,6 +83,7 @@ class ErrorProfile(ExactSumMetric):
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulate a batch (no gradients); samples with NaN/Inf are left out."""
         checks.check_tensor_pair(preds, target, self.data_range)
+        checks.check_metric_device(preds, self.totals.device, type(self).__name__)
         allowed = (4,) if self.modality == "image" else (2, 3)
         layout = "images [N, C, H, W]" if self.modality == "image" else "audio [N, T] or [N, C, T]"
         checks.check_ndim(preds, allowed, layout, f"{self.modality} profile")

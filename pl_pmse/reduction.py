@@ -20,11 +20,13 @@ The value always comes from the same path, with or without autograd; the gradien
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .exact import DIGIT_BITS, device_constant
 
@@ -92,8 +94,13 @@ def works_in_cache_blocks(device: torch.device) -> bool:
 
 
 def _plain(preds: Tensor, target: Tensor | None) -> Tensor:
-    difference = _difference(preds, target)
-    return difference.square().reshape(difference.shape[0], -1).sum(1, dtype=torch.float64)
+    """The squares in the compute dtype (one kernel: ``mse_loss`` without reduction), summed per sample in float64."""
+    dtype = compute_dtype(preds, target)
+    if target is None:
+        squares = preds.to(dtype).square()
+    else:
+        squares = F.mse_loss(preds.to(dtype), target.to(dtype), reduction="none")
+    return squares.reshape(squares.shape[0], -1).sum(1, dtype=torch.float64)
 
 
 class _PlainGradient(torch.autograd.Function):
@@ -138,7 +145,7 @@ def fixed_point_square_sums(differences: list[Tensor]) -> SquareSums:
         tensor([[25.]], dtype=torch.float64)
     """
     n = differences[0].shape[0]
-    sizes = [d[0].numel() if n else 0 for d in differences]
+    sizes = [math.prod(d.shape[1:]) for d in differences]
     if max(sizes) >= 1 << 30:
         raise ValueError(
             f"preds and target: samples of {max(sizes)} elements exceed the exact sums' range on an accelerator "
@@ -148,7 +155,7 @@ def fixed_point_square_sums(differences: list[Tensor]) -> SquareSums:
     if n > rows:  # bounded temporaries: samples in groups (each sample's words do not depend on its group)
         parts = [fixed_point_square_sums([d[i : i + rows] for d in differences]) for i in range(0, n, rows)]
         return SquareSums(*(torch.cat([getattr(p, name) for p in parts]) for name in ("values", "words", "digit")))
-    squares = [_squares(d.reshape(n, -1)) for d in differences]
+    squares = [_squares(d.reshape(n, size)) for d, size in zip(differences, sizes, strict=True)]
     if not n:
         largest = squares[0].new_zeros(0, len(squares))
     elif len(squares) == 1:

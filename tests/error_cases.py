@@ -87,6 +87,14 @@ def _update(space: str = "pixel", **options: object) -> Callable[[torch.Tensor, 
     return metric.update
 
 
+def _update_with_cuda_inputs() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    metric = PerceptionMSE()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
+        metric.update(torch.rand(2, 3, 8, 8, device="cuda"), torch.rand(2, 3, 8, 8, device="cuda"))
+
+
 def _compute_after_unchecked_nan() -> object:
     metric = PerceptionMSE(validate_args=False)
     metric.update(_with(_image(), float("nan")), _image())  # found on the device, reported at compute
@@ -133,6 +141,9 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSE", "mel without sample_rate", lambda: PerceptionMSE("mel")),
     ("PerceptionMSE", "an lpips space without data_range", lambda: PerceptionMSE("lpips-squeeze", weights=_squeezenet())),
     ("metric.to", "the meta device", lambda: PerceptionMSE().to("meta")),
+    ("metric.to", "an Apple MPS device (no float64)", lambda: PerceptionMSE().to("mps")),
+    ("space.to", "an Apple MPS device (no float64)", lambda: get_space("pyramid").to(torch.device("mps"))),
+    ("metric.update", "CUDA inputs to a metric on the CPU", lambda: _update_with_cuda_inputs()),
     ("metric.load_state_dict", "a pyramid state into a pixel metric", lambda: _load(PerceptionMSE("pyramid"), PerceptionMSE())),
     ("metric.load_state_dict", "a state of the same size from another space", lambda: _load(PerceptionMSE("pyramid", levels=3), PerceptionMSE("mrstft"))),
     ("metric.merge_state", "pixel with waveform", lambda: _merge(PerceptionMSE(), PerceptionMSE("waveform"))),

@@ -94,7 +94,7 @@ def test_meta_inputs_get_the_clear_error_in_the_metric_and_the_functional() -> N
     metric = PerceptionMSE()
     meta = torch.ones(2, 3, device="meta")
     for call in (lambda: metric.update(meta, meta), lambda: perception_mse(meta, meta)):
-        with pytest.raises(ValueError, match="preds and target: are on the meta device"):
+        with pytest.raises(ValueError, match="preds and target: the meta device"):
             call()
     assert metric.update_count == 0
 

@@ -142,11 +142,7 @@ class Space(nn.Module):
         floats = [t for t in self.tensors() if t.is_floating_point()]
         dtype, device = (floats[0].dtype, floats[0].device) if floats else (torch.float32, torch.device("cpu"))
         probe = fn(torch.zeros((), dtype=dtype, device=device))
-        if probe.device.type == "meta":
-            raise ValueError(
-                f"space {self.name!r}: cannot move to the meta device (it holds no values to measure with); keep "
-                f"the metric or space on a real device (cpu, cuda, ...)"
-            )
+        checks.check_measuring_device(probe.device, f"space {self.name!r}.to")
         if probe.dtype != dtype:
             fn = lambda t: t.to(probe.device)  # noqa: E731
         with torch.inference_mode(False):  # moved inside validation, the weights stay normal tensors (loss use)
@@ -154,6 +150,13 @@ class Space(nn.Module):
             for network in self.networks():
                 network._apply(fn)
         return self
+
+    def to(self, *args: Any, **kwargs: Any) -> Space:
+        """``nn.Module.to``; a device that cannot hold a measurement (meta, MPS) is refused before anything moves."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            checks.check_measuring_device(device, f"space {self.name!r}.to")
+        return super().to(*args, **kwargs)
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         """Derived components of a batch ``x`` already mapped to ``expected_range``: ``{name: [N, ...]}``."""
