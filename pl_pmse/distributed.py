@@ -8,6 +8,7 @@ samples a rank receives, and rank ``r`` has ``len(range(r, N, W))`` samples of i
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -64,19 +65,65 @@ def check_same_everywhere(
     on a mismatch are the configurations gathered, to name each differing setting with its value per rank.
     """
     digest = zlib.crc32(repr(sorted(configuration.items())).encode()) & 0xFFFFF
+    device = collective_device(device, group)
     check = torch.tensor([digest, digest * digest], dtype=torch.int64, device=device)
     dist.all_reduce(check, group=group)
     world = dist.get_world_size(group)
     total, squares = check.tolist()
     if world * squares == total * total:
         return
-    gathered: list[Any] = [None] * world  # every rank is here: the check's result is the same everywhere
-    dist.all_gather_object(gathered, dict(configuration), group=group)
+    # every rank is here: the check's result is the same everywhere
+    gathered = [json.loads(part) for part in all_gather_bytes(json.dumps(dict(configuration)).encode(), device, group)]
     raise RuntimeError(
         f"{owner}: the configuration differs between processes "
         f"({differences({f'rank {rank}': found for rank, found in enumerate(gathered)})}); every rank must build "
         f"the same {owner}"
     )
+
+
+def collective_device(device: torch.device | str | None, group: Any = None) -> torch.device:
+    """Where the group's collectives take their tensors: NCCL the rank's own CUDA device (``device``, the one the
+    caller's work runs on; never ``torch.cuda.current_device()``, which is device 0 on a rank that never called
+    ``set_device``), every other backend the CPU."""
+    if dist.get_backend(group) == "nccl":
+        if device is None or torch.device(device).type != "cuda":
+            raise ValueError(f"an NCCL process group needs the rank's CUDA device for its collectives, got {device}")
+        return torch.device(device)
+    return torch.device("cpu")
+
+
+def all_gather_bytes(payload: bytes, device: torch.device | str | None = None, group: Any = None) -> list[bytes]:
+    """Every rank's ``payload`` on every rank, with tensor collectives on :func:`collective_device` (the sizes, then
+    the bytes padded to the longest)."""
+    device, world = collective_device(device, group), dist.get_world_size(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    data = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    data[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else data[:0]
+    parts = [torch.empty_like(data) for _ in range(world)]
+    dist.all_gather(parts, data, group=group)
+    return [part[:length].cpu().numpy().tobytes() for part, length in zip(parts, lengths, strict=True)]
+
+
+def send_bytes(payload: bytes, dst: int, device: torch.device | str | None = None, group: Any = None) -> None:
+    """Send ``payload`` to group rank ``dst`` (its size, then the bytes): pair with :func:`receive_bytes`."""
+    device = collective_device(device, group)
+    destination = dist.get_global_rank(group, dst) if group is not None else dst
+    dist.send(torch.tensor([len(payload)], dtype=torch.int64, device=device), destination, group=group)
+    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device), destination, group=group)
+
+
+def receive_bytes(src: int, device: torch.device | str | None = None, group: Any = None) -> bytes:
+    """The bytes group rank ``src`` sends with :func:`send_bytes`."""
+    device = collective_device(device, group)
+    source = dist.get_global_rank(group, src) if group is not None else src
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(size, source, group=group)
+    data = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.recv(data, source, group=group)
+    return data.cpu().numpy().tobytes()
 
 
 def differences(configurations: Mapping[str, Mapping[str, str] | None]) -> str:

@@ -35,8 +35,8 @@ def _seed_and_clean_launch_variables():
 def _pools() -> dict:
     holder: dict = {}
     yield holder
-    if "pool" in holder:
-        holder["pool"].close()
+    for pool in holder.values():
+        pool.close()
 
 
 @pytest.fixture
@@ -47,6 +47,17 @@ def ddp(_pools: dict) -> DistributedPool:
         if pool is not None:
             pool.close()
         pool = _pools["pool"] = DistributedPool(world_size=2)
+    return pool
+
+
+@pytest.fixture
+def ddp3(_pools: dict) -> DistributedPool:
+    """Three real processes on gloo (subgroups of them play smaller worlds); started once per session."""
+    pool = _pools.get("pool3")
+    if pool is None or pool.broken:
+        if pool is not None:
+            pool.close()
+        pool = _pools["pool3"] = DistributedPool(world_size=3)
     return pool
 
 

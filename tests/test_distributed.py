@@ -241,3 +241,67 @@ def float_state_task(rank: int, world_size: int) -> str:
 def test_a_float_state_on_one_rank_raises_on_every_rank(ddp) -> None:
     for message in ddp.run(float_state_task):
         assert "state dtype is torch.int64 (rank 0), torch.float64 (rank 1)" in message, message
+
+
+def worst_k_task(rank: int, world_size: int, k: int) -> dict[int, tuple[int, int, list[float]]]:
+    """Each rank keeps its k worst of 6 samples (two 3x64x64 float32 tensors each, 96 KiB); the gather runs in
+    worlds of 2 and 3 ranks (subgroups of the pool). Per world: the bytes this rank hands to collectives and sends,
+    the bytes of its chosen samples, and the values rank zero receives (worst first)."""
+    import pickle
+
+    from pl_pmse.callback.selection import Sample, WorstSamples
+
+    results = {}
+    for size in (2, 3):
+        group = dist.new_group(list(range(size)))  # every rank takes part in making each group
+        if rank >= size:
+            continue
+        worst = WorstSamples(k)
+        generator = torch.Generator().manual_seed(100 + rank)
+        for row in range(6):
+            value = float(torch.rand((), generator=generator))
+            position = row * size + rank
+            if worst.wants(value, position):
+                tensors = torch.rand(2, 3, 64, 64, generator=generator)
+                worst.add(Sample(value, -position, f"r{rank}s{row}", {}, tensors[0], tensors[1]))
+        sent = [0]
+        calls = {name: getattr(dist, name) for name in ("all_gather", "send")}
+
+        def counted(name: str):
+            def call(*args, **kwargs):
+                tensor = args[1] if name == "all_gather" else args[0]
+                sent[0] += tensor.numel() * tensor.element_size()
+                return calls[name](*args, **kwargs)
+
+            return call
+
+        try:
+            for name in calls:
+                setattr(dist, name, counted(name))
+            gathered = worst.gathered(group=group)
+        finally:
+            for name, call in calls.items():
+                setattr(dist, name, call)
+        every = [None] * size
+        dist.all_gather_object(every, [(s.value, s.earlier, s.label) for s in worst.heap], group=group)  # the check
+        chosen = sorted((entry for part in every for entry in part), reverse=True)[:k]
+        mine = sorted((s for s in worst.heap if s.label in {label for *_, label in chosen}), reverse=True)
+        results[size] = (sent[0], len(pickle.dumps(mine)) if mine else 0, [s.value for s in gathered], chosen)
+    return results
+
+
+def test_the_worst_k_gather_sends_the_chosen_samples_once_whatever_the_world_size(ddp3) -> None:
+    k = 4
+    results = ddp3.run(worst_k_task, k)
+    for size in (2, 3):
+        chosen = results[0][size][3]
+        assert results[0][size][2] == [value for value, *_ in chosen]  # rank zero gets the true k worst
+        assert all(results[rank][size][2] == [] for rank in range(1, size))
+        for rank in range(size):
+            sent, own_chosen, *_ = results[rank][size]
+            # 16 bytes per score, and a rank that holds chosen samples sends them once (their size first)
+            assert sent == 16 * k + (8 + own_chosen if rank and own_chosen else 0), (rank, size, sent, own_chosen)
+    assert any(results[rank][size][1] for size in (2, 3) for rank in range(1, size))  # samples did travel
+    # what a rank sends is bounded by k scores and its chosen samples: the same bound for 2 and 3 ranks
+    bound = 16 * k + 8 + k * (2 * 3 * 64 * 64 * 4 + 1024)
+    assert all(results[rank][size][0] <= bound for size in (2, 3) for rank in range(size))

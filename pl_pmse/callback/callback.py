@@ -433,7 +433,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if not self._draws_panels(trainer, loop):
             return
         states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
-        worst = [samples.gathered() for samples in stage.worst]  # collectives: every rank
+        worst = [samples.gathered(trainer.strategy.root_device) for samples in stage.worst]  # collectives: every rank
         if trainer.is_global_zero:
             if loop == "validate":
                 self._fixed.end_epoch(found=len(stage.fixed))

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import heapq
+import math
+import pickle
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..distributed import collective_device, receive_bytes, send_bytes
 from ..functional import SampleStats
 
 
@@ -118,11 +122,33 @@ class WorstSamples:
     def add(self, sample: Sample) -> None:
         (heapq.heappush if len(self.heap) < self.k else heapq.heapreplace)(self.heap, sample)
 
-    def gathered(self) -> list[Sample]:
-        """The ``k`` worst across all ranks, worst first: k per rank travel, never the set (a collective)."""
-        samples = self.heap
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, samples)
-            samples = [sample for part in parts for sample in part]
-        return sorted(samples, reverse=True)[: self.k]
+    def gathered(self, device: torch.device | str | None = None, group: Any = None) -> list[Sample]:
+        """The ``k`` worst across all ranks, worst first, on the group's rank zero (``[]`` elsewhere): a collective.
+
+        Sized by the result, in two phases: every rank's ``k`` scores ``(value, -position)`` are gathered (16 bytes
+        each), every rank picks the same ``k`` from them, and only the chosen samples travel, each once, to rank
+        zero (point to point); tensors on ``device`` for NCCL (:func:`~pl_pmse.distributed.collective_device`)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+            return sorted(self.heap, reverse=True)[: self.k]
+        rank, device = dist.get_rank(group), collective_device(device, group)
+        scores = torch.full((self.k, 2), -math.inf, dtype=torch.float64)
+        for index, sample in enumerate(self.heap):
+            scores[index] = torch.tensor([sample.value, sample.earlier], dtype=torch.float64)
+        everyone = [torch.empty_like(scores, device=device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, scores.to(device), group=group)
+        ranked = sorted(
+            ((value, earlier, source, index) for source, part in enumerate(everyone)
+             for index, (value, earlier) in enumerate(part.tolist()) if value > -math.inf),
+            reverse=True,
+        )[: self.k]  # fmt: skip
+        chosen: dict[int, list[int]] = {}
+        for _, _, source, index in ranked:
+            chosen.setdefault(source, []).append(index)
+        if rank:
+            if rank in chosen:
+                send_bytes(pickle.dumps([self.heap[i] for i in chosen[rank]]), 0, device, group)
+            return []
+        samples = [self.heap[i] for i in chosen.get(0, [])]
+        for source in sorted(chosen.keys() - {0}):
+            samples += pickle.loads(receive_bytes(source, device, group))  # noqa: S301 (this job's own ranks)
+        return sorted(samples, reverse=True)
