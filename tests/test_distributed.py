@@ -243,6 +243,24 @@ def test_a_float_state_on_one_rank_raises_on_every_rank(ddp) -> None:
         assert "state dtype is torch.int64 (rank 0), torch.float64 (rank 1)" in message, message
 
 
+class _SentBytes:
+    """Counts the bytes this rank hands to ``all_gather`` (its own tensor) and to ``send``."""
+
+    def __enter__(self) -> _SentBytes:
+        self.bytes, self.calls = 0, {name: getattr(dist, name) for name in ("all_gather", "send")}
+        dist.all_gather = lambda tensors, tensor, *a, **kw: self._count(tensor, "all_gather", tensors, tensor, *a, **kw)
+        dist.send = lambda tensor, *a, **kw: self._count(tensor, "send", tensor, *a, **kw)
+        return self
+
+    def _count(self, tensor: torch.Tensor, name: str, *args, **kwargs):
+        self.bytes += tensor.numel() * tensor.element_size()
+        return self.calls[name](*args, **kwargs)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, call in self.calls.items():
+            setattr(dist, name, call)
+
+
 def worst_k_task(rank: int, world_size: int, k: int) -> dict[int, tuple[int, int, list[float]]]:
     """Each rank keeps its k worst of 6 samples (two 3x64x64 float32 tensors each, 96 KiB); the gather runs in
     worlds of 2 and 3 ranks (subgroups of the pool). Per world: the bytes this rank hands to collectives and sends,
@@ -264,29 +282,13 @@ def worst_k_task(rank: int, world_size: int, k: int) -> dict[int, tuple[int, int
             if worst.wants(value, position):
                 tensors = torch.rand(2, 3, 64, 64, generator=generator)
                 worst.add(Sample(value, -position, f"r{rank}s{row}", {}, tensors[0], tensors[1]))
-        sent = [0]
-        calls = {name: getattr(dist, name) for name in ("all_gather", "send")}
-
-        def counted(name: str):
-            def call(*args, **kwargs):
-                tensor = args[1] if name == "all_gather" else args[0]
-                sent[0] += tensor.numel() * tensor.element_size()
-                return calls[name](*args, **kwargs)
-
-            return call
-
-        try:
-            for name in calls:
-                setattr(dist, name, counted(name))
+        with _SentBytes() as sent:
             gathered = worst.gathered(group=group)
-        finally:
-            for name, call in calls.items():
-                setattr(dist, name, call)
         every = [None] * size
         dist.all_gather_object(every, [(s.value, s.earlier, s.label) for s in worst.heap], group=group)  # the check
         chosen = sorted((entry for part in every for entry in part), reverse=True)[:k]
         mine = sorted((s for s in worst.heap if s.label in {label for *_, label in chosen}), reverse=True)
-        results[size] = (sent[0], len(pickle.dumps(mine)) if mine else 0, [s.value for s in gathered], chosen)
+        results[size] = (sent.bytes, len(pickle.dumps(mine)) if mine else 0, [s.value for s in gathered], chosen)
     return results
 
 

@@ -150,5 +150,5 @@ class WorstSamples:
             return []
         samples = [self.heap[i] for i in chosen.get(0, [])]
         for source in sorted(chosen.keys() - {0}):
-            samples += pickle.loads(receive_bytes(source, device, group))  # noqa: S301 (this job's own ranks)
+            samples += pickle.loads(receive_bytes(source, device, group))  # this job's own ranks
         return sorted(samples, reverse=True)
