@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_suite_smoke_run() -> None:
     command = [sys.executable, str(ROOT / "benchmarks/run.py"), "--quick", "--only", "pixel", "--only", "memory",
                "--only", "scaling", "--only", "sync", "--only", "callback", "--only", "loss",
-               "--only", "pyramid", "--only", "exactness", "--only", "launches"]  # fmt: skip
+               "--only", "pyramid", "--only", "exactness", "--only", "launches", "--only", "small-batch"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     for title in (
@@ -29,6 +29,8 @@ def test_benchmark_suite_smoke_run() -> None:
         "Loss",
         "Pyramid scaling",
         "Exactness costs",
+        "Fixed cost",
+        "Kernel launches per update",
     ):
         assert f"### {title}" in done.stdout
     assert "| pl-pmse PerceptionMSE('pixel')                                 | 1 " in done.stdout
