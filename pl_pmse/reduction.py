@@ -278,7 +278,7 @@ def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
     target = None if target is None else _rows(target, per_sample)
     rows = max(1, BLOCK_ELEMENTS // per_sample)
     if n * per_sample <= BLOCK_ELEMENTS and preds.dim() == 2 and (target is None or target.dim() == 2):  # one block
-        return _block_sums(_difference(preds, target), per_sample)
+        return _block_sums(_difference(preds, target), per_sample, scratch=target is not None)
     columns = per_sample if rows > 1 else BLOCK_ELEMENTS  # a long sample in column blocks (a multiple of CHUNK)
     out = None
     buffer = torch.empty(min(rows, n) * min(columns, per_sample), dtype=dtype, device=preds.device)  # reused
@@ -288,31 +288,27 @@ def _streaming_sums(preds: Tensor, target: Tensor | None) -> Tensor:
         for start in range(0, n, rows):
             p = preds[start : start + rows].reshape(-1, per_sample)[:, first : first + width]
             block = buffer[: p.shape[0] * width].view(p.shape[0], width)
-            if target is None and p.dtype == dtype and p.is_contiguous():
-                block = p  # a difference computed already: read in place
-            elif target is None:
-                block.copy_(p)
+            if target is None:
+                block.copy_(p)  # a difference computed already: copied (squared in place next)
             else:
                 torch.sub(p.to(dtype), target[start : start + rows].reshape(-1, per_sample)[
                     :, first : first + width].to(dtype), out=block)  # fmt: skip
-            sums.append(_block_sums(block, width))
+            sums.append(_block_sums(block, width, scratch=True))
         total = sums[0] if len(sums) == 1 else torch.cat(sums)
         out = total if out is None else out.add_(total)
     return out
 
 
-def _block_sums(block: Tensor, width: int) -> Tensor:
+def _block_sums(block: Tensor, width: int, scratch: bool = False) -> Tensor:
     """float64 row sums of the squares of ``[rows, width]``: per chunk of ``CHUNK`` in the block's dtype, then the
-    chunk sums in float64."""
+    chunk sums in float64. A ``scratch`` block (a buffer of ours) is squared in place (no temporary)."""
+    squares = block.square_() if scratch else block.square()
     chunks, tail = divmod(width, CHUNK)
-    if not tail:
-        whole = block.reshape(-1, chunks, CHUNK)
-        return torch.linalg.vecdot(whole, whole).sum(1, dtype=torch.float64)
-    partials = [torch.linalg.vecdot(block[:, chunks * CHUNK :], block[:, chunks * CHUNK :])[:, None]]
-    if chunks:
-        whole = block[:, : chunks * CHUNK].reshape(-1, chunks, CHUNK)
-        partials.insert(0, torch.linalg.vecdot(whole, whole))
-    return (partials[0] if not chunks else torch.cat(partials, 1)).sum(1, dtype=torch.float64)
+    rows = squares.shape[0]
+    partials = [squares[:, : chunks * CHUNK].reshape(rows, chunks, CHUNK).sum(2)] if chunks else []
+    if tail:
+        partials.append(squares[:, chunks * CHUNK :].sum(1, keepdim=True))
+    return (partials[0] if len(partials) == 1 else torch.cat(partials, 1)).sum(1, dtype=torch.float64)
 
 
 def _rows(x: Tensor, per_sample: int) -> Tensor:
