@@ -140,15 +140,13 @@ class ExactSumMetric(Metric):
         counts: Sequence[int] | Tensor,
         fixed: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
-        """Add ``sums`` (``[num_sums, P]``, non-negative, finite, as a tensor or as rows of Python floats; or None)
-        or ``fixed`` (``(words, digit, valid)``:
-        fixed-point sums of every row, see :func:`~pl_pmse.exact.add_fixed`), and ``counts`` (ints, or an int64
-        tensor on the state's device: no host synchronisation) to the state."""
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite: a tensor, or rows of Python floats with ``counts``
+        as ints) or ``fixed`` (``(words, digit, valid)``: fixed-point sums of every row, see
+        :func:`~pl_pmse.exact.add_fixed`), and ``counts`` (ints, or an int64 tensor on the state's device: no host
+        synchronisation) to the state."""
         totals = self.totals
         if totals.is_inference() and not torch.is_inference_mode_enabled():
             totals = self.totals = totals.clone()  # reset in validation: an inference tensor changes in inference mode
-        if isinstance(sums, Tensor) and not isinstance(counts, Tensor) and on_host(totals.device, sums.numel()):
-            sums = sums.double().tolist()
         if isinstance(sums, list):  # rows of Python floats: binned in Python, one addition for all
             totals += torch.tensor(host_bins(sums) + list(counts))
             return
