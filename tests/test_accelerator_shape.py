@@ -188,3 +188,15 @@ def test_casts_never_reach_the_exact_state_and_half_states_are_refused() -> None
     with pytest.raises(ValueError, match="Apple's MPS device has no float64"):
         metric.to("mps")
     assert metric.totals.device.type == "cpu"
+
+
+def test_mps_inputs_are_refused_with_the_reason() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    metric = PerceptionMSE()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # MPS tensors on a machine without one
+        preds = torch.rand(2, 3, 8, 8, device="mps")
+        for call in (lambda: metric.update(preds, preds), lambda: perception_mse(preds, preds)):
+            with pytest.raises(ValueError, match="preds and target: Apple's MPS device has no float64"):
+                call()
+    assert not metric.totals.any()
