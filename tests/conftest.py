@@ -39,26 +39,26 @@ def _pools() -> dict:
         pool.close()
 
 
-@pytest.fixture
-def ddp(_pools: dict) -> DistributedPool:
-    """Two real processes on gloo; started once per session, restarted after a failed task."""
-    pool = _pools.get("pool")
+def _pool(pools: dict, world_size: int) -> DistributedPool:
+    """The session's pool of ``world_size`` processes, started on first use and restarted after a failed task."""
+    pool = pools.get(world_size)
     if pool is None or pool.broken:
         if pool is not None:
             pool.close()
-        pool = _pools["pool"] = DistributedPool(world_size=2)
+        pool = pools[world_size] = DistributedPool(world_size=world_size)
     return pool
+
+
+@pytest.fixture
+def ddp(_pools: dict) -> DistributedPool:
+    """Two real processes on gloo."""
+    return _pool(_pools, 2)
 
 
 @pytest.fixture
 def ddp3(_pools: dict) -> DistributedPool:
-    """Three real processes on gloo (subgroups of them play smaller worlds); started once per session."""
-    pool = _pools.get("pool3")
-    if pool is None or pool.broken:
-        if pool is not None:
-            pool.close()
-        pool = _pools["pool3"] = DistributedPool(world_size=3)
-    return pool
+    """Three real processes on gloo (subgroups of them play smaller worlds)."""
+    return _pool(_pools, 3)
 
 
 @pytest.fixture(scope="session")
