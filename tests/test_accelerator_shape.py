@@ -28,12 +28,12 @@ LAUNCH_CASES = [
     ("waveform", {}, (16000, 160000), 40),
     ("mel", {"sample_rate": 16000}, (16000, 160000), 40),
     ("mrstft", {}, (16000, 64000), 40),
-    ("vgg16", RANDOM, (64, 256), 40),
-    ("alexnet", RANDOM, (64, 256), 40),
+    ("vgg16", RANDOM, (64, 1024), 40),
+    ("alexnet", RANDOM, (64, 1024), 40),
     ("squeezenet", RANDOM, (64, 1024), 40),
-    ("lpips-alex", {**RANDOM, "data_range": 1.0}, (64, 256), 40),
-    ("lpips-vgg", {**RANDOM, "data_range": 1.0}, (64, 128), 40),
-    ("lpips-squeeze", {**RANDOM, "data_range": 1.0}, (64, 256), 40),
+    ("lpips-alex", {**RANDOM, "data_range": 1.0}, (64, 1024), 40),
+    ("lpips-vgg", {**RANDOM, "data_range": 1.0}, (64, 1024), 40),
+    ("lpips-squeeze", {**RANDOM, "data_range": 1.0}, (64, 1024), 40),
 ]
 
 
