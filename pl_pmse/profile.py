@@ -19,7 +19,7 @@ from torch import Tensor
 from . import checks
 from .metric import ExactSumMetric
 from .precision import own_precision
-from .spaces.audio import MelAnalysis
+from .spaces.audio import MelAnalysis, check_fft
 
 MODALITIES = ("image", "audio")
 
@@ -57,11 +57,16 @@ class ErrorProfile(ExactSumMetric):
         **kwargs: Any,
     ) -> None:
         modality = checks.check_choice("modality", modality, MODALITIES)
-        for argument, value in (("grid", grid), ("bands", bands), ("n_mels", n_mels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
-        if modality == "audio" and (not isinstance(sample_rate, int) or sample_rate <= 0):
-            raise ValueError(f"sample_rate: the audio profile needs the sample rate in Hz, got {sample_rate!r}")
+        for argument, value, most in (("grid", grid, 256), ("bands", bands, 1024), ("n_mels", n_mels, 1024)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(
+                    f"{argument}: expected an integer from 1 to {most} (the state holds 72 int64 per value: "
+                    f"{most} keeps it below 40 MB), got {value!r}"
+                )
+        if modality == "audio":
+            if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+                raise ValueError(f"sample_rate: the audio profile needs the sample rate in Hz, got {sample_rate!r}")
+            check_fft(n_fft, hop_length, None)
         per_row = bands if modality == "image" else n_mels
         # the state's parts, in the order the per-sample values are concatenated (see _image/_audio_values)
         parts = {"error_map": (grid, grid)} if modality == "image" else {}

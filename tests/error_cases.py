@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pl_pmse import PerceptionMSE, get_space, perception_mse
+from pl_pmse.spaces import register_space
 
 TMP = Path(tempfile.gettempdir()) / "pl-pmse-error-cases"
 
@@ -85,6 +86,24 @@ def _merge(first: PerceptionMSE, second: PerceptionMSE | None = None) -> None:
 def _update(space: str = "pixel", **options: object) -> Callable[[torch.Tensor, torch.Tensor], None]:
     metric = PerceptionMSE(space, **options)
     return metric.update
+
+
+def _profile(modality: str, **options: object) -> object:
+    from pl_pmse import ErrorProfile
+
+    return ErrorProfile(modality, **options)
+
+
+def _update_with_a_layer_that_never_runs() -> None:
+    class Unused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.unused = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stem(x)
+
+    PerceptionMSE(Unused(), layers=["stem", "unused"]).update(_image(), _image())
 
 
 def _update_with_cuda_inputs() -> None:
@@ -162,6 +181,23 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSECallback", "a negative worst_k", lambda: _callback(worst_k=-1)),
     ("PerceptionMSECallback", "extract is not a function", lambda: _callback(extract="preds")),
     ("PerceptionMSECallback", "an unknown modality", lambda: _callback(modality="video")),
+    ("PerceptionMSECallback", "an infinite panel_timeout", lambda: _callback(panel_timeout=float("inf"))),
+    ("PerceptionMSECallback", "panel_timeout as a string", lambda: _callback(panel_timeout="10")),
+    ("PerceptionMSECallback", "a zero panel_timeout", lambda: _callback(panel_timeout=0)),
+    ("PerceptionMSECallback", "a prefix with a NUL", lambda: _callback(prefix="val\x00pmse")),
+    ("PerceptionMSECallback", "a prefix with an empty part", lambda: _callback(prefix="val//pmse")),
+    ("PerceptionMSECallback", "a prefix ending in '/'", lambda: _callback(prefix="val/pmse/")),
+    ("PerceptionMSECallback", "panels as a string", lambda: _callback(panels="yes")),
+    ("PerceptionMSECallback", "worst_k as a string", lambda: _callback(worst_k="4")),
+    ("PerceptionMSECallback", "a zero panels_every_n_epochs", lambda: _callback(panels_every_n_epochs=0)),
+    ("PerceptionMSECallback", "an error map grid of 10000", lambda: _callback(error_map_grid=10000)),
+    ("PerceptionMSECallback", "a space option the space does not take", lambda: _callback(space_options={"layers": ["a"]})),
+    ("ErrorProfile", "a grid of 10000 (57.6 GB of state)", lambda: _profile("image", grid=10000)),
+    ("ErrorProfile", "a negative n_fft", lambda: _profile("audio", sample_rate=16000, n_fft=-4)),
+    ("ErrorProfile", "n_fft=0", lambda: _profile("audio", sample_rate=16000, n_fft=0)),
+    ("register_space", "a built-in name", lambda: register_space("pixel")),
+    ("get_space", "an LPIPS calibration file that does not exist", lambda: get_space("lpips-alex", weights="random", calibration="/nonexistent/bad.pth")),
+    ("metric.update", "a hooked layer that never runs", _update_with_a_layer_that_never_runs),
 ]  # fmt: skip
 
 DISTRIBUTED = (

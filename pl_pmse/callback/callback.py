@@ -7,6 +7,7 @@ zero, never during the sanity check, and a failing logger only warns.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -165,19 +166,31 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
         for argument, value in (("prefix", prefix), ("test_prefix", test_prefix)):
-            if value.startswith("/") or {".", ".."} & set(value.split("/")) or "\\" in value:
+            parts = value.split("/")
+            if not value.isprintable() or "\\" in value or "" in parts or {".", ".."} & set(parts):
                 raise ValueError(
-                    f"{argument}: expected a key like 'val/pmse' ('/'-separated names, no '.' or '..' parts, no "
-                    f"leading '/': it also names the panel folders), got {value!r}"
+                    f"{argument}: expected a key like 'val/pmse' (printable names joined by single '/', no empty, "
+                    f"'.' or '..' part, no leading or trailing '/': it also names the panel folders), got {value!r}"
                 )
+        if (
+            isinstance(panel_timeout, bool)
+            or not isinstance(panel_timeout, (int, float))
+            or not (0 < panel_timeout < math.inf)
+        ):
+            raise ValueError(f"panel_timeout: expected a finite number of seconds > 0, got {panel_timeout!r}")
+        for argument, value in (("panels", panels), ("background_panels", background_panels), ("profile", profile),
+                                ("prog_bar", prog_bar)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise TypeError(f"{argument}: expected True or False, got {value!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract: expected a function (outputs, batch) -> (preds, target), got {extract!r}")
-        counts = {"num_panel_samples": (num_panel_samples, 0), "worst_k": (worst_k, 0),
-                  "panels_every_n_epochs": (panels_every_n_epochs, 1), "error_map_grid": (error_map_grid, 1),
-                  "spectrum_bands": (spectrum_bands, 1)}  # fmt: skip
-        for argument, (value, minimum) in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
+        counts = {"num_panel_samples": (num_panel_samples, 0, math.inf), "worst_k": (worst_k, 0, math.inf),
+                  "panels_every_n_epochs": (panels_every_n_epochs, 1, math.inf),
+                  "error_map_grid": (error_map_grid, 1, 256), "spectrum_bands": (spectrum_bands, 1, 1024)}  # fmt: skip
+        for argument, (value, minimum, most) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= most:
+                bound = f">= {minimum}" if most == math.inf else f"from {minimum} to {most}"
+                raise ValueError(f"{argument}: expected an integer {bound}, got {value!r}")
         self.preds_key, self.target_key, self.extract = preds_key, target_key, extract
         self.input_key = input_key
         self.prefixes = {"validate": prefix, "test": test_prefix}

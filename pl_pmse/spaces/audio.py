@@ -90,7 +90,7 @@ class MelSpace(AudioSpace):
             raise ValueError(
                 f"sample_rate: space 'mel' needs the audio's sample rate in Hz (e.g. 16000), got {sample_rate!r}"
             )
-        _check_fft(n_fft, hop_length, win_length)
+        check_fft(n_fft, hop_length, win_length)
         if f_max is not None and not f_min < f_max <= sample_rate / 2:
             raise ValueError(f"f_max: expected f_min < f_max <= sample_rate / 2 = {sample_rate / 2}, got {f_max}")
         super().__init__({"mel": 1.0}, raw_weight=0.0, component_weights=component_weights)
@@ -360,7 +360,7 @@ class MultiResolutionSTFT(AudioSpace):
                 f"{fft_sizes}, {hop_sizes}, {win_lengths}"
             )
         for n_fft, hop, win in zip(fft_sizes, hop_sizes, win_lengths, strict=True):
-            _check_fft(n_fft, hop, win)
+            check_fft(n_fft, hop, win)
         super().__init__({f"stft{n}": 1.0 for n in fft_sizes}, raw_weight=0.0, component_weights=component_weights)
         self.eps = eps
         self.min_length = max(fft_sizes) // 2 + 1
@@ -391,9 +391,12 @@ def _power_spectrogram(transform: torchaudio.transforms.Spectrogram, x: Tensor) 
     return frames.abs().pow(2.0).reshape(*x.shape[:-1], *frames.shape[-2:])
 
 
-def _check_fft(n_fft: int, hop_length: int | None, win_length: int | None) -> None:
+def check_fft(n_fft: int, hop_length: int | None, win_length: int | None) -> None:
+    """The STFT's sizes: positive integers, the window no longer than the FFT, at least 2 frequencies."""
     for argument, value in (("n_fft", n_fft), ("hop_length", hop_length), ("win_length", win_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
+    if n_fft < 2:
+        raise ValueError(f"n_fft: expected at least 2 (one frequency besides 0), got {n_fft}")
     if win_length is not None and win_length > n_fft:
         raise ValueError(f"win_length: expected at most n_fft = {n_fft}, got {win_length}")

@@ -216,6 +216,12 @@ class Backbone(Space):
         finally:
             for hooked, _, _ in self._hooked:
                 hooked._pl_pmse_slot = None
+        missing = [f"{name!r} ({path!r})" for _, names, path in self._hooked for name in names if name not in captured]
+        if missing:
+            raise ValueError(
+                f"layers: {', '.join(missing)} did not run in the forward of space {self.name!r} (a module the "
+                f"network's forward never calls); hook modules on its path"
+            )
         return captured
 
     def extra_repr(self) -> str:
@@ -330,17 +336,22 @@ def _imagenet_state(architecture: str) -> dict[str, Tensor]:
         ) from error
 
 
-def _state_from_file(path: str | os.PathLike, architecture: str) -> dict[str, Tensor]:
+def _state_from_file(
+    path: str | os.PathLike, architecture: str, argument: str = "weights", named: str = "'imagenet', 'random'"
+) -> dict[str, Tensor]:
+    """The state_dict in the file ``path`` that the option ``argument`` gave (``named``: the values it takes
+    besides a path, for the messages)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"weights: expected 'imagenet', 'random' or a path, got {type(path).__name__}")
+        raise TypeError(f"{argument}: expected {named} or a path, got {type(path).__name__}")
     if not Path(path).is_file():
-        raise ValueError(f"weights: expected 'imagenet', 'random' or a path to a state_dict file, got {str(path)!r}")
+        raise ValueError(f"{argument}: expected {named} or a path to a state_dict file, got {str(path)!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"weights: {path} is not a readable torch state_dict file ({type(error).__name__})") from None
+        reason = type(error).__name__
+        raise ValueError(f"{argument}: {path} is not a readable torch state_dict file ({reason})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"weights: {path} holds a {type(state).__name__}, expected a {architecture} state_dict")
+        raise ValueError(f"{argument}: {path} holds a {type(state).__name__}, expected a {architecture} state_dict")
     return dict(state)
 
 
@@ -357,7 +368,7 @@ def lpips_calibration(architecture: str, calibration: str | os.PathLike = "lpips
             ) from None
     else:
         path = calibration
-    state = _state_from_file(path, f"LPIPS {arch.lpips_name}")
+    state = _state_from_file(path, f"LPIPS {arch.lpips_name}", "calibration", "'lpips'")
     weights = {}
     for index, name in enumerate(arch.layers):
         weight = state.get(f"lin{index}.model.1.weight")

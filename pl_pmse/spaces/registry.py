@@ -23,8 +23,11 @@ def register_module_space(factory: Callable[..., Space]) -> Callable[..., Space]
     return factory
 
 
-def register_space(name: str) -> Callable[[Callable[..., Space]], Callable[..., Space]]:
+def register_space(name: str, replace: bool = False) -> Callable[[Callable[..., Space]], Callable[..., Space]]:
     """Register a factory (a Space subclass or a function returning a Space) under ``name``.
+
+    A name already registered (every built-in one included) is refused unless ``replace=True``: a registration
+    changes what the name means for the whole process, so replacing one is said explicitly.
 
     Example:
         >>> @register_space("my-pixel")
@@ -33,8 +36,17 @@ def register_space(name: str) -> Callable[[Callable[..., Space]], Callable[..., 
         >>> get_space("my-pixel").component_names
         ('pixel',)
     """
+    if not isinstance(name, str) or not name or not name.isprintable():
+        raise ValueError(f"register_space: expected a non-empty printable name, got {name!r}")
+    if name in _FACTORIES and not replace:
+        raise ValueError(
+            f"register_space: {name!r} is registered already ({_FACTORIES[name].__module__}."
+            f"{_FACTORIES[name].__qualname__}); pick another name, or pass replace=True to replace it for this process"
+        )
 
     def decorator(factory: Callable[..., Space]) -> Callable[..., Space]:
+        if not callable(factory):
+            raise TypeError(f"register_space({name!r}): expected a Space subclass or a function, got {factory!r}")
         _FACTORIES[name] = factory
         return factory
 
