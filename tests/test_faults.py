@@ -193,7 +193,10 @@ def test_a_hung_logger_costs_at_most_the_budget_and_is_then_skipped(tmp_path, mo
     assert "3 panel(s) were dropped" in reports[0] and all("dropped" in report for report in reports[1:])
 
 
-def test_slow_drawing_is_dropped_at_the_budget_and_teardown_waits_at_most_that(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("background", [True, False], ids=["background", "at the epoch end"])
+def test_slow_drawing_is_dropped_at_the_budget_and_teardown_waits_at_most_that(
+    tmp_path, monkeypatch, background
+) -> None:
     draw = image_panels.comparison_grid
 
     def slow_draw(*args, **kwargs):
@@ -201,13 +204,14 @@ def test_slow_drawing_is_dropped_at_the_budget_and_teardown_waits_at_most_that(t
         return draw(*args, **kwargs)
 
     monkeypatch.setattr(image_panels, "comparison_grid", slow_draw)
-    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0, profile=False)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0, profile=False,
+                                     background_panels=background)  # fmt: skip
     trainer = trainer_for(tmp_path, [callback], max_epochs=2)
     start = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
-    assert time.monotonic() - start < 10  # before: 2 epochs x 20 s of drawing waited for
+    assert time.monotonic() - start < 10  # before: 2 epochs x 20 s of drawing waited for (either mode)
     reports = [str(w.message) for w in caught if "panels of validate epoch" in str(w.message)]
     assert len(reports) == 2 and all("were dropped" in report for report in reports)
 
@@ -235,17 +239,23 @@ def test_ctrl_c_with_panels_in_flight_ends_at_once(tmp_path, monkeypatch) -> Non
     assert thread.daemon  # a daemon: the interpreter does not wait for it at exit
 
 
-def test_system_exit_in_the_panel_thread_does_not_end_the_fit(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+@pytest.mark.parametrize("background", [True, False], ids=["background", "at the epoch end"])
+def test_an_exit_while_drawing_does_not_end_the_fit_and_is_reported(tmp_path, monkeypatch, error, background) -> None:
+    """Before: SystemExit ended the fit with background_panels=False, and a KeyboardInterrupt raised by drawing code
+    on the panel thread (no Ctrl-C reaches that thread) lost the epoch's panels without a word."""
+
     def exits(*args, **kwargs):
-        raise SystemExit(3)
+        raise error
 
     monkeypatch.setattr(image_panels, "comparison_grid", exits)
-    trainer = trainer_for(tmp_path, [PerceptionMSECallback("pixel", data_range=1.0)], max_epochs=2)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=background)
+    trainer = trainer_for(tmp_path, [callback], max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     assert trainer.current_epoch == 2 and not trainer.interrupted
-    assert any("SystemExit" in str(w.message) for w in caught)
+    assert sum(type(error).__name__ in str(w.message) for w in caught) == 2  # one report per epoch
     assert list(Path(trainer.log_dir, "pmse_panels").rglob("error_map/*.png"))  # the other panels were drawn
 
 

@@ -104,9 +104,10 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             (default ``[0, 1]``) and clips (default ``[-1, 1]``).
         panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel.
         panels_every_n_epochs: draw every n-th validation epoch.
-        background_panels: draw and encode panels on a background thread, so that training goes on meanwhile;
-            the logger calls are made at the next training batch (or when the loop ends) while the training thread
-            waits, so they never run beside Lightning's own logging.
+        background_panels: let training go on while the panel thread draws and encodes; the logger calls are made
+            at the next training batch (or when the loop ends) while the training thread waits, so they never run
+            beside Lightning's own logging. ``False``: the epoch end waits for the drawing and the logger calls at
+            once, under the same ``panel_timeout`` and the same containment of failures.
         panel_timeout: the most the training thread waits for one epoch's panels, in seconds, drawing and logger
             calls together (default 10). Panels that miss it are dropped with one warning that counts them, and a
             logger that overran is not called again; teardown waits at most this too, Ctrl-C not at all.

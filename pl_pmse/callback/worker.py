@@ -7,7 +7,9 @@ the training thread waits, so they never run beside Lightning's own logging. The
 with one warning that counts it. A sink that overran is not called again. Failures (a sink raising, a disk full,
 even ``SystemExit`` from a sink) are counted per epoch and reported in one warning; none reaches training.
 
-Ctrl-C: the thread is a daemon and :meth:`close` with ``wait=False`` returns at once, so the process ends.
+``background=False`` draws on the same thread and waits for the drawing and the logger calls at once (within the
+same budget) instead of at the next training batch. Ctrl-C: the thread is a daemon and :meth:`close` with
+``wait=False`` returns at once, so the process ends.
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ class Epoch:
                 self.sends.append((sink, what, call))
 
     def guard(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run ``call``; count a failure instead of raising it (``SystemExit`` too, off the main thread: nothing
-        the panel thread raises ends the fit). Ctrl-C on the training thread (``background_panels=False``) goes on."""
+        """Run ``call``; count a failure instead of raising it (``SystemExit`` and ``KeyboardInterrupt`` too off the
+        main thread, where no Ctrl-C arrives: nothing the panel thread raises ends the fit, and it is reported)."""
         try:
             return call()
         except BaseException as error:
-            on_main = threading.current_thread() is threading.main_thread()
-            if isinstance(error, KeyboardInterrupt) or (on_main and isinstance(error, SystemExit)):
-                raise
+            if threading.current_thread() is threading.main_thread() and isinstance(error, (KeyboardInterrupt,
+                                                                                            SystemExit)):  # fmt: skip
+                raise  # Ctrl-C or an exit on the training thread: the user's
             with self.lock:
                 if not self.abandoned:
                     self.failures[f"{what}: {type(error).__name__}: {error}"] += 1
@@ -88,10 +90,9 @@ class PanelWorker:
         """Hand over an epoch's drawing; the previous epoch's panels are delivered (or dropped) first."""
         self.deliver(wait=True)
         epoch = self._epoch = Epoch(label, self.timeout, frozenset(self._broken))
-        if self.background:
-            self._run_on_thread(lambda: self._draw(epoch, draw))
-        else:
-            self._draw(epoch, draw)
+        self._run_on_thread(lambda: self._draw(epoch, draw))
+        if not self.background:  # drawn and delivered now, under the same budget and containment
+            self.deliver(wait=True)
 
     def deliver(self, wait: bool) -> None:
         """Make the logger calls of the drawn epoch, on the worker thread, waiting within the epoch's budget.
