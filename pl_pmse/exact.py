@@ -113,10 +113,12 @@ def add_fixed(bins: Tensor, words: Tensor, digit: Tensor, valid: Tensor) -> Tens
 def fixed_point_layout(code: int) -> tuple[float, float, int]:
     """``(scale, unit, digit)`` for squares whose largest has the biased float64 exponent ``code``: words of the
     scaled squares ``square * scale`` lie below ``2**30`` on grid digit ``digit``, and ``unit = 1 / scale`` is its
-    value. ``code`` 2047 (NaN, inf) and squares of ``2**1005`` or more give a non-finite unit: such sums overflow
-    float64 anyway. The scale is at most ``2**1006``, so squares below ``2**-976`` keep fewer than 30 bits."""
-    if code >= 2027:  # above 2**1004: the top words would pass the grid
-        return (math.nan, math.nan if code == 2047 else math.inf, 4)
+    value. ``code`` 2047 (NaN, inf) gives a NaN unit. So do squares of ``2**1004`` or more (float64 differences of
+    ``2**502``, about 1.3e151, or more): their top words would pass the grid, and such a sample counts as non-finite
+    on an accelerator (the CPU's float64 sum may still be finite). The scale is at most ``2**1006``, so squares below
+    ``2**-976`` keep fewer than 30 bits."""
+    if code >= 2027:  # 2**1004 and above: the top words would pass the grid
+        return (math.nan, math.nan, 4)
     digit = max(4, -(-(code + 74) // DIGIT_BITS))  # amax < 2**(code - 1022) <= 2**30 * unit
     return (2.0 ** (-(DIGIT_BITS * digit + _LOWEST_BIT)), 2.0 ** (DIGIT_BITS * digit + _LOWEST_BIT), digit)
 
@@ -127,12 +129,15 @@ def device_constant(name: str | tuple, device: torch.device, rows: int = 0) -> T
     the CPU's are made at import."""
     if torch.compiler.is_compiling():  # traced: a constant of the graph
         return _make_constant(name, max(rows, _ROWS)).to(device)[: rows or None]
-    key = (name, device, id(torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)))
-    if key not in _CONSTANTS or rows > _CONSTANTS[key].shape[0]:
-        if isinstance(name, tuple) and len(_CONSTANTS) >= _MAX_CONSTANTS:  # keyed by input sizes: the oldest goes
-            del _CONSTANTS[next(k for k in _CONSTANTS if isinstance(k[0], tuple))]
-        _CONSTANTS[key] = _make_constant(name, max(rows, _ROWS)).to(device)
-    return _CONSTANTS[key][: rows or None]
+    fake = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    cache = _CONSTANTS if fake is None else fake.__dict__.setdefault("_pl_pmse_constants", {})  # dies with the mode
+    key = (name, device)
+    if key not in cache or rows > cache[key].shape[0]:
+        sized = [k for k in cache if isinstance(k[0], tuple)]  # keyed by input sizes: the oldest goes
+        if isinstance(name, tuple) and len(sized) >= _MAX_SIZED:
+            del cache[sized[0]]
+        cache[key] = _make_constant(name, max(rows, _ROWS)).to(device)
+    return cache[key][: rows or None]
 
 
 def _make_constant(name: str | tuple, rows: int) -> Tensor:
@@ -155,7 +160,7 @@ def _make_constant(name: str | tuple, rows: int) -> Tensor:
     return torch.tensor([[[k * NUM_BINS - j + i for i in range(2)] for j in range(3)] for k in range(rows)])
 
 
-_MAX_CONSTANTS = 64
+_MAX_SIZED = 64  # constants kept per input sizes (count weights)
 _ROWS = 64  # rows of the tables by accumulator row made at first (more when a metric needs them)
 _CONSTANTS: dict[tuple, Tensor] = {}
 for _name in ("binning", "fixed point", "digit shifts", "value digits", "word digits"):

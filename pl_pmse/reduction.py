@@ -137,7 +137,8 @@ def fixed_point_square_sums(differences: list[Tensor]) -> SquareSums:
     lie below ``2**30`` in units of a grid digit; their integer parts, then the next 30 bits twice, are summed in
     int64 (three words, each sum below ``2**60``). Integer addition is exact in any order, so the words, and the
     float64 value made from them, depend on the sample only. The value is within ``E * 2**-60`` of the largest square
-    (``E`` elements) of the float64 sum; NaN or inf anywhere gives a NaN or inf value.
+    (``E`` elements) of the float64 sum; NaN or inf anywhere, or a square of ``2**1004`` or more (see
+    :func:`pl_pmse.exact.fixed_point_layout`), gives a NaN value.
 
     Example:
         >>> sums = fixed_point_square_sums([torch.tensor([[3.0, 4.0]])])

@@ -189,6 +189,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSECallback", "a prefix ending in '/'", lambda: _callback(prefix="val/pmse/")),
     ("PerceptionMSECallback", "panels as a string", lambda: _callback(panels="yes")),
     ("PerceptionMSECallback", "worst_k as a string", lambda: _callback(worst_k="4")),
+    ("PerceptionMSECallback", "a worst_k of 10**8 (the scores gathered would take 1.6 GB)", lambda: _callback(worst_k=10**8)),
     ("PerceptionMSECallback", "a zero panels_every_n_epochs", lambda: _callback(panels_every_n_epochs=0)),
     ("PerceptionMSECallback", "an error map grid of 10000", lambda: _callback(error_map_grid=10000)),
     ("PerceptionMSECallback", "a space option the space does not take", lambda: _callback(space_options={"layers": ["a"]})),

@@ -116,6 +116,9 @@ def test_non_finite_squares_give_non_finite_values_and_are_left_out() -> None:
     x[1, 3], x[2, 0] = math.nan, math.inf
     values = reduction.fixed_point_square_sums([x]).values[:, 0]
     assert torch.isfinite(values[[0, 3]]).all() and not torch.isfinite(values[[1, 2]]).any()
+    huge = torch.tensor([[2.0**501], [2.0**502]], dtype=torch.float64)  # the documented limit: squares of 2**1004
+    values = reduction.fixed_point_square_sums([huge]).values[:, 0]
+    assert values[0] == 2.0**1002 and values[1].isnan()
 
 
 def test_host_binning_writes_the_bins_the_tensor_binning_writes() -> None:

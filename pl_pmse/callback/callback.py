@@ -102,7 +102,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             ``ddp_spawn``, which pickles the callback).
         data_range, nan_strategy: as in :class:`PerceptionMSE`; ``data_range`` also scales the pictures
             (default ``[0, 1]``) and clips (default ``[-1, 1]``).
-        panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel.
+        panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel (at most 64
+            each: a panel's rows).
         panels_every_n_epochs: draw every n-th validation epoch.
         background_panels: let training go on while the panel thread draws and encodes; the logger calls are made
             at the next training batch (or when the loop ends) while the training thread waits, so they never run
@@ -185,7 +186,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 raise TypeError(f"{argument}: expected True or False, got {value!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract: expected a function (outputs, batch) -> (preds, target), got {extract!r}")
-        counts = {"num_panel_samples": (num_panel_samples, 0, math.inf), "worst_k": (worst_k, 0, math.inf),
+        counts = {"num_panel_samples": (num_panel_samples, 0, 64), "worst_k": (worst_k, 0, 64),  # a panel's rows
                   "panels_every_n_epochs": (panels_every_n_epochs, 1, math.inf),
                   "error_map_grid": (error_map_grid, 1, 256), "spectrum_bands": (spectrum_bands, 1, 1024)}  # fmt: skip
         for argument, (value, minimum, most) in counts.items():
