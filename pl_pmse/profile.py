@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .metric import ExactSumMetric
+from .exact_metric import ExactSumMetric
 from .precision import own_precision
 from .spaces.audio import MelAnalysis, check_fft
 

@@ -1,0 +1,228 @@
+"""ExactSumMetric: the base of metrics whose state is exact sums plus counts in one int64 tensor (see
+:mod:`pl_pmse.exact`), synced by one ``all_reduce``; :class:`~pl_pmse.metric.PerceptionMSE` and
+:class:`~pl_pmse.profile.ErrorProfile` build on it.
+
+torchmetrics internals overridden (tested against the torchmetrics version the project pins; each listed here):
+
+- ``_sync_dist`` (here): ONE ``all_reduce`` of the packed state instead of torchmetrics' all_gather per state, after a
+  one-time configuration check across ranks.
+- ``_wrap_update`` (here): torchmetrics counts an update (``_update_count``, ``_computed``) before running it; a
+  rejected update restores both, so the metric is as it was.
+- ``_load_from_state_dict`` (here): a loaded state is checked (int64, no negative entry, same configuration) and
+  copied, as torchmetrics would otherwise adopt the caller's tensor.
+- ``_wrap_compute``, ``_apply``, ``_forward_cache``, ``_is_synced``, ``_update_count``, ``_computed``
+  (:class:`~pl_pmse.metric.PerceptionMSE`): skips found on the device are reported after the synced compute; the
+  space moves with the metric but keeps its dtype; ``forward`` accumulates once and caches the batch value.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from . import checks
+from .distributed import check_same_everywhere, differences
+from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins
+
+
+class ExactSumMetric(Metric):
+    """Base of metrics whose state is exact sums of non-negative values plus integer counts, in ONE tensor.
+
+    Subclasses call :meth:`_add` in ``update`` and read :meth:`_sums` / :meth:`_counts` in ``compute``; syncing
+    is one ``all_reduce`` of the int64 state (see :mod:`pl_pmse.exact`), preceded once per process group by a
+    check that every rank built the same configuration (:meth:`configuration`). A state carries its configuration:
+    ``state_dict`` saves it, and ``load_state_dict`` / ``merge_state`` refuse a state of another configuration.
+    """
+
+    full_state_update = False
+    totals: Tensor
+
+    def __init__(self, num_sums: int, num_counts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._num_sums, self._num_counts = num_sums, num_counts
+        self._checked_groups: set[tuple[int, int]] = set()
+        self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
+
+    def set_dtype(self, dst_type: Any) -> ExactSumMetric:
+        """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:
+        """``nn.Module.to``; a device that cannot hold the measurement (meta, MPS) is refused before anything moves."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            checks.check_measuring_device(device, f"{type(self).__name__}.to")
+        return super().to(*args, **kwargs)
+
+    def configuration(self) -> dict[str, str]:
+        """Every setting that decides what the state means, as text: compared across ranks before the first sync,
+        saved with the state and checked when a state is loaded or merged."""
+        return {"metric": type(self).__name__, "state size": str(self.totals.numel())}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """torchmetrics' ``state_dict``; a persistent state (``metric.persistent(True)``) comes with its
+        ``configuration``, checked when the state is loaded."""
+        destination = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        if self._persistent["totals"]:
+            destination[prefix + "configuration"] = self.configuration()
+        return destination
+
+    def _refuse_other_configuration(self, what: str, other: Mapping[str, str] | None, size: int | None) -> None:
+        """Raise naming the settings in which ``other`` (a configuration, when known) and this metric differ."""
+        mine = self.configuration()
+        found = differences({"this metric": mine, "the other state": other}) if other is not None else ""
+        if not found and size is not None and size != self.totals.numel():
+            found = f"state size is {self.totals.numel()} (this metric), {size} (the other state)"
+        if found:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state comes from another configuration ({found}); build "
+                f"the metric as the state was built"
+            )
+
+    def _refuse_untrusted_state(self, what: str, totals: Any) -> None:
+        """Raise unless ``totals`` is a state this metric could have written: a 1-D int64 tensor with no negative
+        entry (the bins and counts are sums of non-negative integers). A float state would round, and a negative
+        entry comes from tampering or an overflow; either gives a wrong number later, so neither is taken."""
+        if not isinstance(totals, Tensor):
+            raise TypeError(f"{type(self).__name__}.{what}: expected the state 'totals' as a tensor, got {totals!r}")
+        if totals.dtype != torch.int64 or totals.dim() != 1:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state 'totals' must be a 1-D int64 tensor of exact integer "
+                f"accumulators, got a {totals.dtype} tensor of shape {tuple(totals.shape)}"
+            )
+        if totals.numel() == self.totals.numel() and bool((totals < 0).any()):
+            raise ValueError(
+                f"{type(self).__name__}.{what}: the state 'totals' has negative entries at "
+                f"{(totals < 0).nonzero().flatten().tolist()[:8]}; exact sums and counts are never negative (the "
+                f"state was altered or overflowed)"
+            )
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved, totals = state_dict.get(prefix + "configuration"), state_dict.get(prefix + "totals")
+        if totals is not None:  # a state saved before 0.2 has no configuration: its size is checked
+            self._refuse_untrusted_state("load_state_dict", totals)
+            self._refuse_other_configuration("load_state_dict", saved, totals.numel())
+        state_dict = {key: value for key, value in state_dict.items() if key != prefix + "configuration"}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.totals = self.totals.clone()  # torchmetrics adopts the given tensor; updates write into the state
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another metric's state (or a ``metric_state`` dict) of the same configuration to this one."""
+        if incoming_state is self:
+            raise ValueError(
+                f"{type(self).__name__}.merge_state: a metric merged with itself would count its samples twice; "
+                f"merge a copy (copy.deepcopy(metric)) if that is what you mean"
+            )
+        if isinstance(incoming_state, ExactSumMetric):
+            self._refuse_untrusted_state("merge_state", incoming_state.totals)
+            self._refuse_other_configuration("merge_state", incoming_state.configuration(), None)
+        elif isinstance(incoming_state, Mapping) and "totals" in incoming_state:
+            self._refuse_untrusted_state("merge_state", incoming_state["totals"])
+            self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
+        super().merge_state(incoming_state)
+
+    def _add(
+        self,
+        sums: Tensor | list[list[float]] | None,
+        counts: Sequence[int] | Tensor,
+        fixed: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> None:
+        """Add ``sums`` (``[num_sums, P]``, non-negative, finite: a tensor, or rows of Python floats with ``counts``
+        as ints) or ``fixed`` (``(words, digit, valid)``: fixed-point sums of every row, see
+        :func:`~pl_pmse.exact.add_fixed`), and ``counts`` (ints, or an int64 tensor on the state's device: no host
+        synchronisation) to the state."""
+        totals = self.totals
+        if totals.is_inference() and not torch.is_inference_mode_enabled():
+            totals = self.totals = totals.clone()  # reset in validation: an inference tensor changes in inference mode
+        if isinstance(sums, list):  # rows of Python floats: binned in Python, one addition for all
+            totals += torch.tensor(host_bins(sums) + list(counts))
+            return
+        bins = totals[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS)
+        if fixed is not None:
+            add_fixed(bins, *(x.to(totals.device) for x in fixed))
+        if sums is not None:
+            add_exact(bins, sums.to(totals.device))
+        if not isinstance(counts, Tensor):
+            counts = torch.tensor(counts, dtype=torch.int64)
+        totals[self._num_sums * NUM_BINS :].add_(counts.to(totals.device))
+
+    def synced_state(self) -> Tensor:
+        """A CPU copy of the state summed over all processes (one all_reduce: call it on every rank)."""
+        with self.synced():
+            return self.totals.detach().to("cpu", copy=True)
+
+    def _counts(self, state: Tensor | None = None) -> list[int]:
+        return (self.totals if state is None else state)[self._num_sums * NUM_BINS :].tolist()
+
+    def _sums(self, divisors: Sequence[int], state: Tensor | None = None) -> list[float]:
+        """Each exact sum (of ``state``, default the metric's) divided by its divisor, correctly rounded (NaN where
+        the divisor is 0)."""
+        state = self.totals if state is None else state
+        return exact_ratios(state[: self._num_sums * NUM_BINS].view(self._num_sums, NUM_BINS), divisors)
+
+    def synced(self) -> Any:
+        """Context in which the state is summed over all processes (one all_reduce), restored afterwards."""
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
+
+    def check_configuration(self) -> None:
+        """Check that every process built the same metric (a collective: call it on every rank).
+
+        Runs by itself before the first sync; calling it early (e.g. in a Lightning ``setup`` hook) makes
+        every later ``compute`` exactly one ``all_reduce``. A no-op outside distributed runs.
+        """
+        if self.distributed_available_fn():
+            self._check_same_configuration(self.process_group)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        """ONE all_reduce of the packed state (after the one-time configuration check)."""
+        if dist_sync_fn is not gather_all_tensors:  # a custom gather function: torchmetrics' generic path
+            return super()._sync_dist(dist_sync_fn, process_group)
+        group = process_group or self.process_group
+        self._check_same_configuration(group)
+        totals = self.totals.clone()
+        dist.all_reduce(totals, group=group)
+        self.totals = totals
+
+    def _check_same_configuration(self, group: Any) -> None:
+        """Once per metric and process group: all ranks must hold the same configuration.
+
+        A state of another size on some rank would crash gloo or hang NCCL inside the all_reduce, and another
+        configuration of the same size would sum unlike numbers; :func:`~pl_pmse.distributed.check_same_everywhere`
+        (a hash of :meth:`configuration`, which includes the state size) turns both into a clear error on every rank.
+        """
+        key = (os.getpid(), id(group))
+        if key not in self._checked_groups:
+            state = {"state dtype": str(self.totals.dtype)}  # a float state on one rank raises on every rank
+            check_same_everywhere({**self.configuration(), **state}, type(self).__name__, group, self.totals.device)
+            self.configuration_checked(group)
+
+    def configuration_checked(self, group: Any = None) -> None:
+        """Record that :meth:`configuration` was compared across the ranks of ``group`` by the caller (the
+        callback checks its metrics with its own options, once per fit), so the first sync skips its own check."""
+        self._checked_groups.add((os.getpid(), id(group or self.process_group)))
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        """torchmetrics counts an update before running it; undo that when the update is rejected."""
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            count, computed = self._update_count, self._computed
+            try:
+                wrapped(*args, **kwargs)
+            except Exception:
+                self._update_count, self._computed = count, computed
+                raise
+
+        return guarded
