@@ -404,7 +404,7 @@ def swap_pair(outputs, batch):
     ("options", "error", "pattern"),
     [
         ({"preds_key": ""}, ValueError, r"preds_key: expected a non-empty string"),
-        ({"worst_k": -1}, ValueError, r"worst_k: expected an integer >= 0, got -1"),
+        ({"worst_k": -1}, ValueError, r"worst_k: expected an integer from 0 to 64, got -1"),
         ({"panels_every_n_epochs": 0}, ValueError, r"panels_every_n_epochs: expected an integer >= 1"),
         ({"extract": "preds"}, TypeError, r"extract: expected a function"),
         ({"modality": "video"}, ValueError, r"modality: expected one of 'auto', 'image', 'audio'"),
