@@ -133,6 +133,14 @@ def check_measuring_device(device: torch.device, what: str) -> None:
         )
 
 
+def check_move(what: str, *args: Any, **kwargs: Any) -> None:
+    """The device of an ``nn.Module.to(*args, **kwargs)`` call, checked by :func:`check_measuring_device` before
+    anything moves (``what`` names the call, e.g. ``"PerceptionMSE.to"``)."""
+    device = torch._C._nn._parse_to(*args, **kwargs)[0]
+    if device is not None:
+        check_measuring_device(device, what)
+
+
 def check_metric_device(x: Tensor, device: torch.device, metric: str) -> None:
     """Inputs must be where the metric's state is: a state is never moved behind the caller's back."""
     check_measuring_device(x.device, "preds and target")

@@ -57,9 +57,7 @@ class ExactSumMetric(Metric):
 
     def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:
         """``nn.Module.to``; a device that cannot hold the measurement (meta, MPS) is refused before anything moves."""
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            checks.check_measuring_device(device, f"{type(self).__name__}.to")
+        checks.check_move(f"{type(self).__name__}.to", *args, **kwargs)
         return super().to(*args, **kwargs)
 
     def configuration(self) -> dict[str, str]:

@@ -153,9 +153,7 @@ class Space(nn.Module):
 
     def to(self, *args: Any, **kwargs: Any) -> Space:
         """``nn.Module.to``; a device that cannot hold a measurement (meta, MPS) is refused before anything moves."""
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            checks.check_measuring_device(device, f"space {self.name!r}.to")
+        checks.check_move(f"space {self.name!r}.to", *args, **kwargs)
         return super().to(*args, **kwargs)
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
