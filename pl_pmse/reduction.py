@@ -50,12 +50,12 @@ class SquareSums:
     digit: Tensor | None = None
 
 
-def squared_error_sums(preds: Tensor, target: Tensor | None = None, exact: bool = True) -> Tensor:
+def squared_error_sums(preds: Tensor, target: Tensor | None = None) -> Tensor:
     """Sum of ``(preds - target) ** 2`` over all but the first dimension, one float64 value per sample
     (``target=None``: the sum of ``preds ** 2``, for a difference computed already).
 
     Integer inputs are summed exactly (:func:`integer_squared_error_parts`; the metric's state receives those exact
-    parts), their sum here in float64. ``exact`` chooses the integer words on accelerators (see the module doc).
+    parts), their sum here in float64. On accelerators the integer words give the value (see the module doc).
     Under ``torch.compile`` the plain formula gives the value (equal to float32 rounding; the compiler fuses it).
 
     Example:
@@ -65,7 +65,7 @@ def squared_error_sums(preds: Tensor, target: Tensor | None = None, exact: bool 
     """
     if not preds.is_floating_point():
         return integer_squared_error_parts(preds, target).sum(1)
-    return square_sums([(preds, target)], exact).values[:, 0]
+    return square_sums([(preds, target)]).values[:, 0]
 
 
 def square_sums(pairs: list[tuple[Tensor, Tensor | None]], exact: bool = True) -> SquareSums:

@@ -131,9 +131,8 @@ class WorstSamples:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
             return sorted(self.heap, reverse=True)[: self.k]
         rank, device = dist.get_rank(group), collective_device(device, group)
-        scores = torch.full((self.k, 2), -math.inf, dtype=torch.float64)
-        for index, sample in enumerate(self.heap):
-            scores[index] = torch.tensor([sample.value, sample.earlier], dtype=torch.float64)
+        padding = [(-math.inf, 0.0)] * (self.k - len(self.heap))  # every rank sends k rows
+        scores = torch.tensor([(s.value, s.earlier) for s in self.heap] + padding, dtype=torch.float64)
         everyone = [torch.empty_like(scores, device=device) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, scores.to(device), group=group)
         ranked = sorted(
