@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-audio test test-torchmetrics-floor lint bench gpu-check clean
+.PHONY: demo demo-audio test test-torchmetrics-floor test-lightning-floor lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ test-torchmetrics-floor: $(STAMP)
 	PYTHONPATH=$(FLOOR_DIR) $(PY) -c "import torchmetrics, sys; sys.exit(torchmetrics.__version__ != '$(TORCHMETRICS_FLOOR)')"
 	PYTHONPATH=$(FLOOR_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_metric.py tests/test_functional.py \
 		tests/test_same_number.py tests/test_properties.py tests/test_accelerator_shape.py tests/test_profile.py
+
+# The Lightning-facing tests against the lowest Lightning pyproject.toml allows (keep the two equal; before 2.5.3
+# Lightning refuses the callback's own /dataloader_idx_<i> keys): pytorch-lightning, lightning and lightning-fabric
+# (pytorch_lightning imports it). test_callback and test_faults run under pytorch_lightning here and under
+# lightning.pytorch inside test_lightning_namespaces.
+LIGHTNING_FLOOR := 2.5.3
+LIGHTNING_FLOOR_DIR := $(abspath $(VENV))/lightning-$(LIGHTNING_FLOOR)
+test-lightning-floor: $(STAMP)
+	test -d $(LIGHTNING_FLOOR_DIR) || $(PY) -m pip install --quiet --no-deps --target $(LIGHTNING_FLOOR_DIR) \
+		pytorch-lightning==$(LIGHTNING_FLOOR) lightning==$(LIGHTNING_FLOOR) lightning-fabric==$(LIGHTNING_FLOOR)
+	PYTHONPATH=$(LIGHTNING_FLOOR_DIR) $(PY) -c "import lightning, lightning_fabric, pytorch_lightning, sys; \
+		sys.exit({m.__version__ for m in (lightning, lightning_fabric, pytorch_lightning)} != {'$(LIGHTNING_FLOOR)'})"
+	PYTHONPATH=$(LIGHTNING_FLOOR_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_callback.py tests/test_faults.py \
+		tests/test_lightning_namespaces.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -663,6 +663,43 @@ def _cuda_kernels(metric: torch.nn.Module, shape: tuple[int, ...], device: torch
     return sum(1 for event in recorded.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
+IMPORTS = {
+    "import torch": "import torch",
+    "import pl_pmse": "import torch; import pl_pmse",
+    "from pl_pmse import perception_mse": "import torch; from pl_pmse import perception_mse",
+    "import torchmetrics": "import torch; import torchmetrics",
+    "from pl_pmse import PerceptionMSE": "import torch; import torchmetrics; from pl_pmse import PerceptionMSE",
+    "import lightning.pytorch": "import torch; import torchmetrics; import lightning.pytorch",
+    "from pl_pmse import PerceptionMSECallback": "import torch; import torchmetrics; import lightning.pytorch; "
+    "from pl_pmse import PerceptionMSECallback",
+}
+
+
+def imports(quick: bool, device: torch.device) -> str:
+    """Import time of pl-pmse beyond what it builds on, each in a fresh interpreter (median of several; the loading
+    of ``import torch`` itself differs run to run, so each row is compared with the row it builds on)."""
+    import subprocess
+
+    repeats = 3 if quick else 7
+
+    def seconds(code: str) -> float:
+        runs = []
+        for _ in range(repeats):
+            timed = f"import time; start = time.perf_counter(); {code}; print(time.perf_counter() - start)"
+            done = subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True, check=True)
+            runs.append(float(done.stdout.split()[-1]))
+        return statistics.median(runs)
+
+    measured = {name: seconds(code) for name, code in IMPORTS.items()}
+    base = {"import pl_pmse": "import torch", "from pl_pmse import perception_mse": "import torch",
+            "import torchmetrics": "import torch", "from pl_pmse import PerceptionMSE": "import torchmetrics",
+            "import lightning.pytorch": "import torchmetrics",
+            "from pl_pmse import PerceptionMSECallback": "import lightning.pytorch"}  # fmt: skip
+    rows = [(name, f"{measured[name]:.2f}", base.get(name, ""),
+             f"{measured[name] - measured[base[name]]:+.2f}" if name in base else "") for name in IMPORTS]  # fmt: skip
+    return "### Import time (fresh interpreter, median)\n\n" + table(rows, ("", "s", "beyond", "s beyond"))
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "small-batch": small_batch,
@@ -676,6 +713,7 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pyramid": pyramid,
     "exactness": exactness,
     "launches": launches,
+    "imports": imports,
 }
 
 

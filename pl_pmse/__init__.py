@@ -5,25 +5,29 @@ Public API: :class:`PerceptionMSE` (a torchmetrics Metric), :func:`perception_ms
 :mod:`pl_pmse.spaces`.
 """
 
+import importlib
+
 from . import spaces
 from .functional import perception_mse, perception_mse_components
-from .metric import PerceptionMSE
 from .spaces import Space, available_spaces, get_space, register_space
 
 __version__ = "0.1.0"
 
+# Names that load on first use: ``import pl_pmse`` imports torch only (not torchmetrics, torchvision, torchaudio,
+# Lightning, W&B or matplotlib); ``from pl_pmse import PerceptionMSE`` then imports torchmetrics.
+_LAZY = {"PerceptionMSE": ".metric", "ErrorProfile": ".profile", "PerceptionMSECallback": ".callback"}
+
 
 def __getattr__(name: str) -> object:
-    """Lightning-facing names load on first use: ``import pl_pmse`` does not import Lightning or W&B."""
-    if name == "PerceptionMSECallback":
-        from .callback import PerceptionMSECallback
-
-        return PerceptionMSECallback
-    if name == "ErrorProfile":
-        from .profile import ErrorProfile
-
-        return ErrorProfile
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pl_pmse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [

@@ -76,14 +76,33 @@ def check_component_names(names: Sequence[str]) -> None:
 
 
 def check_data_range_given(space: Any, data_range: tuple[float, float] | None) -> None:
-    """Spaces whose input convention is commonly either of two (``requires_data_range``) need it stated."""
-    if data_range is None and getattr(space, "requires_data_range", False):
-        raise ValueError(
-            f"data_range: space {space.name!r} needs it stated, because LPIPS inputs come in two conventions that "
-            f"both pass a range check: images in [-1, 1] (the lpips package; torchmetrics' LPIPS with "
-            f"normalize=False) -> data_range=(-1, 1); images in [0, 1] (torchmetrics' normalize=True) -> "
-            f"data_range=1.0"
-        )
+    """Spaces whose inputs commonly come in two conventions (their ``data_range_advice`` says which) need it stated."""
+    advice = getattr(space, "data_range_advice", None)
+    if data_range is None and advice:
+        raise ValueError(f"data_range: space {space.name!r} needs it stated: {advice}")
+
+
+def check_batch(
+    preds: Any, target: Any, data_range: tuple[float, float] | None, space: Any,
+    state: tuple[str, torch.device] | None = None,
+) -> None:  # fmt: skip
+    """Every check of one batch, each once: the pair (:func:`check_tensor_pair`), the device of the state it goes
+    into (``state``: the metric's name and device), then the space's own (:func:`check_space_input`)."""
+    check_tensor_pair(preds, target, data_range)
+    if state is not None:
+        check_state_device(preds, *state)
+    check_space_input(space, preds)
+
+
+def check_space_input(space: Any, preds: Tensor) -> None:
+    """The space's own checks of a batch (``space.check_input``), its ``layout_hint`` added to a shape error."""
+    try:
+        space.check_input(preds)
+    except ValueError as error:
+        hint = space.layout_hint(preds)
+        if hint:
+            raise ValueError(f"{error}{hint}") from None
+        raise
 
 
 def check_tensor_pair(preds: Any, target: Any, data_range: tuple[float, float] | None) -> None:
@@ -141,9 +160,9 @@ def check_move(what: str, *args: Any, **kwargs: Any) -> None:
         check_measuring_device(device, what)
 
 
-def check_metric_device(x: Tensor, device: torch.device, metric: str) -> None:
-    """Inputs must be where the metric's state is: a state is never moved behind the caller's back."""
-    check_measuring_device(x.device, "preds and target")
+def check_state_device(x: Tensor, metric: str, device: torch.device) -> None:
+    """Inputs (already checked by :func:`check_tensor_pair`) must be where the metric's state is: a state is never
+    moved behind the caller's back."""
     if x.device != device:
         raise ValueError(
             f"preds and target: are on {x.device} but the {metric} state is on {device}; move the metric to the "
@@ -204,22 +223,6 @@ def check_device(x: Tensor, tensors: list[Tensor], space: str) -> None:
         )
 
 
-def range_hint(modality: str | None) -> str:
-    """Which ``data_range`` to suggest for data of a modality."""
-    if modality == "audio":
-        return "e.g. data_range=(-32768, 32767) for 16-bit audio"
-    return "e.g. data_range=255 for 8-bit images or data_range=(-1, 1)"
-
-
-def layout_hint(x: Tensor, modality: str | None) -> str:
-    """A hint when a batch looks like it has its channels last (a common cause of shape errors), else ``""``."""
-    if modality == "image" and x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4:
-        return f"; shape {tuple(x.shape)} looks channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)"
-    if modality == "audio" and x.dim() == 3 and x.shape[-1] <= 8 < x.shape[1]:
-        return f"; shape {tuple(x.shape)} looks like [N, T, C]: pass x.transpose(1, 2) for [N, C, T]"
-    return ""
-
-
 def values_outside(tensors: Sequence[Tensor], bounds: tuple[float, float]) -> tuple[float, float] | None:
     """The finite value range of ``tensors`` together when it lies more than half the span outside ``bounds`` (a
     convention mismatch: 0..255 data for [0, 1], [-1, 1] for [0, 1]), else None. A host synchronisation."""
@@ -241,7 +244,7 @@ def _finite_range(x: Tensor) -> tuple[float, float]:
 
 
 def check_value_range(
-    tensors: Sequence[Tensor], bounds: tuple[float, float], space: str, data_range: Any, modality: str | None
+    tensors: Sequence[Tensor], bounds: tuple[float, float], space: str, data_range: Any, range_hint: str
 ) -> None:
     """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
 
@@ -253,7 +256,7 @@ def check_value_range(
         raise ValueError(
             f"preds and target: space {space!r} expects values in [{bounds[0]:g}, {bounds[1]:g}] (data_range="
             f"{data_range!r}), found values in [{found[0]:g}, {found[1]:g}]; pass the data_range your data uses, "
-            f"{range_hint(modality)}"
+            f"{range_hint}"
         )
 
 

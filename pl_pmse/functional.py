@@ -73,14 +73,20 @@ def sample_stats(
     """
     checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
     checks.check_data_range_given(space, data_range)
-    checks.check_tensor_pair(preds, target, data_range)
-    try:
-        space.check_input(preds)
-    except ValueError as error:
-        hint = checks.layout_hint(preds, space.modality)
-        if hint:
-            raise ValueError(f"{error}{hint}") from None
-        raise
+    checks.check_batch(preds, target, data_range, space)
+    return measure(preds, target, space, data_range, nan_strategy, validate_args)
+
+
+def measure(
+    preds: Tensor,
+    target: Tensor,
+    space: Space,
+    data_range: tuple[float, float] | None,
+    nan_strategy: str,
+    validate_args: bool = True,
+) -> SampleStats:
+    """:func:`sample_stats` of a batch that passed :func:`~pl_pmse.checks.check_batch` (each input is checked once
+    per call: the metric checks its options at construction and the batch in ``batch_stats``)."""
     n = preds.shape[0]
     if n == 0:
         empty = torch.zeros(0, len(space.component_names), dtype=torch.float64, device=preds.device)
@@ -260,10 +266,13 @@ def _stats(
     options: dict[str, Any],
 ) -> tuple[Space, SampleStats]:
     checks.check_choice("reduction", reduction, checks.REDUCTIONS)
+    checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
     bounds = checks.check_data_range(data_range)
     checks.check_tensor_pair(preds, target, bounds)  # before a network is built (or downloaded)
     resolved = _resolve_space(space, options, preds.device)
-    return resolved, sample_stats(preds, target, resolved, bounds, nan_strategy, validate_args)
+    checks.check_data_range_given(resolved, bounds)
+    checks.check_space_input(resolved, preds)
+    return resolved, measure(preds, target, resolved, bounds, nan_strategy, validate_args)
 
 
 def _resolve_space(space: str | nn.Module, options: dict[str, Any], device: torch.device | None) -> Space:

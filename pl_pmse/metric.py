@@ -7,6 +7,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 from . import checks
 from .exact import device_constant, on_host
 from .exact_metric import ExactSumMetric
-from .functional import SampleStats, reduce_samples, sample_stats
+from .functional import SampleStats, measure, reduce_samples
 from .precision import own_precision
 from .reduction import SquareSums, integer_squared_error_parts, square_sums
 from .spaces import Space, get_space
@@ -31,6 +32,24 @@ _TORCHMETRICS_OPTIONS = (
     "sync_on_compute",
     "compute_with_cache",
 )
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """A batch measured by :meth:`PerceptionMSE.batch_stats` and not yet accumulated.
+
+    Attributes:
+        stats: the per-sample results (:class:`~pl_pmse.functional.SampleStats`).
+        preds, target: the samples they were measured on (the counted ones; all with ``validate_args=False``).
+        counted: with ``validate_args=False`` and a ``mask``: which samples count (the others are not valid).
+        settings: what the metric measured with; :meth:`PerceptionMSE.accumulate` refuses other settings.
+    """
+
+    stats: SampleStats
+    preds: Tensor
+    target: Tensor
+    counted: Tensor | None
+    settings: tuple[Any, ...] = field(repr=False)
 
 
 class PerceptionMSE(ExactSumMetric):
@@ -102,7 +121,6 @@ class PerceptionMSE(ExactSumMetric):
         self._range_checked = False  # the first batch after each reset is compared with the assumed range
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
         self.__dict__["_space"] = resolved
-        self.last_batch: SampleStats | None = None
 
     @property
     def space(self) -> Space:
@@ -113,11 +131,55 @@ class PerceptionMSE(ExactSumMetric):
         """Accumulate a batch; a rejected batch raises and leaves the state untouched.
 
         ``mask`` (bool ``[N]``) says which samples count; the others are left out entirely (not counted as skipped),
-        e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. The
-        batch's per-sample results stay available in :attr:`last_batch` (for the counted samples, in order; with
-        ``validate_args=False`` for every sample, the others marked not valid).
+        e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. To see
+        the batch's per-sample results too, call :meth:`batch_stats` then :meth:`accumulate` instead.
         """
-        self._accumulate(*self._batch(preds, target, mask))
+        self._accumulate(self.batch_stats(preds, target, mask))
+
+    def batch_stats(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> BatchStats:
+        """Measure a batch without accumulating it: its per-sample results, for :meth:`accumulate`.
+
+        ``batch.stats`` holds the counted samples' squared-error sums per component (``batch.stats.total(
+        metric.space.component_weights)`` is each sample's Perception MSE); with ``validate_args=False`` every
+        sample, those outside ``mask`` or with non-finite squared errors marked not valid (on the device).
+
+        Example:
+            >>> import torch
+            >>> metric = PerceptionMSE()
+            >>> batch = metric.batch_stats(torch.ones(2, 4), torch.zeros(2, 4))
+            >>> batch.stats.total(metric.space.component_weights)
+            tensor([1., 1.], dtype=torch.float64)
+            >>> metric.accumulate(batch)
+            >>> metric.compute()
+            tensor(1., dtype=torch.float64)
+        """
+        checks.check_batch(preds, target, self.data_range, self.space, (type(self).__name__, self.totals.device))
+        if self.validate_args:
+            preds, target = _counted(preds, target, mask)
+            stats = measure(preds, target, self.space, self.data_range, self.nan_strategy)
+            return BatchStats(stats, preds, target, None, self._settings)
+        if mask is not None:
+            checks.check_mask(mask, preds)
+        # samples with NaN/Inf inputs are computed on zeros (no NaN reaches a gradient) and reported by compute
+        stats = measure(preds, target, self.space, self.data_range, "ignore", validate_args=False)
+        if mask is not None:
+            stats = dataclasses.replace(stats, valid=stats.valid & mask)
+        return BatchStats(stats, preds, target, mask, self._settings)
+
+    def accumulate(self, batch: BatchStats) -> None:
+        """Add a batch measured by :meth:`batch_stats` (of this metric, or of one built alike) to the state: the
+        same bits as :meth:`update` of the same inputs."""
+        if not isinstance(batch, BatchStats) or batch.settings != self._settings:
+            raise ValueError(
+                f"batch: expected the result of batch_stats() of this PerceptionMSE (or of one with the same space "
+                f"object and options), got {type(batch).__name__}"
+                + (" of another space or options" if isinstance(batch, BatchStats) else "")
+            )
+        if self._is_synced:
+            raise RuntimeError("PerceptionMSE: accumulate called while the state is synced; call unsync() first")
+        self._accumulate(batch)
+        self._update_count += 1
+        self._computed = None
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Accumulate the batch and return its Perception MSE (float64) over the counted samples, differentiable
@@ -127,34 +189,15 @@ class PerceptionMSE(ExactSumMetric):
             return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
-        batch = self._batch(preds, target, mask)
-        self._accumulate(*batch)
-        stats = batch[0]
-        self._update_count += 1
-        self._computed = None
-        self._forward_cache = reduce_samples(stats.total(self.space.component_weights), stats.valid, "mean")
+        batch = self.batch_stats(preds, target, mask)
+        self.accumulate(batch)
+        self._forward_cache = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")
         return self._forward_cache
 
-    def _batch(
-        self, preds: Tensor, target: Tensor, mask: Tensor | None
-    ) -> tuple[SampleStats, Tensor, Tensor, Tensor | None]:
-        """The batch's per-sample results, the inputs they came from and which samples count (None: all).
-
-        ``mask`` slices the samples that count out of the batch; with ``validate_args=False`` every sample is
-        computed instead, and those outside ``mask`` or with non-finite squared errors are marked not valid on the
-        device."""
-        if isinstance(preds, Tensor):
-            checks.check_metric_device(preds, self.totals.device, type(self).__name__)
-        if self.validate_args:
-            preds, target = _counted(preds, target, mask)
-            return sample_stats(preds, target, self.space, self.data_range, self.nan_strategy), preds, target, None
-        if mask is not None and isinstance(preds, Tensor):
-            checks.check_mask(mask, preds)
-        # samples with NaN/Inf inputs are computed on zeros (no NaN reaches a gradient) and reported by compute
-        stats = sample_stats(preds, target, self.space, self.data_range, "ignore", validate_args=False)
-        if mask is not None:
-            stats = dataclasses.replace(stats, valid=stats.valid & mask)
-        return stats, preds, target, mask
+    @property
+    def _settings(self) -> tuple[Any, ...]:
+        """What a :class:`BatchStats` must have been measured with to be accumulated here."""
+        return id(self.space), self.data_range, self.nan_strategy, self.validate_args, self.psnr_clamps
 
     def compute(self) -> Tensor:
         """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
@@ -251,10 +294,11 @@ class PerceptionMSE(ExactSumMetric):
         super().reset()
         self._range_checked = False
 
-    def _accumulate(self, stats: SampleStats, preds: Tensor, target: Tensor, counted: Tensor | None = None) -> None:
-        """Add the valid samples of ``stats`` to the state and count the others (of ``counted``) as skipped, with
-        device-side operations only: fixed-point words where the space gave them, else the float64 sums (integer
-        inputs: the exact parts of their raw squared errors)."""
+    def _accumulate(self, batch: BatchStats) -> None:
+        """Add the valid samples of a batch to the state and count the others (of ``batch.counted``) as skipped,
+        with device-side operations only: fixed-point words where the space gave them, else the float64 sums
+        (integer inputs: the exact parts of their raw squared errors)."""
+        stats, preds, target, counted = batch.stats, batch.preds, batch.target, batch.counted
         sums = stats.sums.detach() if stats.sums.requires_grad else stats.sums
         if self.validate_args and not self._range_checked and stats.valid.any():
             self._warn_outside_range(preds[stats.valid], target[stats.valid])
@@ -282,7 +326,6 @@ class PerceptionMSE(ExactSumMetric):
             else:
                 values = torch.where(stats.valid[None, :, None], values, 0).flatten(1)
                 self._add(values, self._batch_counts(stats, counted))
-        self.__dict__["last_batch"] = stats if sums is stats.sums else dataclasses.replace(stats, sums=sums)
 
     @staticmethod
     def _batch_counts(stats: SampleStats, counted: Tensor | None, kept: int | None = None) -> list[int] | Tensor:
@@ -312,7 +355,7 @@ class PerceptionMSE(ExactSumMetric):
                 f"PerceptionMSE: space {space.name!r} assumes values in [{bounds[0]:g}, {bounds[1]:g}] "
                 f"(data_range={self.data_range}) but found [{low:g}, {high:g}]: the MSE is in the data's own units, "
                 f"but PSNR and the callback's pictures assume that range; pass the data_range your data uses, "
-                f"{checks.range_hint(space.modality)}",
+                f"{space.range_hint}",
                 UserWarning,
                 stacklevel=6,  # the caller of update(): through torchmetrics' and our update wrappers
             )

@@ -407,7 +407,7 @@ def swap_pair(outputs, batch):
         ({"worst_k": -1}, ValueError, r"worst_k: expected an integer from 0 to 64, got -1"),
         ({"panels_every_n_epochs": 0}, ValueError, r"panels_every_n_epochs: expected an integer >= 1"),
         ({"extract": "preds"}, TypeError, r"extract: expected a function"),
-        ({"modality": "video"}, ValueError, r"modality: expected one of 'auto', 'image', 'audio'"),
+        ({"modality": "video"}, ValueError, r"modality: expected one of 'auto', 'audio', 'image'"),
         ({"space": PerceptionMSE(), "weights": "random"}, ValueError, r"do not apply to a ready PerceptionMSE"),
         ({"space": "nope"}, ValueError, r"space: expected one of"),
     ],
@@ -511,7 +511,7 @@ def test_panel_pictures_read_at_a_glance() -> None:
 def test_the_audio_profile_uses_the_metrics_own_mel_analysis() -> None:
     callback = PerceptionMSECallback("mel", sample_rate=8000, n_fft=512, hop_length=128, n_mels=40)
     profile = callback._new_profile()
-    assert (profile.n_fft, profile.hop_length, profile.n_mels) == (512, 128, 40)
+    assert (profile.analysis.n_fft, profile.analysis.hop_length, profile.analysis.n_mels) == (512, 128, 40)
 
 
 class ShowsInput(Denoiser):
@@ -534,3 +534,88 @@ def test_an_input_returned_by_validation_step_gets_its_own_column(tmp_path) -> N
         with Image.open(picture) as image:
             widths[name] = image.size[0]
     assert widths["with"] > widths["without"] + 90  # one more 96-pixel column
+
+
+def test_error_scales_are_kept_by_the_callback_from_each_panels_first_epoch(tmp_path) -> None:
+    """The panels return their scales; the callback keeps them on the training thread when the epoch is delivered
+    (before: the panel thread wrote them into the callback while a checkpoint could be reading them)."""
+    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=False)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0, max_epochs=1)
+    trainer.fit(Denoiser(), ImageData())
+    first = callback.state_dict()["error_scales"]
+    assert set(first) == {"val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/error_map"}
+    assert all(0 < scale < 1 for scale in first.values())
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0, max_epochs=3)
+    trainer.fit(Denoiser(), ImageData())
+    assert callback.state_dict()["error_scales"] == first  # later epochs draw on the first one's scales
+
+
+def test_a_new_panel_is_one_function_in_its_set(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from pl_pmse.panels.sets import PANEL_SETS, Drawn, Picture, SamplePanel
+
+    def brightest(key, samples, options, scale):
+        picture = np.full((8, 8 * len(samples), 3), 255, dtype=np.uint8)
+        return Drawn((Picture(key, picture, f"{len(samples)} samples"),))
+
+    image = PANEL_SETS["image"]
+    extended = dataclasses.replace(image, sample_panels=(*image.sample_panels, SamplePanel("bright/{set}", brightest)))
+    monkeypatch.setitem(PANEL_SETS, "image", extended)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, num_panel_samples=2, worst_k=3)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0)
+    trainer.fit(Denoiser(), ImageData())
+    folder = Path(trainer.log_dir, "pmse_panels", "val", "pmse", "bright")
+    assert [p.read_text() for p in sorted((folder / "worst").glob("*.txt"))] == ["3 samples\n"] * 2
+    assert len(list((folder / "fixed").glob("*.png"))) == 2
+
+
+def test_a_new_modality_is_a_space_and_a_panel_set(tmp_path, monkeypatch) -> None:
+    """A modality the library does not know: its space names it, its panel set draws it; nothing else changes."""
+    from pl_pmse.panels.sets import PANEL_SETS, Drawn, PanelSet, Picture, SamplePanel
+    from pl_pmse.spaces import Space
+
+    class Curves(Space):  # e.g. 1-d measurement curves [N, L]
+        name, modality = "curves", "curves"
+
+        def __init__(self):
+            super().__init__({"slope": 1.0})
+
+        def features(self, x):
+            return {"slope": x.diff(dim=-1)}
+
+    def overlay(key, samples, options, scale):
+        return Drawn((Picture(key, np.zeros((4, 4, 3), dtype=np.uint8), " | ".join(s.label for s in samples)),))
+
+    curves = PanelSet("curves", (SamplePanel("panels/{set}", overlay),), (), lambda sample, options: True,
+                      lambda options, space: None)  # fmt: skip
+    monkeypatch.setitem(PANEL_SETS, "curves", curves)
+
+    class CurveModel(Denoiser):
+        def validation_step(self, batch, batch_idx):
+            out = super().validation_step(batch, batch_idx)
+            return {"preds": out["preds"].flatten(1), "target": out["target"].flatten(1)}
+
+    callback = PerceptionMSECallback(Curves(), worst_k=2)
+    assert callback.modality == "curves"
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0)
+    trainer.fit(CurveModel(), ImageData())
+    assert "val/pmse/slope" in trainer.callback_metrics
+    drawn = {p.parent.name for p in Path(trainer.log_dir, "pmse_panels").rglob("*.png")}
+    assert drawn == {"fixed", "worst"}
+
+
+def test_the_callback_leaves_the_process_warning_filters_alone_and_warns_on_rank_zero_only(tmp_path, monkeypatch):
+    """Before: setup added a process-wide filter for Lightning's sync_dist advice on our keys."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    filters = list(warnings.filters)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panels=False)
+    trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0).fit(Denoiser(), ImageData())
+    assert warnings.filters == filters
+    for rank, expected in ((0, 1), (1, 0)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            PerceptionMSECallback("waveform")  # audio panels without a sample rate: a warning on rank zero
+        assert len([w for w in caught if "audio panels need sample_rate" in str(w.message)]) == expected

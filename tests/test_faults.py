@@ -323,3 +323,117 @@ def test_ctrl_c_while_drawing_in_the_loop_is_not_swallowed() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         Epoch("validate epoch 0", 1.0).guard("drawing panels", interrupted)  # background_panels=False: main thread
+
+
+class HangingExperimentLogger(loggers.Logger):
+    """A logger whose ``experiment`` stops answering once training has started, until ``release`` is set (a run
+    whose backend stalls, a stuck network mount); panels find it by its ``experiment``, as they find any other
+    logger's W&B run or writer."""
+
+    release = threading.Event()
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root, self.stalled = root, False
+
+    name, version = "hanging", 0
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.root)
+
+    @property
+    def experiment(self):
+        if self.stalled:
+            self.release.wait(30)
+        return object()
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class StallLoggers(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            logger.stalled = True
+
+
+def test_a_logger_whose_experiment_hangs_costs_the_fit_at_most_the_panel_timeout(tmp_path) -> None:
+    """Before: the training thread read every logger's ``experiment`` itself when the panels' sinks were opened, and
+    a hanging one stalled the fit for as long as it hung (30 s here)."""
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0)
+    trainer = trainer_for(tmp_path, [callback, StallLoggers()], logger=HangingExperimentLogger(tmp_path), max_epochs=2)
+    start = time.monotonic()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Denoiser(), ImageData())
+    finally:
+        HangingExperimentLogger.release.set()
+    assert time.monotonic() - start < 15
+    reports = [str(w.message) for w in caught if "PerceptionMSECallback" in str(w.message)]
+    assert any("TimeoutError: opening the loggers: no answer within the 1 s budget" in r for r in reports), reports
+    assert len(list(Path(tmp_path, "pmse_panels").rglob("*.png"))) == 2 * 4  # panels went to files
+
+
+def test_a_hung_wandb_call_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:
+    """Before: the PNGs written for W&B stayed in the run folder when its log call never returned."""
+    import wandb
+
+    from tests.lightning_models import loggers as namespace_loggers
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = namespace_loggers.WandbLogger(project="pl-pmse-tests", save_dir=str(tmp_path), offline=True)
+    log_metrics, release = type(logger).log_metrics, threading.Event()
+
+    def hung(self, metrics, step=None):
+        if any("/panels/" in key for key in metrics):
+            release.wait(30)  # a call that never answers in time; released (and then dropped) at the test's end
+            return None
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(type(logger), "log_metrics", hung)
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panel_timeout=1.0)
+    trainer = trainer_for(tmp_path, [callback], logger=logger, max_epochs=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Denoiser(), ImageData())
+        assert any("is skipped now" in str(w.message) for w in caught)
+        (folder,) = Path(tmp_path, "wandb").glob("offline-run-*/pl_pmse")
+        assert not list(folder.iterdir())
+    finally:
+        release.set()
+        wandb.finish()
+
+
+def test_the_process_exits_cleanly_when_a_drawing_overran_at_teardown(tmp_path) -> None:
+    """Before: a panel thread still inside a torch operation when the interpreter finalized aborted the process
+    ("terminate called without an active exception", exit code 134), seen at the end of DDP audio fits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "overrun.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from pl_pmse.callback.worker import PanelWorker
+
+        def draw(epoch):  # torch work past the budget: the worker gives it up after 1 s
+            end = time.monotonic() + 1.6
+            while time.monotonic() < end:
+                torch.fft.rfft(torch.randn(64, 4096)).abs().sum()
+
+        worker = PanelWorker(1.0)
+        worker.submit("validate epoch 0", draw)
+        worker.close(wait=True)
+    """)
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 panel(s) were dropped" in done.stderr

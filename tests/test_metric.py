@@ -12,7 +12,7 @@ import torch
 from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from pl_pmse import PerceptionMSE
+from pl_pmse import PerceptionMSE, perception_mse
 from pl_pmse.exact import NUM_BINS, _exact_row_sums, exact_bins, exact_ratio, exact_ratios, exact_sums
 from pl_pmse.reduction import squared_error_sums
 
@@ -397,3 +397,27 @@ def test_spaces_built_alike_have_one_configuration() -> None:
         first.merge_state(second)
     other = PerceptionMSE("mel", sample_rate=16000, hop_length=64).configuration()
     assert other["hop_length"] == "64" and other != pairs[0][0].configuration()
+
+
+def test_batch_stats_then_accumulate_is_update_and_shows_the_per_sample_results() -> None:
+    preds, target = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32)
+    mask = torch.tensor([True, False, True, True, False, True])
+    for options in ({}, {"validate_args": False}):
+        updated, accumulated = (PerceptionMSE("pyramid", data_range=1.0, **options) for _ in range(2))
+        updated.update(preds, target, mask)
+        batch = accumulated.batch_stats(preds, target, mask)
+        assert accumulated.totals.count_nonzero() == 0  # measured, not yet accumulated
+        accumulated.accumulate(batch)
+        assert torch.equal(updated.totals, accumulated.totals) and accumulated._update_count == 1
+        per_sample = batch.stats.total(accumulated.space.component_weights)[batch.stats.valid]
+        expected = perception_mse(preds[mask], target[mask], "pyramid", reduction="none", data_range=1.0)
+        assert torch.allclose(per_sample.float(), expected, rtol=1e-6)
+
+
+def test_accumulate_refuses_what_this_metric_did_not_measure() -> None:
+    metric, other = PerceptionMSE("pixel"), PerceptionMSE("pixel", data_range=1.0)
+    batch = other.batch_stats(torch.rand(2, 4), torch.rand(2, 4))
+    for wrong in (batch, metric.space):
+        with pytest.raises(ValueError, match=r"batch: expected the result of batch_stats\(\) of this PerceptionMSE"):
+            metric.accumulate(wrong)
+    assert metric.totals.count_nonzero() == 0 and metric._update_count == 0

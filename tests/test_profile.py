@@ -15,7 +15,8 @@ from torch import Tensor
 
 from pl_pmse import ErrorProfile
 from pl_pmse.exact import NUM_BINS, exact_sums
-from pl_pmse.profile import _new, radial_power
+from pl_pmse.profile import radial_power
+from pl_pmse.profile.base import new_tensor as _new
 
 
 def exact_bands(height: int, width: int, bands: int) -> np.ndarray:

@@ -8,16 +8,15 @@ zero, never during the sanity check, and a failing logger only warns.
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -25,21 +24,18 @@ from .. import checks
 from ..distributed import check_same_everywhere, own_samples, sampler_of
 from ..lightning_compat import CALLBACK_BASES
 from ..metric import PerceptionMSE
-from ..panels import audio as audio_panels
-from ..panels import image as image_panels
-from ..panels.render import stack, to_rgb, upscale
-from ..panels.sinks import Send, Sink, sinks_for
+from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample
+from ..panels.sinks import Sink, sinks_for
 from ..profile import ErrorProfile
 from ..spaces import Space, available_spaces, get_space
-from ..spaces.audio import MelAnalysis
 from ..spaces.registry import space_options as space_options_of
-from .selection import FixedSamples, Sample, WorstSamples, candidates
-from .worker import Epoch, PanelWorker
+from .report import EpochReport, ReportPart, SyncedProfile, draw_report
+from .selection import FixedSamples, WorstSamples, candidates
+from .worker import PanelWorker
 
 if TYPE_CHECKING:  # either namespace at run time: see lightning_compat
     import lightning.pytorch as pl
 
-MODALITIES = ("auto", "image", "audio")
 Extract = Callable[[Any, Any], tuple[Tensor, Tensor]]
 
 
@@ -203,10 +199,19 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if sample_rate is None:  # the space says its sample rate where it knows it (mel)
             sample_rate = self.space.sample_rate
         self.sample_rate = sample_rate
-        self.modality = self._resolve_modality(checks.check_choice("modality", modality, MODALITIES))
+        self.modality = self._resolve_modality(checks.check_choice("modality", modality, ("auto", *sorted(PANEL_SETS))))
+        self._panel_options = PanelOptions(self.data_range, self.sample_rate, error_map_grid, spectrum_bands)
+        missing = self._panel_set.missing(self._panel_options)
+        self._can_draw = missing is None
+        if missing and panels:
+            rank_zero_warn(
+                f"PerceptionMSECallback: {self.modality} panels need {missing}; drawing none", category=UserWarning
+            )
         self._stages: dict[str, _Stage] = {}
         self._fixed = FixedSamples(num_panel_samples)
-        self._error_scales: dict[str, float] = {}  # per panel key, from its first epoch: comparable across epochs
+        # per panel key, from its first epoch (comparable across epochs); taken from the worker on this thread when
+        # an epoch's panels are delivered, so a checkpoint has them from the epoch after their first on
+        self._error_scales: dict[str, float] = {}
         self._sinks: list[Sink] | None = None
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
@@ -246,7 +251,6 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             self._check_unique_prefix(trainer.callbacks, loop)
             self._check_same_everywhere(trainer)
             self._stage(loop, dataloaders=1)
-            self._quiet_sync_dist_advice(loop)
 
     def configuration(self) -> dict[str, str]:
         """Every option that shapes the callback's collectives and logged keys, and its metrics' configuration:
@@ -264,12 +268,6 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             check_same_everywhere(self.configuration(), type(self).__name__, device=trainer.strategy.root_device)
             self._checked_everywhere = True
 
-    def _quiet_sync_dist_advice(self, loop: str) -> None:
-        """Lightning advises ``sync_dist=True`` for every epoch-level value logged under DDP; ours are synced
-        already (one all_reduce for all of them), so the advice is silenced for our keys only."""
-        prefix = re.escape(self.prefixes[loop])
-        warnings.filterwarnings("ignore", f"It is recommended to use `self.log\\('{prefix}(/[^']*)?', ")
-
     def _check_unique_prefix(self, callbacks: list[Any], loop: str) -> None:
         """Two callbacks logging under one prefix would overwrite each other's keys and panels: refuse."""
         prefix = self.prefixes[loop]
@@ -284,11 +282,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._worker.deliver(wait=False)
+        self._keep_scales(self._worker.deliver(wait=False))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._worker.close(wait=True)
+        self._keep_scales(self._worker.close(wait=True))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -297,12 +295,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._worker.deliver(wait=False)
+        self._keep_scales(self._worker.deliver(wait=False))
         self._start(trainer, "validate", _as_list(trainer.val_dataloaders), pl_module)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._worker.deliver(wait=False)
+        self._keep_scales(self._worker.deliver(wait=False))
         self._start(trainer, "test", _as_list(trainer.test_dataloaders), pl_module)
 
     @override
@@ -342,12 +340,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         unknown = [index for index, own in enumerate(stage.own) if own is None]
         if distributed and unknown and "sampler" not in self._warned:
             self._warned.add("sampler")
-            warnings.warn(
+            rank_zero_warn(
                 f"PerceptionMSECallback: {loop} dataloader(s) {unknown} have no DistributedSampler (a custom sampler "
                 f"or an IterableDataset), so the samples that pad the ranks to equal length cannot be told apart: "
                 f"{self.prefixes[loop]} counts every sample each rank receives",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     def _stage(self, loop: str, dataloaders: int) -> _Stage:
@@ -357,7 +354,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             stage = self._stages[loop] = _Stage(
                 self.prefixes[loop],
                 [self._new_metric() for _ in range(dataloaders)],
-                [self._new_profile() for _ in range(dataloaders)] if self.profile and self.panels else [],
+                [self._new_profile() for _ in range(dataloaders)] if self._profiles_drawn else [],
             )
             if self._checked_everywhere:  # compared at setup with the callback's options: no check at first sync
                 for metric in (*stage.metrics, *stage.profiles):
@@ -368,12 +365,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         return PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy)
 
     def _new_profile(self) -> ErrorProfile:
-        if self.modality == "audio":  # on the metric's own mel analysis where the space has one
-            mel = getattr(self.space, "analysis", None)
-            analysis = {"n_fft": mel.n_fft, "hop_length": mel.hop_length, "n_mels": mel.n_mels} if (
-                isinstance(mel, MelAnalysis)) else {}  # fmt: skip
-            return ErrorProfile("audio", self.data_range, sample_rate=self.sample_rate, **analysis)
-        return ErrorProfile("image", self.data_range, grid=self.error_map_grid, bands=self.spectrum_bands)
+        options = self._panel_set.profile_options(self._panel_options, self.space)
+        return ErrorProfile(self.modality, self.data_range, **options)
+
+    @property
+    def _profiles_drawn(self) -> bool:
+        """Whether the dataset profile is taken (and drawn): asked for, and possible for the modality's panels."""
+        return (
+            self.profile
+            and self.panels
+            and self._panel_set.profile_options(self._panel_options, self.space) is not None
+        )
 
     def _batch(self, trainer: pl.Trainer, loop: str, outputs: Any, batch: Any, batch_idx: int, index: int) -> None:
         preds, target = self._pair(outputs, batch)
@@ -384,14 +386,15 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if counted < preds.shape[0]:  # padding repeats of the DistributedSampler: left out of everything
             preds, target = preds[:counted], target[:counted]
         metric = stage.metrics[index]
-        metric.update(preds, target)
+        measured = metric.batch_stats(preds, target)
+        metric.accumulate(measured)
         if not self._draws_panels(trainer, loop):
             return
-        if stage.profiles and self._profile_fits(preds, stage.profiles[index]):
+        if stage.profiles and stage.profiles[index].fits(preds):
             stage.profiles[index].update(preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
         worst = stage.worst[index]
-        for row, value, components in candidates(metric.last_batch, self.space.component_weights):
+        for row, value, components in candidates(measured.stats, self.space.component_weights):
             fixed = keep_fixed and self._fixed.offer(batch_idx, row)
             position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
             among_worst = worst.wants(value, position)
@@ -443,193 +446,76 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 if name == "skipped" and self.nan_strategy == "error":
                     continue
                 key = stage.key("" if name == "total" else name, index)
-                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, batch_size=1,
+                # equal on every rank already (the metric's one all_reduce); Lightning's own sync, by max, keeps
+                # the bits and leaves it nothing to advise, without a filter on the process's warnings
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
         if not self._draws_panels(trainer, loop):
             return
-        states = [(profile, profile.synced_state()) for profile in stage.profiles]  # collectives: every rank
+        profiles = [SyncedProfile(profile, profile.synced_state()) for profile in stage.profiles]  # collectives
         worst = [samples.gathered(trainer.strategy.root_device) for samples in stage.worst]  # collectives: every rank
-        if trainer.is_global_zero:
-            if loop == "validate":
-                self._fixed.end_epoch(found=len(stage.fixed))
-            step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-            if self._sinks is None:
-                self._sinks = self._open_sinks(trainer.loggers)
-            fixed = sorted(stage.fixed, key=lambda s: s.label)
-            jobs = [
-                (stage.key("", index), fixed if index == 0 else [], worst[index], states[index] if states else None)
-                for index in range(len(stage.metrics))
-            ]
-            label = f"{loop} epoch {trainer.current_epoch}"
-            sinks = [sink.fresh() for sink in self._sinks]  # bound now: this epoch's own
-            self._worker.submit(label, lambda epoch: self._render(epoch, sinks, jobs, step))
+        if not trainer.is_global_zero:
+            return
+        if loop == "validate":
+            self._fixed.end_epoch(found=len(stage.fixed))
+        self._keep_scales(self._worker.deliver(wait=True))  # the previous epoch's panels first
+        if self._sinks is None:
+            self._sinks = self._open_sinks(trainer.loggers)
+        fixed = tuple(sorted(stage.fixed, key=lambda s: s.label))
+        parts = tuple(
+            ReportPart(stage.key("", index), fixed if index == 0 else (), tuple(worst[index]),
+                       profiles[index] if profiles else None)
+            for index in range(len(stage.metrics))
+        )  # fmt: skip
+        report = EpochReport(
+            f"{loop} epoch {trainer.current_epoch}",
+            getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step),
+            self._panel_set, self._panel_options, parts, MappingProxyType(dict(self._error_scales)),
+        )  # fmt: skip
+        sinks = [sink.fresh() for sink in self._sinks]  # bound now: this epoch's own
+        self._keep_scales(self._worker.submit(report.label, draw_report(report, sinks)))
+
+    @property
+    def _panel_set(self) -> PanelSet:
+        """The modality's panel set (looked up, not held: ``ddp_spawn`` pickles the callback)."""
+        return PANEL_SETS[self.modality]
+
+    def _keep_scales(self, scales: Mapping[str, float]) -> None:
+        """The error scales of delivered panels: each panel keeps the one of its first epoch."""
+        for key, scale in scales.items():
+            self._error_scales.setdefault(key, scale)
 
     def _open_sinks(self, loggers: list[Any]) -> list[Sink]:
         """The sinks of the run's loggers; one warning names the loggers that get no panels and where they went.
-        Rank zero only, after the epoch's collectives: a logger that fails here must not end it (the other ranks
-        would wait in the next collective), so panels then go to files."""
+        Rank zero only, after the epoch's collectives, on the panel thread within ``panel_timeout`` (a logger's
+        ``experiment`` may start a run or hang): a logger that fails or hangs here must not end or stall the fit
+        (the other ranks would wait in the next collective), so panels then go to files."""
         try:
-            sinks, unserved = sinks_for(loggers, self._file_root)
+            sinks, unserved = self._worker.call("opening the loggers", lambda: sinks_for(loggers, self._file_root))
         except Exception as error:
             sinks, unserved = sinks_for([], self._file_root)[0], [f"{type(error).__name__}: {error}"]
         if unserved or not loggers:
             which = f"{', '.join(unserved)} cannot show panels" if unserved else "the Trainer has no logger"
-            warnings.warn(
+            rank_zero_warn(
                 f"PerceptionMSECallback: {which} (the W&B and TensorBoard loggers of lightning and pytorch_lightning "
                 f"can); panels go to {', '.join(map(repr, sinks))}; scalars are logged as usual",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
         return sinks
-
-    def _render(
-        self, epoch: Epoch, sinks: list[Sink], jobs: list[tuple[str, list[Sample], list[Sample], Any]], step: int
-    ) -> None:
-        """Draw the panels of ``(prefix, fixed, worst, (profile, synced state) or None)`` jobs (on the worker)."""
-        epoch.sinks = [sink for sink in sinks if repr(sink) not in epoch.skipped_sinks]
-        for prefix, fixed, worst, profile_state in jobs:
-            profile = None
-            if profile_state:  # a failure here leaves out the profile panels only
-                profile = epoch.guard(
-                    f"computing the {prefix} error profile", lambda p=profile_state: p[0].profile_of(p[1])
-                )
-            for key, draw in self._panels(epoch, prefix, fixed, worst, profile, step):
-                epoch.guard(f"drawing {key}", draw)  # one failing panel does not hide the others
-        self._deliver(epoch, "epoch row", lambda sink: sink.flush(step))  # W&B: all panels in one history row
-
-    def _panels(
-        self, epoch: Epoch, prefix: str, fixed: list[Sample], worst: list[Sample], profile: Any, step: int
-    ) -> list[tuple[str, Callable[[], None]]]:
-        """The panels due this epoch, as ``(key, draw)`` pairs, from the modality's rows of the panel tables."""
-        panels: list[tuple[str, Callable[[], None]]] = []
-        for set_name, samples in (("fixed", fixed), ("worst", worst)):
-            drawable = samples and (
-                samples[0].target.dim() == 3 if self.modality == "image" else bool(self.sample_rate)
-            )
-            for key, method, sets in SAMPLE_PANELS[self.modality] if drawable else ():
-                if set_name in sets:
-                    key = f"{prefix}/{key.format(set=set_name)}"
-                    panels.append((key, lambda k=key, m=method, s=samples: getattr(self, m)(epoch, k, s, step)))
-        if profile is not None and self._counted(profile):
-            for key, method in PROFILE_PANELS[self.modality]:
-                key = f"{prefix}/{key}"
-                panels.append((key, lambda k=key, m=method: getattr(self, m)(epoch, k, profile, step)))
-        return panels
-
-    # -- the panels: one method each, and one line in SAMPLE_PANELS / PROFILE_PANELS below the class ------------
-
-    def _image_rows(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
-        labels = [s.title() for s in samples]
-        inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
-        picture, vmax = image_panels.comparison_grid(
-            [(s.target, s.preds) for s in samples], self._image_range, self._error_scales.get(key), labels, inputs
-        )
-        self._error_scales.setdefault(key, vmax)  # the first epoch's scale stays: epochs compare at a glance
-        rows = "; ".join(s.caption() for s in samples)
-        caption = f"rows: {rows}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
-        self._send_image(epoch, key, picture, caption, step)
-
-    def _table(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
-        names = list(samples[0].components)
-        rows = [[s.label, s.value, *(s.components[n] for n in names),
-                 upscale(to_rgb(s.target, self._image_range), 64), upscale(to_rgb(s.preds, self._image_range), 64)]
-                for s in samples]  # fmt: skip
-        columns = ["sample", "pmse", *names, "target", "prediction"]
-        self._deliver(epoch, "table", lambda sink: sink.table(key, columns, rows, step))
-
-    def _audio_rows(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
-        rows = [
-            stack([audio_panels.spectrogram_panel(s.target, s.preds, self.sample_rate),
-                   audio_panels.waveform_overlay(s.target, s.preds)], axis=0)
-            for s in samples
-        ]  # fmt: skip
-        captions = [s.caption() for s in samples]
-        self._send_image(epoch, key, stack(rows, axis=0), "; ".join(captions), step)
-
-    def _clips(self, epoch: Epoch, key: str, samples: list[Sample], step: int) -> None:
-        captions = [s.caption() for s in samples]
-        for role, pick in (("target", lambda s: s.target), ("prediction", lambda s: s.preds)):
-            clips = [audio_panels.clip(pick(s), self.data_range) for s in samples]
-            labels = [f"{role}: {caption}" for caption in captions]
-            self._deliver(epoch, "audio", lambda sink, k=f"{key}_{role}", c=clips, t=labels: sink.audio(
-                k, c, self.sample_rate, t, step))  # fmt: skip
-
-    def _error_map(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
-        error_map = profile["error_map"]
-        picture = image_panels.error_map_panel(error_map, vmax=self._error_scales.get(key))
-        self._error_scales.setdefault(key, float(error_map.max()) or 1.0)
-        caption = "mean squared error over the whole set, pooled (scale fixed from the first epoch)"
-        self._send_image(epoch, key, picture, caption, step)
-
-    def _spectrum(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
-        caption = "radial power spectra: error, target, prediction"
-        self._send_image(epoch, key, image_panels.spectrum_panel(profile), caption, step)
-
-    def _mel_profile(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
-        caption = "per mel band: squared log-mel error; target and prediction power"
-        self._send_image(epoch, key, audio_panels.mel_profile_panel(profile), caption, step)
-
-    def _chart(self, epoch: Epoch, key: str, profile: Mapping[str, Tensor], step: int) -> None:
-        """The spectrum / mel-band profile as an interactive line chart (W&B), beside the drawn panel."""
-        image = self.modality == "image"
-        series = {label: profile[name].tolist() for name, label in (("error", "error"), ("target", "target"),
-                                                                    ("preds", "prediction"))}  # fmt: skip
-        title = "radial power spectrum, mean over the set" if image else "per mel band, mean over the set"
-        x_label = "frequency (cycles / pixel)" if image else "frequency (Hz)"
-        x = profile["frequency"].tolist()
-        self._deliver(epoch, "chart", lambda sink: sink.lines(key, x, series, title, x_label))
-
-    def _send_image(self, epoch: Epoch, key: str, picture: np.ndarray, caption: str, step: int) -> None:
-        self._deliver(epoch, "image", lambda sink: sink.image(key, picture, caption, step))
-
-    def _deliver(self, epoch: Epoch, kind: str, call: Callable[[Sink], Send | None]) -> None:
-        """Prepare a panel for every sink (encoding, files: here, on the worker); the logger calls left to make
-        wait for the epoch's delivery window."""
-        for sink in epoch.sinks:
-            what = f"{sink!r} {kind}"
-            send = epoch.guard(what, lambda sink=sink: call(sink))
-            if send is not None:
-                epoch.send(repr(sink), f"{what} (logging)", send)
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _draws_panels(self, trainer: pl.Trainer, loop: str) -> bool:
         """Panels this epoch (so samples and the error profile are collected this epoch)."""
         skipped = loop == "validate" and trainer.current_epoch % self.panels_every_n_epochs
-        return self.panels and not trainer.sanity_checking and not skipped
+        return self.panels and self._can_draw and not trainer.sanity_checking and not skipped
 
     def _resolve_modality(self, modality: str) -> str:
+        """``auto``: the space's modality, else audio when a sample rate is given, else image."""
         if modality == "auto":
-            modality = "audio" if self.space.modality == "audio" or self.sample_rate else "image"
-        if modality == "audio" and not self.sample_rate and self.panels:
-            warnings.warn("PerceptionMSECallback: audio panels need sample_rate=...; drawing none", UserWarning, 2)
-            self.profile = False
+            modality = self.space.modality if self.space.modality in PANEL_SETS else None
+            modality = modality or ("audio" if self.sample_rate else "image")
         return modality
-
-    def _profile_fits(self, preds: Tensor, profile: ErrorProfile) -> bool:
-        if self.modality == "image":
-            return preds.dim() == 4
-        return preds.dim() in (2, 3) and preds.shape[-1] >= profile.min_length
-
-    @staticmethod
-    def _counted(profile: Mapping[str, Tensor]) -> bool:
-        return bool(torch.isfinite(profile["error"]).all())
-
-    @property
-    def _image_range(self) -> tuple[float, float]:
-        return self.data_range or (0.0, 1.0)
-
-
-# The panels of each modality: (key under the prefix, method, sample sets it draws) for the fixed / worst samples,
-# and (key, method) for the dataset profile. A new panel is one method of the callback and one line here.
-SAMPLE_PANELS: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
-    "image": [("panels/{set}", "_image_rows", ("fixed", "worst")), ("worst_table", "_table", ("worst",))],
-    "audio": [("panels/{set}", "_audio_rows", ("fixed", "worst")), ("audio/{set}", "_clips", ("fixed", "worst"))],
-}
-PROFILE_PANELS: dict[str, list[tuple[str, str]]] = {
-    "image": [("panels/error_map", "_error_map"), ("panels/spectrum", "_spectrum"), ("charts/spectrum", "_chart")],
-    "audio": [("panels/mel_profile", "_mel_profile"), ("charts/mel_profile", "_chart")],
-}
 
 
 def _as_list(dataloaders: Any) -> list[Any]:

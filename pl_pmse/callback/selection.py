@@ -5,41 +5,16 @@ from __future__ import annotations
 import heapq
 import math
 import pickle
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from ..distributed import collective_device, receive_bytes, send_bytes
 from ..functional import SampleStats
-
-
-@dataclass(order=True)
-class Sample:
-    """One sample kept for a panel: its Perception MSE, components and tensors (CPU copies the panel thread owns).
-
-    Samples order by value, ties by ``-position`` (its place in the sampler's order over all ranks): among equal
-    values the earlier sample ranks as worse, so the worst k are the same whatever the batch split or world size."""
-
-    value: float
-    earlier: int = field(repr=False)  # minus the position: ties go to the earlier sample, as in one process
-    label: str = field(compare=False)
-    components: dict[str, float] = field(compare=False)
-    preds: Tensor = field(compare=False)
-    target: Tensor = field(compare=False)
-    input: Tensor | None = field(default=None, compare=False)  # the model input, when validation_step returns it
-
-    def caption(self) -> str:
-        parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())
-        return f"{self.label}: pmse {self.value:.4g} ({parts})"
-
-    def title(self) -> str:
-        """The short form written on the panel's row (the caption has every component)."""
-        return f"{self.label}: pmse {self.value:.4g}"
+from ..panels.sets import Sample
 
 
 def candidates(stats: SampleStats | None, weights: Mapping[str, float]) -> list[tuple[int, float, dict[str, float]]]:
@@ -74,12 +49,12 @@ class FixedSamples:
         """Freeze the choice; restored positions this set does not have (a smaller set, another batch size) warn
         and are chosen afresh from the next epoch on, instead of silently drawing fewer."""
         if self.frozen and found < len(self.positions):
-            warnings.warn(
+            rank_zero_warn(
                 f"PerceptionMSECallback: {len(self.positions) - found} of the {len(self.positions)} fixed panel "
                 f"samples restored from the checkpoint ({self.positions}) are not in this validation set; the fixed "
                 f"samples are chosen afresh from the next epoch on",
-                UserWarning,
-                stacklevel=3,
+                category=UserWarning,
+                stacklevel=5,
             )
             self.positions, self.frozen = [], False
             return
@@ -95,11 +70,11 @@ class FixedSamples:
             for p in positions
         )
         if not valid or not isinstance(frozen, (bool, type(None))):
-            warnings.warn(
+            rank_zero_warn(
                 f"PerceptionMSECallback: the checkpoint's fixed panel samples are not valid (fixed_positions="
                 f"{positions!r}, fixed_frozen={frozen!r}); the fixed samples are chosen afresh",
-                UserWarning,
-                stacklevel=3,
+                category=UserWarning,
+                stacklevel=5,
             )
             positions, frozen = [], False
         self.positions = [tuple(p) for p in positions]

@@ -14,17 +14,18 @@ same budget) instead of at the next training batch. Ctrl-C: the thread is a daem
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 Send = Callable[[], None]
 Draw = Callable[["Epoch"], None]  # draws one epoch's panels; calls epoch.send(sink name, what, send) per logger call
@@ -40,6 +41,7 @@ class Epoch:
     skipped_sinks: frozenset[str] = frozenset()  # sinks that overran before: nothing is prepared for them
     sinks: list[Any] = field(default_factory=list)  # the caller's: this epoch's own sink objects
     sends: list[tuple[str, str, Send]] = field(default_factory=list)  # (sink, what, call)
+    scales: dict[str, float] = field(default_factory=dict)  # error scales the panels fixed: the callback's to keep
     failures: Counter = field(default_factory=Counter)  # "what: ErrorType: message" -> count
     dropped: int = 0
     drawn: threading.Event = field(default_factory=threading.Event)
@@ -86,30 +88,34 @@ class PanelWorker:
         self._epoch: Epoch | None = None  # drawn or being drawn, not yet delivered
         self._broken: set[str] = set()  # sinks that overran a delivery window
 
-    def submit(self, label: str, draw: Draw) -> None:
-        """Hand over an epoch's drawing; the previous epoch's panels are delivered (or dropped) first."""
-        self.deliver(wait=True)
+    def submit(self, label: str, draw: Draw) -> dict[str, float]:
+        """Hand over an epoch's drawing; the previous epoch's panels are delivered (or dropped) first. Returns the
+        error scales of the epochs delivered meanwhile (the earlier epoch's first)."""
+        scales = self.deliver(wait=True)
         epoch = self._epoch = Epoch(label, self.timeout, frozenset(self._broken))
         self._run_on_thread(lambda: self._draw(epoch, draw))
         if not self.background:  # drawn and delivered now, under the same budget and containment
-            self.deliver(wait=True)
+            scales = {**self.deliver(wait=True), **scales}
+        return scales
 
-    def deliver(self, wait: bool) -> None:
-        """Make the logger calls of the drawn epoch, on the worker thread, waiting within the epoch's budget.
+    def deliver(self, wait: bool) -> dict[str, float]:
+        """Make the logger calls of the drawn epoch, on the worker thread, waiting within the epoch's budget; returns
+        the error scales its panels fixed (``{}`` when nothing was delivered or it was not drawn in time).
 
         ``wait=False`` (a training batch): only if the drawing is done. ``wait=True`` (the next validation epoch,
         teardown): wait for the drawing too, within the budget. A call is only started with at least a quarter of
-        the timeout left (else it is dropped, no sink blamed); a call that overruns that marks its sink as skipped.
+        the timeout left (else it is dropped, no sink blamed); a call that overruns that marks its sink as skipped,
+        and what it leaves behind (temporary files) is removed at once.
         The thread of a call or drawing that overran is let go: the next job starts a fresh one.
         """
         epoch = self._epoch
         if epoch is None or not (wait or epoch.drawn.is_set()):
-            return
+            return {}
         self._epoch = None
         if not self._waited(epoch, epoch.drawn.wait):  # not even drawn in time
             self._let_thread_go()
             self._give_up(epoch)
-            return
+            return {}
         sends = epoch.take_sends()  # drawn: nothing more comes
         for index, (sink, what, call) in enumerate(sends):
             if sink in self._broken or epoch.budget < self.timeout / 4:
@@ -122,18 +128,46 @@ class PanelWorker:
                 self._broken.add(sink)
                 late = f"{what}: no answer within the {self.timeout:g} s budget; {sink} is skipped now"
                 epoch.failures[late] += 1
+                _clean_up(call)  # what the hung call leaves behind goes now: it may never return
                 epoch.dropped += self._drop(sends[index + 1 :])
                 break
         self._report(epoch)
+        return dict(epoch.scales)
 
-    def close(self, wait: bool = True) -> None:
-        """Deliver what is left (``wait``: within the budget) and let the thread go; never blocks beyond it."""
-        if wait:
-            self.deliver(wait=True)
-        elif self._epoch is not None:
+    def call(self, what: str, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on the worker thread while this thread waits, at most the timeout: for logger calls outside
+        an epoch's delivery (opening the sinks reads each logger's ``experiment``). Returns what it returns, raises
+        what it raises, or ``TimeoutError`` (its thread is then let go)."""
+        done, result = threading.Event(), {}
+
+        def run() -> None:
+            try:
+                result["value"] = job()
+            except BaseException as error:
+                result["error"] = error
+            finally:
+                done.set()
+
+        self._run_on_thread(run)
+        if not done.wait(self.timeout):
+            self._let_thread_go()
+            raise TimeoutError(f"{what}: no answer within the {self.timeout:g} s budget")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def close(self, wait: bool = True) -> dict[str, float]:
+        """Deliver what is left (``wait``: within the budget) and let the thread go; never blocks beyond it.
+        Returns the delivered epoch's error scales."""
+        scales = self.deliver(wait=True) if wait else {}
+        if not wait and self._epoch is not None:
             self._give_up(self._epoch)
             self._epoch = None
+        thread = self._thread
         self._let_thread_go()  # it ends after its current job; a hung job holds only a daemon thread
+        if wait and thread is not None:  # not let go above, so idle: gone before teardown returns
+            thread.join(0.5)
+        return scales
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: a fresh worker on the other side
         return {"timeout": self.timeout, "background": self.background}
@@ -168,9 +202,13 @@ class PanelWorker:
         self._queue.put(job)
 
     def _let_thread_go(self) -> None:
-        """The thread is stuck in a job that overran: it ends after that job; later jobs get a new thread."""
+        """The thread ends after its current job (one that overran, or none); later jobs get a new thread. Until it
+        ends, the interpreter's exit waits for it, within the budget (see :func:`_wait_at_exit`)."""
         if self._thread is not None:
             self._queue.put(None)
+            for ended in [thread for thread in _ENDING if not thread.is_alive()]:
+                del _ENDING[ended]
+            _ENDING[self._thread] = self.timeout
             self._thread = None
 
     def _give_up(self, epoch: Epoch) -> None:
@@ -194,15 +232,28 @@ class PanelWorker:
         kinds = "; ".join(f"{what} (x{count})" if count > 1 else what for what, count in failures.items())
         if "soundfile" in kinds.lower():
             kinds += " (pip install soundfile for audio clips)"
-        warnings.warn(
+        rank_zero_warn(
             f"PerceptionMSECallback: panels of {epoch.label}: {sum(failures.values())} logger or drawing call(s) "
             f"failed"
             + (f" and {dropped} panel(s) were dropped" if dropped else "")
             + (f": {kinds}" if kinds else "")
             + "; training continues",
-            RuntimeWarning,
-            stacklevel=2,
+            category=RuntimeWarning,
+            stacklevel=5,
         )
+
+
+_ENDING: dict[threading.Thread, float] = {}  # panel threads let go, with how long the exit may wait for them
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    """At interpreter exit, give panel threads still in a job (an overrun drawing or logger call) their budget to
+    end: a daemon thread inside a torch operation when the interpreter finalizes aborts the whole process
+    ("terminate called without an active exception", exit code 134) instead of letting it exit as it would."""
+    deadline = time.monotonic() + max(_ENDING.values(), default=0.0)
+    for thread in list(_ENDING):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _clean_up(call: Send) -> None:

@@ -1,16 +1,28 @@
-"""Audio panels: waveform overlay, log-mel spectrograms of target / prediction / difference, playable clips."""
+"""Audio panels: waveform overlay, log-mel spectrograms of target / prediction / difference, playable clips; the
+audio panel set."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torchaudio
 from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, line_plot, magma, stack, titled
+from .sets import (
+    PANEL_SETS,
+    Clips,
+    Drawn,
+    PanelOptions,
+    PanelSet,
+    Picture,
+    ProfilePanel,
+    Sample,
+    SamplePanel,
+    profile_chart,
+)
 
 DYNAMIC_RANGE_DB = 80.0
 DIFFERENCE_LIMIT_DB = 40.0
@@ -36,7 +48,9 @@ def clip(x: Tensor, data_range: tuple[float, float] | None) -> np.ndarray:
 def log_mel_db(x: Tensor, sample_rate: int, n_mels: int = 64) -> Tensor:
     """Log-mel power in dB, ``[n_mels, frames]``, with an FFT size that fits short clips."""
     n_fft = int(min(1024, 2 ** np.floor(np.log2(max(x.shape[-1], 2)))))
-    transform = torchaudio.transforms.MelSpectrogram(
+    from torchaudio.transforms import MelSpectrogram  # loaded on first use
+
+    transform = MelSpectrogram(
         sample_rate, n_fft=n_fft, hop_length=max(1, n_fft // 4), n_mels=min(n_mels, n_fft // 4 + 1)
     ).double()
     return 10 * torch.log10(transform(x) + 1e-10)
@@ -120,3 +134,46 @@ def mel_profile_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
 def _stretch(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a spectrogram picture to ``height`` x ``width`` (the waveform's width, so that time lines up)."""
     return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))
+
+
+# -- the audio panel set ----------------------------------------------------------------------------------------
+
+
+def sample_rows(key: str, samples: Sequence[Sample], options: PanelOptions, scale: float | None) -> Drawn:
+    """Per sample: log-mel spectrograms of target and prediction, their difference, and the waveforms."""
+    rows = [
+        stack([spectrogram_panel(s.target, s.preds, options.sample_rate), waveform_overlay(s.target, s.preds)], axis=0)
+        for s in samples
+    ]
+    return Drawn((Picture(key, stack(rows, axis=0), "; ".join(s.caption() for s in samples)),))
+
+
+def playable_clips(key: str, samples: Sequence[Sample], options: PanelOptions, scale: float | None) -> Drawn:
+    """The target and prediction clips of the samples."""
+    captions = [s.caption() for s in samples]
+    return Drawn(tuple(
+        Clips(f"{key}_{role}", [clip(pick(s), options.data_range) for s in samples], options.sample_rate,
+              [f"{role}: {caption}" for caption in captions])
+        for role, pick in (("target", lambda s: s.target), ("prediction", lambda s: s.preds))
+    ))  # fmt: skip
+
+
+def mel_profile(key: str, profile: Mapping[str, Tensor], options: PanelOptions, scale: float | None) -> Drawn:
+    """Per mel band over the whole set: the error, and the power of target and prediction."""
+    caption = "per mel band: squared log-mel error; target and prediction power"
+    return Drawn((Picture(key, mel_profile_panel(profile), caption),))
+
+
+AUDIO_PANELS = PANEL_SETS["audio"] = PanelSet(
+    modality="audio",
+    sample_panels=(SamplePanel("panels/{set}", sample_rows), SamplePanel("audio/{set}", playable_clips)),
+    profile_panels=(
+        ProfilePanel("panels/mel_profile", mel_profile),
+        ProfilePanel("charts/mel_profile", profile_chart("per mel band, mean over the set", "frequency (Hz)")),
+    ),
+    drawable=lambda sample, options: True,
+    profile_options=lambda options, space: (
+        {"sample_rate": options.sample_rate, **space.profile_options()} if options.sample_rate else None
+    ),
+    missing=lambda options: None if options.sample_rate else "sample_rate=...",
+)

@@ -1,4 +1,4 @@
-"""Image panels: target | prediction | error rows, the dataset error map and the radial spectra."""
+"""Image panels: target | prediction | error rows, the dataset error map and the radial spectra; the image panel set."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ import numpy as np
 from torch import Tensor
 
 from .render import as_float, colorbar, heatmap, line_plot, stack, titled, to_rgb, upscale
+from .sets import (
+    PANEL_SETS,
+    Drawn,
+    PanelOptions,
+    PanelSet,
+    Picture,
+    ProfilePanel,
+    Sample,
+    SamplePanel,
+    Table,
+    profile_chart,
+)
 
 MIN_SIDE = 96
 
@@ -65,3 +77,51 @@ def spectrum_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
         "radial power spectrum, mean over the set (log10)",
         "frequency (cycles / pixel)",
     )
+
+
+# -- the image panel set: each panel one function of (key, samples or profile, options, fixed scale) -------------
+
+
+def sample_rows(key: str, samples: Sequence[Sample], options: PanelOptions, scale: float | None) -> Drawn:
+    """[input |] target | prediction | error rows of the samples, on the panel's error scale."""
+    inputs = [s.input for s in samples] if all(s.input is not None for s in samples) else None
+    labels = [s.title() for s in samples]
+    picture, vmax = comparison_grid([(s.target, s.preds) for s in samples], options.image_range, scale, labels, inputs)
+    rows = "; ".join(s.caption() for s in samples)
+    caption = f"rows: {rows}. Error scale 0 to {vmax:.4g} (fixed for this panel; brighter clips)"
+    return Drawn((Picture(key, picture, caption),), vmax)
+
+
+def worst_table(key: str, samples: Sequence[Sample], options: PanelOptions, scale: float | None) -> Drawn:
+    """The worst samples' values, components and thumbnails as a table."""
+    names = list(samples[0].components)
+    thumbnail = lambda x: upscale(to_rgb(x, options.image_range), 64)  # noqa: E731
+    rows = [[s.label, s.value, *(s.components[n] for n in names), thumbnail(s.target), thumbnail(s.preds)]
+            for s in samples]  # fmt: skip
+    return Drawn((Table(key, ["sample", "pmse", *names, "target", "prediction"], rows),))
+
+
+def error_map(key: str, profile: Mapping[str, Tensor], options: PanelOptions, scale: float | None) -> Drawn:
+    """The whole set's pooled squared-error map, on the scale of its first epoch."""
+    values = profile["error_map"]
+    caption = "mean squared error over the whole set, pooled (scale fixed from the first epoch)"
+    return Drawn((Picture(key, error_map_panel(values, vmax=scale), caption),), float(values.max()) or 1.0)
+
+
+def spectrum(key: str, profile: Mapping[str, Tensor], options: PanelOptions, scale: float | None) -> Drawn:
+    """Radial power spectra of the error, the target and the prediction."""
+    return Drawn((Picture(key, spectrum_panel(profile), "radial power spectra: error, target, prediction"),))
+
+
+SPECTRUM_CHART = profile_chart("radial power spectrum, mean over the set", "frequency (cycles / pixel)")
+IMAGE_PANELS = PANEL_SETS["image"] = PanelSet(
+    modality="image",
+    sample_panels=(SamplePanel("panels/{set}", sample_rows), SamplePanel("worst_table", worst_table, ("worst",))),
+    profile_panels=(
+        ProfilePanel("panels/error_map", error_map),
+        ProfilePanel("panels/spectrum", spectrum),
+        ProfilePanel("charts/spectrum", SPECTRUM_CHART),
+    ),
+    drawable=lambda sample, options: sample.target.dim() == 3,
+    profile_options=lambda options, space: {"grid": options.error_map_grid, "bands": options.spectrum_bands},
+)

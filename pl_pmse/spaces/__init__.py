@@ -14,12 +14,13 @@
 from .audio import AudioSpace, MelSpace, MultiResolutionSTFT, WaveformSpace
 from .backbones import Backbone, LPIPSSpace, imagenet_weights_path, load_backbone, lpips_calibration
 from .base import Space
-from .image import LaplacianPyramid, PixelSpace
+from .image import ImageSpace, LaplacianPyramid, PixelSpace
 from .registry import available_spaces, get_space, register_space
 
 __all__ = [
     "AudioSpace",
     "Backbone",
+    "ImageSpace",
     "LPIPSSpace",
     "LaplacianPyramid",
     "MelSpace",

@@ -6,16 +6,18 @@ import decimal
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torchaudio
 from torch import Tensor, nn
 
 from .. import checks
 from .base import Space
 from .registry import register_space
+
+if TYPE_CHECKING:
+    from torchaudio.transforms import Spectrogram
 
 
 class AudioSpace(Space):
@@ -27,6 +29,12 @@ class AudioSpace(Space):
     layout = "audio [N, T] or [N, C, T]"
     allowed_ndim = (2, 3)
     min_length = 1
+    range_hint = "e.g. data_range=(-32768, 32767) for 16-bit audio"
+
+    def layout_hint(self, x: Tensor) -> str:
+        if x.dim() == 3 and x.shape[-1] <= 8 < x.shape[1]:
+            return f"; shape {tuple(x.shape)} looks like [N, T, C]: pass x.transpose(1, 2) for [N, C, T]"
+        return ""
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
@@ -103,6 +111,10 @@ class MelSpace(AudioSpace):
     def sample_rate(self) -> int:
         return self.analysis.sample_rate
 
+    def profile_options(self) -> dict[str, Any]:
+        mel = self.analysis
+        return {"n_fft": mel.n_fft, "hop_length": mel.hop_length, "n_mels": mel.n_mels}
+
     def resolved_options(self) -> dict[str, Any]:
         spectrogram = self.analysis.spectrogram
         return {"hop_length": spectrogram.hop_length, "win_length": spectrogram.win_length,
@@ -150,7 +162,9 @@ class MelAnalysis(nn.Module):
     ) -> None:
         super().__init__()
         self.sample_rate, self.n_fft, self.n_mels = sample_rate, n_fft, n_mels
-        self.spectrogram = torchaudio.transforms.Spectrogram(
+        from torchaudio.transforms import Spectrogram  # loaded on first use: import pl_pmse stays light
+
+        self.spectrogram = Spectrogram(
             n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0
         )
         window = self.spectrogram.window
@@ -364,8 +378,10 @@ class MultiResolutionSTFT(AudioSpace):
         super().__init__({f"stft{n}": 1.0 for n in fft_sizes}, raw_weight=0.0, component_weights=component_weights)
         self.eps = eps
         self.min_length = max(fft_sizes) // 2 + 1
+        from torchaudio.transforms import Spectrogram
+
         self.spectrograms = nn.ModuleList(
-            torchaudio.transforms.Spectrogram(n_fft=n, hop_length=h, win_length=w, power=2.0)
+            Spectrogram(n_fft=n, hop_length=h, win_length=w, power=2.0)
             for n, h, w in zip(fft_sizes, hop_sizes, win_lengths, strict=True)
         )
 
@@ -380,7 +396,7 @@ class MultiResolutionSTFT(AudioSpace):
         }
 
 
-def _power_spectrogram(transform: torchaudio.transforms.Spectrogram, x: Tensor) -> Tensor:
+def _power_spectrogram(transform: Spectrogram, x: Tensor) -> Tensor:
     """``transform(x)`` for the spectrograms the spaces build (no pad, centred, reflect-padded, not normalised,
     one-sided, power 2): the same operations as torchaudio's, without its ``torch.jit.isinstance`` checks, which
     ``torch.compile`` cannot trace (tests compare the two bit for bit)."""

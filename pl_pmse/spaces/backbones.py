@@ -17,12 +17,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import checks
-from .base import Space
+from .image import ImageSpace
 from .registry import register_module_space, register_space
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -103,7 +102,7 @@ def _keep_output(module: nn.Module, inputs: Any, output: Tensor) -> None:
 
 
 @register_module_space
-class Backbone(Space):
+class Backbone(ImageSpace):
     """Perception space of a network's feature maps at named layers, plus the raw pixels.
 
     Args:
@@ -129,10 +128,6 @@ class Backbone(Space):
         >>> space.component_names
         ('pixel', 'low', 'high')
     """
-
-    modality = "image"
-    layout = "images [N, C, H, W]"
-    allowed_ndim = (4,)
 
     def __init__(
         self,
@@ -239,11 +234,14 @@ class LPIPSSpace(Backbone):
     weight to 0, so the total is LPIPS.
 
     ``data_range`` must be given: LPIPS is fed [-1, 1] images by the ``lpips`` package and by torchmetrics (unless
-    ``normalize=True``), [0, 1] images elsewhere, and either kind passes a range check. See
-    :func:`pl_pmse.checks.check_data_range_given`.
+    ``normalize=True``), [0, 1] images elsewhere, and either kind passes a range check.
     """
 
-    requires_data_range = True
+    data_range_advice = (
+        "LPIPS inputs come in two conventions that both pass a range check: images in [-1, 1] (the lpips package; "
+        "torchmetrics' LPIPS with normalize=False) -> data_range=(-1, 1); images in [0, 1] (torchmetrics' "
+        "normalize=True) -> data_range=1.0"
+    )
 
     def __init__(self, module: nn.Module, calibration: dict[str, Tensor], eps: float = 1e-10, **options: Any):
         super().__init__(module, normalize="lpips", **options)
@@ -290,6 +288,8 @@ def imagenet_weights_path(architecture: str) -> Path:
         >>> imagenet_weights_path("vgg16").name
         'vgg16-397923af.pth'
     """
+    import torchvision  # loaded on first use: import pl_pmse stays light
+
     enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
 
@@ -302,6 +302,8 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
     alike, in one process or several, are equal; the global random state is not touched.
     """
     arch = ARCHITECTURES[architecture]
+    import torchvision
+
     builder = getattr(torchvision.models, arch.builder)
     if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation, seeded: reproducible
         with torch.device("cpu"), _PrivateGenerator(torch.Generator().manual_seed(RANDOM_WEIGHTS_SEED)):
@@ -325,6 +327,8 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
 
 
 def _imagenet_state(architecture: str) -> dict[str, Tensor]:
+    import torchvision  # loaded on first use: import pl_pmse stays light
+
     enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
     try:
         return enum.get_state_dict(progress=False)

@@ -51,11 +51,13 @@ class Space(nn.Module):
 
     name: str = "custom"
     raw_name: str = "pixel"
-    modality: str | None = None  # "image", "audio", or None (any data): chooses panels and layout hints
+    modality: str | None = None  # "image", "audio", or None (any data): chooses the callback's panel set
     expected_range: tuple[float, float] = (0.0, 1.0)
     layout: str = "a batch [N, ...]"
     allowed_ndim: tuple[int, ...] | None = None
-    requires_data_range: bool = False  # True where two input conventions are common (LPIPS: [0, 1] and [-1, 1])
+    # where two input conventions are common (LPIPS: [0, 1] and [-1, 1]), why data_range must be stated and how
+    data_range_advice: str | None = None
+    range_hint: str = "e.g. data_range=255 for 8-bit images or data_range=(-1, 1)"  # for data outside the range
     linear: bool = False  # features(a) - features(b) == features(a - b): measured on the difference, in one pass
     # features made by elementwise float arithmetic only (the same bits on every device and in any batch): summed
     # in exact integers on accelerators (see pl_pmse.reduction); networks and FFTs are equal to rounding there
@@ -82,6 +84,11 @@ class Space(nn.Module):
     def sample_rate(self) -> int | None:
         """The audio's sample rate in Hz where the space knows it (``mel``), else None."""
         return None
+
+    def profile_options(self) -> dict[str, Any]:
+        """Options of the callback's :class:`~pl_pmse.profile.ErrorProfile` that follow the space (``mel``: its
+        mel analysis, so that the mel-band profile shows the bands the space measures), else ``{}``."""
+        return {}
 
     def configuration(self) -> dict[str, str]:
         """Every setting that decides what the space measures, as text: its class, the arguments it was built
@@ -167,6 +174,10 @@ class Space(nn.Module):
         if len(self.component_weights) > 1:
             checks.check_device(x, self.tensors(), self.name)
 
+    def layout_hint(self, x: Tensor) -> str:
+        """A hint added to a shape error when ``x`` looks laid out another way (channels last), else ``""``."""
+        return ""
+
     def feature_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype features are computed in: the network's, else the input's (at least float32)."""
         for tensor in self.tensors():
@@ -201,7 +212,7 @@ class Space(nn.Module):
             return out
         mapped = [self.to_expected_range(x, data_range) for x in (preds, target)]
         if validate_args:
-            checks.check_value_range(mapped, self.expected_range, self.name, data_range, self.modality)
+            checks.check_value_range(mapped, self.expected_range, self.name, data_range, self.range_hint)
         if self.linear:
             return {**out, **{name: (value, None) for name, value in self.features(mapped[0] - mapped[1]).items()}}
         graph = [torch.is_grad_enabled() and x.requires_grad for x in mapped]

@@ -17,6 +17,19 @@ _BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 _YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
+class ImageSpace(Space):
+    """Image batches ``[N, C, H, W]``, float in [0, 1] by default."""
+
+    modality = "image"
+    layout = "images [N, C, H, W]"
+    allowed_ndim = (4,)
+
+    def layout_hint(self, x: Tensor) -> str:
+        if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4:
+            return f"; shape {tuple(x.shape)} looks channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)"
+        return ""
+
+
 @register_space("pixel")
 class PixelSpace(Space):
     """The raw signal: Perception MSE in this space is the plain MSE over all elements.
@@ -37,7 +50,7 @@ class PixelSpace(Space):
 
 
 @register_space("pyramid")
-class LaplacianPyramid(Space):
+class LaplacianPyramid(ImageSpace):
     """Laplacian pyramid (Burt & Adelson): band-pass levels from fine to coarse plus the low-pass residual.
 
     Level ``k`` is ``G_k - up(G_{k+1})`` where ``G_0`` is the image, ``G_{k+1} = down(blur(G_k))`` and the blur
@@ -58,10 +71,7 @@ class LaplacianPyramid(Space):
 
     name = "pyramid"
     exact_features = True
-    modality = "image"
     linear = True
-    layout = "images [N, C, H, W]"
-    allowed_ndim = (4,)
 
     def __init__(
         self, levels: int = 5, luma_chroma: bool = False, component_weights: Mapping[str, float] | None = None
