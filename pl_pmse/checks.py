@@ -78,6 +78,8 @@ def check_component_names(names: Sequence[str]) -> None:
 def check_data_range_given(space: Any, data_range: tuple[float, float] | None) -> None:
     """Spaces whose inputs commonly come in two conventions (their ``data_range_advice`` says which) need it stated."""
     advice = getattr(space, "data_range_advice", None)
+    if getattr(space, "requires_data_range", False):  # the 0.1 form of saying so
+        advice = advice or "its inputs come in more than one convention (requires_data_range = True)"
     if data_range is None and advice:
         raise ValueError(f"data_range: space {space.name!r} needs it stated: {advice}")
 

@@ -190,7 +190,9 @@ class PerceptionMSE(ExactSumMetric):
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
         batch = self.batch_stats(preds, target, mask)
-        self.accumulate(batch)
+        self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
+        self._update_count += 1
+        self._computed = None
         self._forward_cache = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")
         return self._forward_cache
 

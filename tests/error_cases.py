@@ -73,6 +73,12 @@ def _callback(**options: object) -> None:
     PerceptionMSECallback(**options)
 
 
+def _register_sink(name: str) -> None:
+    from pl_pmse.sinks import register_sink
+
+    register_sink(name, lambda logger: None)
+
+
 def _load(source: PerceptionMSE, into: PerceptionMSE) -> None:
     source.persistent(True)
     source.update(*(torch.rand(2, 3, 32, 32) if source.space.modality != "audio" else torch.rand(2, 4096) - 0.5,) * 2)
@@ -183,6 +189,8 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSECallback", "a negative worst_k", lambda: _callback(worst_k=-1)),
     ("PerceptionMSECallback", "extract is not a function", lambda: _callback(extract="preds")),
     ("PerceptionMSECallback", "an unknown modality", lambda: _callback(modality="video")),
+    ("PerceptionMSECallback", "sinks that are not Sink objects", lambda: _callback(sinks=["wandb"])),
+    ("register_sink", "a logger class name with a space", lambda: _register_sink("My Logger")),
     ("PerceptionMSECallback", "an infinite panel_timeout", lambda: _callback(panel_timeout=float("inf"))),
     ("PerceptionMSECallback", "panel_timeout as a string", lambda: _callback(panel_timeout="10")),
     ("PerceptionMSECallback", "a zero panel_timeout", lambda: _callback(panel_timeout=0)),

@@ -82,8 +82,8 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
     assert [row["epoch"] for row in scalar_rows] == [0, 1]  # none from the sanity check
     for epoch, row in enumerate(scalar_rows):
         assert row["val/pmse"] == pytest.approx(recorder.mse(epoch), rel=1e-6)
-        assert row["val/pmse/pixel"] == row["val/pmse"]
-        assert row["val/pmse/psnr"] == pytest.approx(10 * np.log10(1 / recorder.mse(epoch)), rel=1e-6)
+        assert row["val/pmse_pixel"] == row["val/pmse"]
+        assert row["val/pmse_psnr"] == pytest.approx(10 * np.log10(1 / recorder.mse(epoch)), rel=1e-6)
     assert trainer.callback_metrics["val/pmse"].item() == pytest.approx(recorder.mse(1), rel=1e-6)
 
     panel_keys = ["val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/error_map",
@@ -221,7 +221,7 @@ def test_audio_run_logs_spectrograms_and_playable_clips(tmp_path, wandb_logger) 
     trainer = trainer_for(tmp_path, wandb_logger, [callback], max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(AudioEnhancer(), AudioData())
     run, rows = finished_history(tmp_path)
-    assert len([row for row in rows if "val/pmse/mel" in row]) == 1
+    assert len([row for row in rows if "val/pmse_mel" in row]) == 1
     clips = sorted((run / "files" / "media" / "audio").rglob("*.wav"))
     assert len(clips) == 8  # fixed and worst, target and prediction, 2 each
     import soundfile
@@ -249,12 +249,12 @@ def test_values_equal_the_metric_over_the_whole_set_with_several_dataloaders(tmp
         summary = reference.compute_summary()
         logged = trainer.callback_metrics
         assert logged[f"val/pmse/dataloader_idx_{index}"].item() == pytest.approx(summary["total"].item(), rel=1e-6)
-        assert logged[f"val/pmse/band0/dataloader_idx_{index}"].item() == pytest.approx(
+        assert logged[f"val/pmse_band0/dataloader_idx_{index}"].item() == pytest.approx(
             summary["band0"].item(), rel=1e-6
         )
     (metrics_file,) = Path(tmp_path).rglob("metrics.csv")
     header = next(csv.reader(metrics_file.open()))
-    assert "val/pmse/dataloader_idx_0" in header and "val/pmse/lowpass/dataloader_idx_1" in header
+    assert "val/pmse/dataloader_idx_0" in header and "val/pmse_lowpass/dataloader_idx_1" in header
 
 
 def test_files_without_wandb_and_tensorboard_images(tmp_path) -> None:
@@ -377,7 +377,7 @@ def test_test_loop_and_tuple_outputs(tmp_path) -> None:
     model = Denoiser(output="tuple")
     trainer.fit(model, ImageData())
     results = trainer.test(model, ImageData(), verbose=False)
-    assert set(results[0]) >= {"test/pmse", "test/pmse/pixel", "test/pmse/psnr"}
+    assert set(results[0]) >= {"test/pmse", "test/pmse_pixel", "test/pmse_psnr"}
 
 
 def test_wrong_validation_outputs_fail_clearly(tmp_path) -> None:
@@ -450,12 +450,12 @@ def test_lightning_cli_config_with_the_callback(tmp_path) -> None:
     assert callback.space.component_names == ("pixel", "band0", "band1", "lowpass")
     metrics = run.trainer.callback_metrics
     assert metrics["val/pmse"].item() == pytest.approx(
-        sum(metrics[f"val/pmse/{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
+        sum(metrics[f"val/pmse_{name}"].item() for name in ("band0", "band1", "lowpass")), rel=1e-5
     )
 
 
 def test_tensorboardx_writers_get_their_own_add_calls_on_the_training_thread() -> None:
-    from pl_pmse.panels.sinks import TensorBoardSink
+    from pl_pmse.sinks import TensorBoardSink
 
     class TensorBoardXWriter:  # what Lightning uses when `tensorboard` is not installed: no torch summaries
         def __init__(self) -> None:
@@ -536,18 +536,30 @@ def test_an_input_returned_by_validation_step_gets_its_own_column(tmp_path) -> N
     assert widths["with"] > widths["without"] + 90  # one more 96-pixel column
 
 
-def test_error_scales_are_kept_by_the_callback_from_each_panels_first_epoch(tmp_path) -> None:
-    """The panels return their scales; the callback keeps them on the training thread when the epoch is delivered
-    (before: the panel thread wrote them into the callback while a checkpoint could be reading them)."""
-    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=False)
-    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0, max_epochs=1)
+class ScaleProbe(pl.Callback):
+    """The error scales a checkpoint would save, at the end of each validation epoch."""
+
+    def __init__(self, callback: PerceptionMSECallback) -> None:
+        self.callback, self.seen = callback, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.seen.append(self.callback.state_dict()["error_scales"])
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_error_scales_are_kept_by_the_callback_from_each_panels_first_epoch(tmp_path, background) -> None:
+    """The panels return their scales; the callback keeps them on the training thread (before: the panel thread
+    wrote them into the callback while a checkpoint could be reading them)."""
+    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=background)
+    probe = ScaleProbe(callback)
+    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback, probe], num_sanity_val_steps=0, max_epochs=3)
     trainer.fit(Denoiser(), ImageData())
-    first = callback.state_dict()["error_scales"]
+    first = probe.seen[-1]
     assert set(first) == {"val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/error_map"}
     assert all(0 < scale < 1 for scale in first.values())
-    trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0, max_epochs=3)
-    trainer.fit(Denoiser(), ImageData())
-    assert callback.state_dict()["error_scales"] == first  # later epochs draw on the first one's scales
+    assert probe.seen[1:] == [first] * 2  # from the first epoch's on (in the background: once it is drawn)
+    if not background:
+        assert probe.seen[0] == first  # drawn at the epoch end: in the first epoch's checkpoint already
 
 
 def test_a_new_panel_is_one_function_in_its_set(tmp_path, monkeypatch) -> None:
@@ -619,3 +631,58 @@ def test_the_callback_leaves_the_process_warning_filters_alone_and_warns_on_rank
             warnings.simplefilter("always")
             PerceptionMSECallback("waveform")  # audio panels without a sample rate: a warning on rank zero
         assert len([w for w in caught if "audio panels need sample_rate" in str(w.message)]) == expected
+
+
+def test_a_callback_used_by_a_second_trainer_starts_afresh_unless_resumed(tmp_path) -> None:
+    """Sweeps and k-fold reuse one callback: before, the second run kept the first run's fixed samples and error
+    scales (its heatmaps nearly black on the first run's scale)."""
+    callback = PerceptionMSECallback("pixel", data_range=1.0, background_panels=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer_for(tmp_path / "a", CSVLogger(tmp_path / "a"), [callback, checkpoint], num_sanity_val_steps=0,
+                        max_epochs=2)  # fmt: skip
+    first.fit(Denoiser(), ImageData())
+    saved = callback.state_dict()
+    assert saved["error_scales"] and saved["fixed_positions"]
+    callback._error_scales = {key: 1e9 for key in saved["error_scales"]}  # would show up if carried over
+    second = trainer_for(tmp_path / "b", CSVLogger(tmp_path / "b"), [callback], num_sanity_val_steps=0, max_epochs=1)
+    second.fit(Denoiser(), ImageData())
+    assert all(scale < 1 for scale in callback.state_dict()["error_scales"].values())  # its own first epoch's
+    callback._error_scales = {}
+    resumed = trainer_for(tmp_path / "c", CSVLogger(tmp_path / "c"), [callback], num_sanity_val_steps=0, max_epochs=3)
+    resumed.fit(Denoiser(), ImageData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert callback.state_dict()["error_scales"] == saved["error_scales"]  # a resume restores the first run's
+
+
+def test_a_sink_of_your_own_and_a_registered_logger_get_the_panels(tmp_path, monkeypatch) -> None:
+    from pl_pmse import sinks as sinks_module
+    from pl_pmse.sinks import Sink
+
+    received: list[tuple[str, str, int]] = []
+
+    class Recording(Sink):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def image(self, key, image, caption, step):
+            return lambda: received.append((self.name, key, step))
+
+        def audio(self, key, clips, sample_rate, captions, step):
+            return None
+
+    class TeamLogger(CSVLogger):  # a logger pl-pmse does not know, registered by its class name
+        pass
+
+    monkeypatch.setitem(sinks_module.SINKS, "TeamLogger", None)
+    sinks_module.register_sink("TeamLogger", lambda logger: Recording("team"))
+    callback = PerceptionMSECallback("pixel", data_range=1.0, sinks=[Recording("own")], background_panels=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trainer_for(tmp_path, TeamLogger(tmp_path), [callback], num_sanity_val_steps=0)
+        trainer.fit(Denoiser(), ImageData())
+    assert not [w for w in caught if "PerceptionMSECallback" in str(w.message)]
+    for name in ("own", "team"):
+        keys = {key for who, key, _ in received if who == name}
+        assert keys == {f"val/pmse/panels/{p}" for p in ("fixed", "worst", "error_map", "spectrum")}, name
+    assert len({step for _, _, step in received}) == 2 and not (tmp_path / "pmse_panels").exists()
+    with pytest.raises(TypeError, match=r"sinks: expected a list of pl_pmse.sinks.Sink objects"):
+        PerceptionMSECallback("pixel", sinks=["wandb"])

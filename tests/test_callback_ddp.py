@@ -145,7 +145,7 @@ def expected_runs(folder: Path, world: int) -> dict[str, dict]:
                 if key == "skipped":
                     continue
                 suffix = f"/dataloader_idx_{index}" if len(sets) > 1 else ""
-                expected[(prefix if key == "total" else f"{prefix}/{key}") + suffix] = value.item()
+                expected[(prefix if key == "total" else f"{prefix}_{key}") + suffix] = value.item()
             if index == 0 and loop != "test":
                 profile = ErrorProfile("image", data_range=1.0)
                 profile.update(preds, target)

@@ -37,7 +37,7 @@ def test_image_denoising_example(tmp_path, monkeypatch, capsys) -> None:
     values = [row["val/pmse"] for row in rows if "val/pmse" in row]
     seen = f"{len(rows)} history rows with keys {sorted({key for row in rows for key in row})}"  # if this fails
     assert len(values) == 2 and all(v > 0 for v in values), seen
-    assert {"val/pmse/band0", "val/pmse/lowpass", "val/pmse/pixel", "val/pmse/psnr"} <= set(rows[-1]) | {
+    assert {"val/pmse_band0", "val/pmse_lowpass", "val/pmse_pixel", "val/pmse_psnr"} <= set(rows[-1]) | {
         k for row in rows for k in row
     }
     panels = [p for p in (run / "files/media/images").rglob("*.png") if "/panels/" in str(p)]
@@ -61,7 +61,7 @@ def test_audio_enhancement_example_with_a_wav_folder(tmp_path, monkeypatch) -> N
           "--data.length=8000", "--data.train_clips=8", "--data.val_clips=4", "--data.batch_size=4"])  # fmt: skip
     run, rows = offline_run(tmp_path)
     seen = f"{len(rows)} history rows with keys {sorted({key for row in rows for key in row})}"  # if this fails
-    assert len([row for row in rows if "val/pmse/mel" in row]) == 2, seen
+    assert len([row for row in rows if "val/pmse_mel" in row]) == 2, seen
     clips = list((run / "files/media/audio").rglob("*.wav"))
     assert len(clips) == 2 * 2 * (2 + 2)  # epochs x (target, prediction) x (2 fixed + 2 worst)
     data, rate = soundfile.read(clips[0])

@@ -74,7 +74,7 @@ def test_nan_batch_mid_epoch_is_skipped_and_counted(tmp_path, strategy: str) -> 
     assert len(nan_warnings) == (1 if strategy == "warn" else 0)
     rows = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()
     header, values = rows[0].split(","), [row.split(",") for row in rows[1:]]
-    skipped = [float(row[header.index("val/pmse/skipped")]) for row in values if row[header.index("val/pmse/skipped")]]
+    skipped = [float(row[header.index("val/pmse_skipped")]) for row in values if row[header.index("val/pmse_skipped")]]
     assert skipped == [0.0, 1.0]  # epoch 0 clean, epoch 1 lost one sample and went on
     assert torch.isfinite(trainer.callback_metrics["val/pmse"])
 
@@ -167,7 +167,7 @@ def test_ddp_error_on_one_rank_fails_fast_instead_of_hanging(tmp_path) -> None:
 
 
 def test_a_hung_logger_costs_at_most_the_budget_and_is_then_skipped(tmp_path, monkeypatch) -> None:
-    from pl_pmse.panels.sinks import TensorBoardSink
+    from pl_pmse.sinks import TensorBoardSink
 
     calls = []
 
@@ -260,7 +260,7 @@ def test_an_exit_while_drawing_does_not_end_the_fit_and_is_reported(tmp_path, mo
 
 
 def test_keys_cannot_leave_the_panel_folder(tmp_path) -> None:
-    from pl_pmse.panels.sinks import FileSink
+    from pl_pmse.sinks import FileSink
 
     with pytest.raises(ValueError, match=r"prefix: expected a key like 'val/pmse'.*got '\.\./\.\./x'"):
         PerceptionMSECallback("pixel", prefix="../../x")

@@ -19,7 +19,8 @@ ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "spaces": (("spaces",), ("checks", "arithmetic")),
     "metrics": (("functional", "exact_metric", "metric", "profile"), ("checks", "arithmetic", "spaces")),
     "panels": (("panels",), ()),
-    "callback": (("callback", "lightning_compat"), ("checks", "arithmetic", "spaces", "metrics", "panels")),
+    "sinks": (("sinks",), ("panels",)),
+    "callback": (("callback", "lightning_compat"), ("checks", "arithmetic", "spaces", "metrics", "panels", "sinks")),
 }
 MEASUREMENT_ROOMS = ("checks", "arithmetic", "spaces", "metrics")
 NOT_IN_MEASUREMENT = ("lightning", "pytorch_lightning", "lightning_utilities", "wandb", "PIL", "matplotlib",

@@ -8,6 +8,7 @@ zero, never during the sanity check, and a failing logger only warns.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,8 @@ from ..distributed import check_same_everywhere, own_samples, sampler_of
 from ..lightning_compat import CALLBACK_BASES
 from ..metric import PerceptionMSE
 from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample
-from ..panels.sinks import Sink, sinks_for
 from ..profile import ErrorProfile
+from ..sinks import Sink, sinks_for
 from ..spaces import Space, available_spaces, get_space
 from ..spaces.registry import space_options as space_options_of
 from .report import EpochReport, ReportPart, SyncedProfile, draw_report
@@ -59,8 +60,11 @@ class _Stage:
         return rows if own is None else max(0, min(rows, own - start))
 
     def key(self, name: str, index: int) -> str:
-        """``<prefix>/<name>`` (``name=""``: the prefix), with Lightning's dataloader suffix when there are several."""
-        key = f"{self.prefix}/{name}" if name else self.prefix
+        """``<prefix>_<name>`` (``name=""``: the prefix), with Lightning's dataloader suffix when there are several.
+
+        Not ``<prefix>/<name>``: a file store (MLflow's ``file:./mlruns``) keeps each key as a file at its path, and
+        ``val/pmse`` cannot be a file and the folder of ``val/pmse/pixel`` at once."""
+        key = f"{self.prefix}_{name}" if name else self.prefix
         return key + (f"/dataloader_idx_{index}" if len(self.metrics) > 1 else "")
 
 
@@ -76,7 +80,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return {"preds": self(x), "target": y}
 
     Scalars (through ``pl_module.log``, so ``ModelCheckpoint(monitor="val/pmse")`` and ``EarlyStopping`` work):
-    ``val/pmse``, ``val/pmse/<component>``, ``val/pmse/psnr`` (with ``data_range``), ``val/pmse/skipped`` (when
+    ``val/pmse``, ``val/pmse_<component>``, ``val/pmse_psnr`` (with ``data_range``), ``val/pmse_skipped`` (when
     ``nan_strategy`` skips samples); with several dataloaders each key ends in ``/dataloader_idx_<i>``. The test
     loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` over the whole set, on every rank.
 
@@ -112,6 +116,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
         sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
         prog_bar: show ``val/pmse`` in the progress bar.
+        sinks: destinations of your own (:class:`pl_pmse.sinks.Sink` subclasses), served besides the loggers'
+            (then no PNG/WAV files are written when no logger shows panels).
         space_options: options of the space as one mapping (the form LightningCLI configs need); keyword
             ``options`` are merged over it.
     """
@@ -139,6 +145,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         modality: str = "auto",
         sample_rate: int | None = None,
         prog_bar: bool = True,
+        sinks: Sequence[Sink] | None = None,
         space_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
@@ -180,6 +187,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                                 ("prog_bar", prog_bar)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{argument}: expected True or False, got {value!r}")
+        if sinks is not None and (
+            isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence)
+            or not all(isinstance(sink, Sink) for sink in sinks)
+        ):  # fmt: skip
+            raise TypeError(f"sinks: expected a list of pl_pmse.sinks.Sink objects, got {sinks!r}")
         if extract is not None and not callable(extract):
             raise TypeError(f"extract: expected a function (outputs, batch) -> (preds, target), got {extract!r}")
         counts = {"num_panel_samples": (num_panel_samples, 0, 64), "worst_k": (worst_k, 0, 64),  # a panel's rows
@@ -190,6 +202,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 bound = f">= {minimum}" if most == math.inf else f"from {minimum} to {most}"
                 raise ValueError(f"{argument}: expected an integer {bound}, got {value!r}")
         self.preds_key, self.target_key, self.extract = preds_key, target_key, extract
+        self.extra_sinks: list[Sink] = list(sinks or [])
         self.input_key = input_key
         self.prefixes = {"validate": prefix, "test": test_prefix}
         self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
@@ -213,13 +226,14 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         # an epoch's panels are delivered, so a checkpoint has them from the epoch after their first on
         self._error_scales: dict[str, float] = {}
         self._sinks: list[Sink] | None = None
+        self._trainer: weakref.ref | None = None  # the Trainer of the last setup: another one starts afresh
         self._file_root = Path("pmse_panels")
         self._warned: set[str] = set()
         self._checked_everywhere = False
         self._worker = PanelWorker(panel_timeout, background_panels)
 
-    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the loggers out
-        return {**self.__dict__, "_sinks": None}
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: leave the loggers and trainer out
+        return {**self.__dict__, "_sinks": None, "_trainer": None}
 
     # -- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -230,6 +244,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._keep_scales(self._worker.drawn_scales())  # an epoch drawn but not yet delivered has fixed its scales
         return {**self._fixed.state_dict(), "error_scales": dict(self._error_scales)}
 
     @override
@@ -246,6 +261,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         # trainer.log_dir broadcasts: it is read here, on every rank, never behind a rank-zero check
         self._file_root = Path(trainer.log_dir or trainer.default_root_dir) / "pmse_panels"
         self._sinks = None
+        if self._trainer is not None and self._trainer() is not trainer:  # a sweep, k-fold: the next run's own
+            self._fixed, self._error_scales = FixedSamples(self.num_panel_samples), {}  # (a resume restores them)
+        self._trainer = weakref.ref(trainer)
         loop = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
         if loop is not None:  # built here, not in the first loop; rebuilt there for several dataloaders
             self._check_unique_prefix(trainer.callbacks, loop)
@@ -269,15 +287,21 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             self._checked_everywhere = True
 
     def _check_unique_prefix(self, callbacks: list[Any], loop: str) -> None:
-        """Two callbacks logging under one prefix would overwrite each other's keys and panels: refuse."""
-        prefix = self.prefixes[loop]
+        """Two callbacks logging under one prefix, or under prefixes one of which starts the other ('val/pmse' and
+        'val/pmse_vgg' or 'val/pmse/vgg'), would overwrite each other's keys or clash in a file store: refuse."""
         for other in callbacks:
-            if other is not self and isinstance(other, PerceptionMSECallback) and other.prefixes[loop] == prefix:
-                first, second = sorted((self, other), key=callbacks.index)
+            if other is self or not isinstance(other, PerceptionMSECallback):
+                continue
+            first, second = sorted((self, other), key=callbacks.index)
+            if second.prefixes[loop].startswith(first.prefixes[loop]) or first.prefixes[loop].startswith(
+                second.prefixes[loop]
+            ):
+                shared = "one prefix" if first.prefixes[loop] == second.prefixes[loop] else "nested prefixes"
                 raise ValueError(
-                    f"PerceptionMSECallback: two callbacks on this Trainer log under {prefix!r} (spaces "
-                    f"{first.space.name!r} and {second.space.name!r}); give each its own prefix= and test_prefix=, "
-                    f"e.g. prefix='val/pmse_{self.space.name}', test_prefix='test/pmse_{self.space.name}'"
+                    f"PerceptionMSECallback: two callbacks on this Trainer log under {shared} "
+                    f"({first.prefixes[loop]!r} and {second.prefixes[loop]!r}; spaces {first.space.name!r} and "
+                    f"{second.space.name!r}); give each its own prefix= and test_prefix=, neither starting the "
+                    f"other, e.g. prefix='val/{self.space.name}', test_prefix='test/{self.space.name}'"
                 )
 
     @override
@@ -446,8 +470,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 if name == "skipped" and self.nan_strategy == "error":
                     continue
                 key = stage.key("" if name == "total" else name, index)
-                # equal on every rank already (the metric's one all_reduce); Lightning's own sync, by max, keeps
-                # the bits and leaves it nothing to advise, without a filter on the process's warnings
+                # equal on every rank already (synced by the metric); Lightning's own sync of each key, by max,
+                # keeps the bits and leaves it nothing to advise, without a filter on the process's warnings
                 pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
         if not self._draws_panels(trainer, loop):
@@ -491,14 +515,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         ``experiment`` may start a run or hang): a logger that fails or hangs here must not end or stall the fit
         (the other ranks would wait in the next collective), so panels then go to files."""
         try:
-            sinks, unserved = self._worker.call("opening the loggers", lambda: sinks_for(loggers, self._file_root))
+            sinks, unserved = self._worker.call(
+                "opening the loggers", lambda: sinks_for(loggers, self._file_root, self.extra_sinks)
+            )
         except Exception as error:
-            sinks, unserved = sinks_for([], self._file_root)[0], [f"{type(error).__name__}: {error}"]
-        if unserved or not loggers:
+            sinks, unserved = sinks_for([], self._file_root, self.extra_sinks)[0], [f"{type(error).__name__}: {error}"]
+        if unserved or not (loggers or self.extra_sinks):
             which = f"{', '.join(unserved)} cannot show panels" if unserved else "the Trainer has no logger"
             rank_zero_warn(
-                f"PerceptionMSECallback: {which} (the W&B and TensorBoard loggers of lightning and pytorch_lightning "
-                f"can); panels go to {', '.join(map(repr, sinks))}; scalars are logged as usual",
+                f"PerceptionMSECallback: {which} (the W&B, TensorBoard and MLflow loggers of lightning and "
+                f"pytorch_lightning can, and those registered with pl_pmse.sinks.register_sink); panels go to "
+                f"{', '.join(map(repr, sinks))}; scalars are logged as usual",
                 category=UserWarning,
             )
         return sinks

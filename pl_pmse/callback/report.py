@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from ..panels.sets import Drawn, PanelOptions, PanelSet, Sample
-from ..panels.sinks import Sink
 from ..profile import ErrorProfile
+from ..sinks import Sink
 from .worker import Draw, Epoch
 
 
@@ -64,7 +64,7 @@ def draw_report(report: EpochReport, sinks: list[Sink]) -> Draw:
                 if drawn.scale is not None:
                     epoch.scales.setdefault(key, drawn.scale)
                 for artifact in drawn.artifacts:
-                    _prepare(epoch, artifact.kind, lambda sink, a=artifact: a.prepare(sink, report.step))
+                    _prepare(epoch, artifact.kind, lambda sink, a=artifact: sink.prepare(a, report.step))
         _prepare(epoch, "epoch row", lambda sink: sink.flush(report.step))  # W&B: all panels in one history row
 
     return draw

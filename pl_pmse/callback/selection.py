@@ -17,11 +17,9 @@ from ..functional import SampleStats
 from ..panels.sets import Sample
 
 
-def candidates(stats: SampleStats | None, weights: Mapping[str, float]) -> list[tuple[int, float, dict[str, float]]]:
+def candidates(stats: SampleStats, weights: Mapping[str, float]) -> list[tuple[int, float, dict[str, float]]]:
     """``(row, Perception MSE, component MSEs)`` of the valid samples of a batch (one read of the batch's sums, then
     plain float64 arithmetic: the values :meth:`SampleStats.total` gives, without a dozen tiny tensor operations)."""
-    if stats is None or stats.sums.shape[0] == 0:
-        return []
     found = []
     for row, (ok, sums) in enumerate(zip(stats.valid.tolist(), stats.sums.tolist(), strict=True)):
         if ok:

@@ -9,7 +9,8 @@ even ``SystemExit`` from a sink) are counted per epoch and reported in one warni
 
 ``background=False`` draws on the same thread and waits for the drawing and the logger calls at once (within the
 same budget) instead of at the next training batch. Ctrl-C: the thread is a daemon and :meth:`close` with
-``wait=False`` returns at once, so the process ends.
+``wait=False`` returns at once; the interpreter's exit waits for a thread still in a job at most ``timeout`` from
+when it was let go (see :func:`_wait_at_exit`).
 """
 
 from __future__ import annotations
@@ -134,10 +135,16 @@ class PanelWorker:
         self._report(epoch)
         return dict(epoch.scales)
 
+    def drawn_scales(self) -> dict[str, float]:
+        """The error scales of the epoch not yet delivered, once its drawing is done (``{}`` before)."""
+        epoch = self._epoch
+        return dict(epoch.scales) if epoch is not None and epoch.drawn.is_set() else {}
+
     def call(self, what: str, job: Callable[[], Any]) -> Any:
         """Run ``job`` on the worker thread while this thread waits, at most the timeout: for logger calls outside
         an epoch's delivery (opening the sinks reads each logger's ``experiment``). Returns what it returns, raises
-        what it raises, or ``TimeoutError`` (its thread is then let go)."""
+        what it raises (an exit or interrupt raised there as ``RuntimeError``: no Ctrl-C reaches that thread), or
+        ``TimeoutError`` (its thread is then let go)."""
         done, result = threading.Event(), {}
 
         def run() -> None:
@@ -152,8 +159,11 @@ class PanelWorker:
         if not done.wait(self.timeout):
             self._let_thread_go()
             raise TimeoutError(f"{what}: no answer within the {self.timeout:g} s budget")
-        if "error" in result:
-            raise result["error"]
+        error = result.get("error")
+        if error is not None and not isinstance(error, Exception):  # SystemExit off the main thread: not the user's
+            raise RuntimeError(f"{what}: {type(error).__name__}: {error}") from error
+        if error is not None:
+            raise error
         return result["value"]
 
     def close(self, wait: bool = True) -> dict[str, float]:
@@ -208,7 +218,7 @@ class PanelWorker:
             self._queue.put(None)
             for ended in [thread for thread in _ENDING if not thread.is_alive()]:
                 del _ENDING[ended]
-            _ENDING[self._thread] = self.timeout
+            _ENDING[self._thread] = time.monotonic() + self.timeout
             self._thread = None
 
     def _give_up(self, epoch: Epoch) -> None:
@@ -243,16 +253,16 @@ class PanelWorker:
         )
 
 
-_ENDING: dict[threading.Thread, float] = {}  # panel threads let go, with how long the exit may wait for them
+_ENDING: dict[threading.Thread, float] = {}  # panel threads let go, with when the exit stops waiting for them
 
 
 @atexit.register
 def _wait_at_exit() -> None:
     """At interpreter exit, give panel threads still in a job (an overrun drawing or logger call) their budget to
     end: a daemon thread inside a torch operation when the interpreter finalizes aborts the whole process
-    ("terminate called without an active exception", exit code 134) instead of letting it exit as it would."""
-    deadline = time.monotonic() + max(_ENDING.values(), default=0.0)
-    for thread in list(_ENDING):
+    ("terminate called without an active exception", exit code 134) instead of letting it exit as it would. Each
+    thread gets at most ``timeout`` from when it was let go: one hung for long costs the exit nothing."""
+    for thread, deadline in list(_ENDING.items()):
         thread.join(max(0.0, deadline - time.monotonic()))
 
 

@@ -1,19 +1,17 @@
-"""Panels: pure tensor -> uint8 picture / float32 clip rendering, and the sinks they are sent to."""
+"""Panels: pure tensor -> uint8 picture / float32 clip rendering, and the panel set of each modality (the sinks they
+are sent to are in :mod:`pl_pmse.sinks`)."""
 
 from .audio import clip, mel_profile_panel, spectrogram_panel, waveform_overlay
 from .image import comparison_grid, error_map_panel, spectrum_panel
-from .sinks import FileSink, Sink, TensorBoardSink, WandbSink, sinks_for
+from .sets import PANEL_SETS, PanelSet
 
 __all__ = [
-    "FileSink",
-    "Sink",
-    "TensorBoardSink",
-    "WandbSink",
+    "PANEL_SETS",
+    "PanelSet",
     "clip",
     "comparison_grid",
     "error_map_panel",
     "mel_profile_panel",
-    "sinks_for",
     "spectrogram_panel",
     "spectrum_panel",
     "waveform_overlay",

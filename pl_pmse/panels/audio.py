@@ -164,7 +164,7 @@ def mel_profile(key: str, profile: Mapping[str, Tensor], options: PanelOptions, 
     return Drawn((Picture(key, mel_profile_panel(profile), caption),))
 
 
-AUDIO_PANELS = PANEL_SETS["audio"] = PanelSet(
+PANEL_SETS["audio"] = PanelSet(
     modality="audio",
     sample_panels=(SamplePanel("panels/{set}", sample_rows), SamplePanel("audio/{set}", playable_clips)),
     profile_panels=(

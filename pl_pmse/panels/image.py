@@ -114,7 +114,7 @@ def spectrum(key: str, profile: Mapping[str, Tensor], options: PanelOptions, sca
 
 
 SPECTRUM_CHART = profile_chart("radial power spectrum, mean over the set", "frequency (cycles / pixel)")
-IMAGE_PANELS = PANEL_SETS["image"] = PanelSet(
+PANEL_SETS["image"] = PanelSet(
     modality="image",
     sample_panels=(SamplePanel("panels/{set}", sample_rows), SamplePanel("worst_table", worst_table, ("worst",))),
     profile_panels=(

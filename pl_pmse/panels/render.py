@@ -57,11 +57,18 @@ def heatmap(values: Tensor | np.ndarray, vmax: float) -> np.ndarray:
 
 
 def to_rgb(image: Tensor, data_range: tuple[float, float]) -> np.ndarray:
-    """``[C, H, W]`` in ``data_range`` to ``uint8 [H, W, 3]``: 3 channels as RGB, any other count as gray (first)."""
+    """``[C, H, W]`` in ``data_range`` to ``uint8 [H, W, 3]``: 3 channels as RGB, 4 as RGBA over a grey checkerboard
+    (transparency shows), 2 as grey with alpha, any other count as grey (the first channel)."""
     low, high = data_range
     image = ((image.detach().cpu().double() - low) / (high - low)).clamp(0, 1)
-    image = image[:3] if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    channels = image.shape[0]
+    colour = image[:3] if channels in (3, 4) else image[:1].expand(3, -1, -1)
+    if channels in (2, 4):  # the last channel is alpha
+        alpha = image[-1:]
+        rows, columns = torch.meshgrid(torch.arange(image.shape[1]), torch.arange(image.shape[2]), indexing="ij")
+        board = torch.where((rows // 8 + columns // 8) % 2 == 0, 0.8, 0.6).double()[None]
+        colour = colour * alpha + board * (1 - alpha)
+    return (colour.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def upscale(image: np.ndarray, min_side: int) -> np.ndarray:

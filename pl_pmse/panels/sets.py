@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .sinks import Send, Sink
-
 
 @dataclass(order=True, frozen=True)
 class Sample:
@@ -66,9 +64,6 @@ class Picture:
     caption: str
     kind = "image"
 
-    def prepare(self, sink: Sink, step: int) -> Send | None:
-        return sink.image(self.key, self.image, self.caption, step)
-
 
 @dataclass(frozen=True)
 class Clips:
@@ -80,9 +75,6 @@ class Clips:
     captions: Sequence[str]
     kind = "audio"
 
-    def prepare(self, sink: Sink, step: int) -> Send | None:
-        return sink.audio(self.key, list(self.clips), self.sample_rate, list(self.captions), step)
-
 
 @dataclass(frozen=True)
 class Table:
@@ -92,9 +84,6 @@ class Table:
     columns: Sequence[str]
     rows: Sequence[Sequence[Any]]
     kind = "table"
-
-    def prepare(self, sink: Sink, step: int) -> Send | None:
-        return sink.table(self.key, list(self.columns), [list(row) for row in self.rows], step)
 
 
 @dataclass(frozen=True)
@@ -107,10 +96,6 @@ class Chart:
     title: str
     x_label: str
     kind = "chart"
-
-    def prepare(self, sink: Sink, step: int) -> Send | None:
-        return sink.lines(self.key, list(self.x), {k: list(v) for k, v in self.series.items()}, self.title,
-                          self.x_label)  # fmt: skip
 
 
 Artifact = Picture | Clips | Table | Chart

@@ -35,6 +35,8 @@ class AudioAnalysis(Analysis):
         self.options = {"sample_rate": sample_rate, "n_fft": n_fft, "hop_length": self.hop_length, "n_mels": n_mels}
         self.parts = {"error": (n_mels,), "target": (n_mels,), "preds": (n_mels,)}
         self.mel = MelAnalysis(sample_rate, n_fft, self.hop_length, n_mels=n_mels)
+        hertz = self.mel.filters.fb  # each band's centre of mass in Hz, on the CPU before any move
+        self._centres = (hertz * torch.linspace(0, sample_rate / 2, hertz.shape[0])[:, None]).sum(0) / hertz.sum(0)
 
     def fits(self, x: Tensor) -> bool:
         return super().fits(x) and x.shape[-1] >= self.min_length
@@ -52,9 +54,7 @@ class AudioAnalysis(Analysis):
 
     def frequency(self) -> Tensor:
         """Each mel band's centre of mass in Hz."""
-        hertz = self.mel.filters.fb
-        centres = (hertz * torch.linspace(0, self.sample_rate / 2, hertz.shape[0])[:, None]).sum(0) / hertz.sum(0)
-        return centres.double()
+        return self._centres.double()
 
     def to(self, device: torch.device) -> AudioAnalysis:
         self.mel = self.mel.to(device)

@@ -1,18 +1,23 @@
-"""Where panels go: Weights & Biases first, TensorBoard, or PNG / WAV files under the trainer's log dir.
+"""Where panels go: Weights & Biases first, TensorBoard, MLflow, a sink of your own, or PNG / WAV files under the
+trainer's log dir. The one room that knows about loggers (the panels are pure rendering).
 
-Loggers are recognised without importing Lightning: the ``WandbLogger`` / ``TensorBoardLogger`` of either namespace
-(``lightning.pytorch`` or ``pytorch_lightning``) and their subclasses by class, any other logger by its
-``experiment`` (a W&B run or a TensorBoard ``SummaryWriter``).
+The contract: :meth:`Sink.prepare` takes an artifact of a panel (:mod:`pl_pmse.panels.sets`), does the heavy part
+(encoding, files) wherever it is called, on the panel thread, and returns the logger call still to make (or keeps
+it for :meth:`Sink.flush`): a ``Send`` that the callback makes in a delivery window while the training thread waits
+(logger objects are not thread-safe). A ``Send`` may carry a ``cleanup`` attribute, run when the call is dropped or
+given up (temporary files). Sinks are only used on global rank zero, and every call is the caller's to guard: a
+failing sink must never stop training.
 
-Each sink call does the heavy part (encoding, files) wherever it is called, possibly on a background thread, and
-returns the logger call still to make (or keeps it for :meth:`Sink.flush`), a ``Send`` that the callback makes in a
-delivery window while the training thread waits (logger objects
-are not thread-safe). Sinks are only used on global rank zero, and every call is the caller's to guard: a failing
-logger must never stop training (see ``PerceptionMSECallback``).
+Loggers are matched without importing Lightning, by class name in either namespace (``lightning.pytorch`` or
+``pytorch_lightning``, subclasses included) in :data:`SINKS` (:func:`register_sink` adds one), any other logger by
+its ``experiment`` (a W&B run or a TensorBoard ``SummaryWriter``).
 """
 
 from __future__ import annotations
 
+import inspect
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +26,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from .png import encode_png
+from .panels.png import encode_png
+from .panels.sets import Artifact, Chart, Clips, Picture, Table
 
 Send = Callable[[], None]
 
 
 class Sink:
-    """Receives rendered panels; ``step`` is the step Lightning uses for the epoch's scalars."""
+    """Receives rendered panels; ``step`` is the step Lightning uses for the epoch's scalars.
+
+    A sink of your own (``PerceptionMSECallback(sinks=[...])``) implements :meth:`image` and :meth:`audio` (and,
+    optionally, :meth:`table`, :meth:`lines`, :meth:`flush`); each returns the call to make in the delivery window,
+    or None when it did everything itself. It must pickle for ``ddp_spawn``.
+    """
+
+    def prepare(self, artifact: Artifact, step: int) -> Send | None:
+        """The artifact handed to the method of its kind."""
+        if isinstance(artifact, Picture):
+            return self.image(artifact.key, artifact.image, artifact.caption, step)
+        if isinstance(artifact, Clips):
+            return self.audio(artifact.key, list(artifact.clips), artifact.sample_rate, list(artifact.captions), step)
+        if isinstance(artifact, Table):
+            return self.table(artifact.key, list(artifact.columns), [list(row) for row in artifact.rows], step)
+        if isinstance(artifact, Chart):
+            series = {name: list(values) for name, values in artifact.series.items()}
+            return self.lines(artifact.key, list(artifact.x), series, artifact.title, artifact.x_label)
+        raise TypeError(f"artifact: expected a Picture, Clips, Table or Chart, got {type(artifact).__name__}")
 
     def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send | None:
         raise NotImplementedError
@@ -132,7 +156,7 @@ class WandbSink(Sink):
     def _image(self, image: np.ndarray, files: list[Path], caption: str | None = None) -> Any:
         import wandb
 
-        self._folder.mkdir(exist_ok=True)
+        self._folder.mkdir(parents=True, exist_ok=True)
         files.append(self._folder / f"{uuid.uuid4().hex}.png")
         files[-1].write_bytes(encode_png(image))
         return wandb.Image(str(files[-1]), caption=caption)
@@ -238,17 +262,84 @@ def _write_whole(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+class MlflowSink(Sink):
+    """MLflow: pictures through ``MlflowClient.log_image`` with their ``key`` and ``step`` (the run's image slider;
+    MLflow >= 2.15; before, as ``<key>/step=<step>.png`` artifacts), captions and clips (WAV) as artifacts under
+    ``<key>/``. Clips are written on the panel thread into a temporary folder, uploaded in the delivery window and
+    removed then (or when the call is given up)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._keyed = "key" in inspect.signature(client.log_image).parameters
+
+    def image(self, key: str, image: np.ndarray, caption: str, step: int) -> Send:
+        def send() -> None:
+            if self._keyed:
+                self.client.log_image(self.run_id, image, key=key, step=step)
+            else:
+                self.client.log_image(self.run_id, image, artifact_file=f"{key}/step={step:06d}.png")
+            self.client.log_text(self.run_id, caption, f"{key}/step={step:06d}.txt")
+
+        return send
+
+    def audio(self, key: str, clips: list[np.ndarray], sample_rate: int, captions: list[str], step: int) -> Send:
+        import soundfile
+
+        folder = Path(tempfile.mkdtemp(prefix="pl_pmse_"))
+        try:
+            for index, clip in enumerate(clips):
+                soundfile.write(folder / f"step={step:06d}-{index}.wav", clip, sample_rate, format="WAV")
+            (folder / f"step={step:06d}.txt").write_text("\n".join(captions) + "\n")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+        def send() -> None:
+            try:
+                self.client.log_artifacts(self.run_id, str(folder), key)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        send.cleanup = lambda: shutil.rmtree(folder, ignore_errors=True)  # type: ignore[attr-defined]
+        return send
+
+    def __repr__(self) -> str:
+        return f"MlflowSink(run {self.run_id})"
+
+
 LIGHTNING_NAMESPACES = ("lightning", "pytorch_lightning")
-SERVED_LOGGERS = ("WandbLogger", "TensorBoardLogger", "CSVLogger")
+SinkFactory = Callable[[Any], "Sink | None"]  # a logger -> its sink (None: it shows no panels)
+
+# Lightning logger class name -> the sink of such a logger (``experiment`` is read on the panel thread, in time)
+SINKS: dict[str, SinkFactory] = {
+    "WandbLogger": lambda logger: WandbSink(logger.experiment, logger.log_metrics),
+    "TensorBoardLogger": lambda logger: TensorBoardSink(logger.experiment),
+    "MLFlowLogger": lambda logger: MlflowSink(logger.experiment, logger.run_id),
+    "CSVLogger": lambda logger: None,
+}
+
+
+def register_sink(logger_class_name: str, factory: SinkFactory) -> None:
+    """Panels for the loggers of a Lightning logger class (matched by name in either namespace, subclasses too):
+    ``factory(logger)`` returns its :class:`Sink`, or None for no panels."""
+    if not isinstance(logger_class_name, str) or not logger_class_name.isidentifier():
+        raise ValueError(f"logger_class_name: expected a class name like 'CometLogger', got {logger_class_name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a function logger -> Sink or None, got {factory!r}")
+    SINKS[logger_class_name] = factory
 
 
 def lightning_logger_kind(logger: Any) -> str | None:
-    """``"WandbLogger"``, ``"TensorBoardLogger"`` or ``"CSVLogger"`` for those loggers of either Lightning namespace
-    (subclasses included), else None."""
+    """The name in :data:`SINKS` of the logger's class or of its nearest base there (either Lightning namespace; a
+    registered name of another package's logger matches by name alone), else None."""
     for cls in type(logger).__mro__:
-        if cls.__module__.split(".")[0] in LIGHTNING_NAMESPACES and cls.__name__ in SERVED_LOGGERS:
+        lightning = cls.__module__.split(".")[0] in LIGHTNING_NAMESPACES
+        if cls.__name__ in SINKS and (lightning or cls.__name__ not in _LIGHTNING_SINKS):
             return cls.__name__
     return None
+
+
+_LIGHTNING_SINKS = frozenset(SINKS)  # the built-in names: matched in Lightning's own namespaces only
 
 
 def _experiment_kind(logger: Any) -> str | None:
@@ -266,22 +357,25 @@ def _experiment_kind(logger: Any) -> str | None:
     return None
 
 
-def sinks_for(loggers: list[Any], file_root: str | Path) -> tuple[list[Sink], list[str]]:
-    """One sink per W&B or TensorBoard logger, PNG/WAV files when there is neither; and the names of the loggers
-    that get no panels (CSV, MLflow, ...), for the caller's warning.
+def sinks_for(loggers: list[Any], file_root: str | Path, extra: list[Sink] = ()) -> tuple[list[Sink], list[str]]:
+    """One sink per logger that shows panels, plus ``extra`` (the user's own); PNG/WAV files when there is none;
+    and the names of the loggers that get no panels, for the caller's warning.
 
-    ``experiment`` is read here, on the training thread of rank zero (it starts the W&B run if needed).
+    ``experiment`` is read here (it may start a W&B run): on the panel thread, within the callback's budget.
     """
     sinks: list[Sink] = []
     unserved: list[str] = []
     for logger in loggers:
         kind = lightning_logger_kind(logger)
-        if kind == "WandbLogger":
-            sinks.append(WandbSink(logger.experiment, logger.log_metrics))
-        elif kind == "TensorBoardLogger":
-            sinks.append(TensorBoardSink(logger.experiment))
-        elif kind != "CSVLogger" and (duck := _experiment_kind(logger)) is not None:
-            sinks.append(WandbSink(logger.experiment) if duck == "wandb" else TensorBoardSink(logger.experiment))
+        if kind is not None:
+            sink = SINKS[kind](logger)
+        elif (duck := _experiment_kind(logger)) is not None:
+            sink = WandbSink(logger.experiment) if duck == "wandb" else TensorBoardSink(logger.experiment)
         else:
+            sink = None
+        if sink is None:
             unserved.append(type(logger).__name__)
+        else:
+            sinks.append(sink)
+    sinks += list(extra)
     return (sinks or [FileSink(file_root)]), unserved
