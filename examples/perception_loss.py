@@ -19,7 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.image_denoising import Denoiser, PhotoCrops
-from pl_pmse import PerceptionMSE, get_space, perception_mse
+from pl_pmse import ExactEvaluation, PerceptionMSE, get_space, perception_mse
 
 
 class PerceptualDenoiser(Denoiser):
@@ -52,8 +52,11 @@ class PerceptualDenoiser(Denoiser):
 
 def main(max_epochs: int = 2, limit_train_batches: int = 16, root: str = "runs/perception_loss") -> pl.Trainer:
     pl.seed_everything(0)
+    # ExactEvaluation: under DDP the pl-pmse metrics above leave the DistributedSampler's padding repeats out, so
+    # they equal the one-process values on any set size (torchmetrics' PSNR still counts them)
     trainer = pl.Trainer(max_epochs=max_epochs, limit_train_batches=limit_train_batches, accelerator="cpu",
-                         logger=CSVLogger(root), default_root_dir=root, enable_model_summary=False)  # fmt: skip
+                         logger=CSVLogger(root), default_root_dir=root, enable_model_summary=False,
+                         callbacks=[ExactEvaluation()])  # fmt: skip
     trainer.fit(PerceptualDenoiser(), PhotoCrops(train_crops=256, val_crops=16))
     print({name: round(float(value), 6) for name, value in trainer.callback_metrics.items()})
     return trainer

@@ -15,7 +15,12 @@ __version__ = "0.1.0"
 
 # Names that load on first use: ``import pl_pmse`` imports torch only (not torchmetrics, torchvision, torchaudio,
 # Lightning, W&B or matplotlib); ``from pl_pmse import PerceptionMSE`` then imports torchmetrics.
-_LAZY = {"PerceptionMSE": ".metric", "ErrorProfile": ".profile", "PerceptionMSECallback": ".callback"}
+_LAZY = {
+    "PerceptionMSE": ".metric",
+    "ErrorProfile": ".profile",
+    "PerceptionMSECallback": ".callback",
+    "ExactEvaluation": ".callback",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -32,6 +37,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ErrorProfile",
+    "ExactEvaluation",
     "PerceptionMSE",
     "PerceptionMSECallback",
     "Space",

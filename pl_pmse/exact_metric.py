@@ -8,6 +8,8 @@ torchmetrics internals overridden (tested against the torchmetrics version the p
   one-time configuration check across ranks.
 - ``_wrap_update`` (here): torchmetrics counts an update (``_update_count``, ``_computed``) before running it; a
   rejected update restores both, so the metric is as it was.
+- ``persistent`` (here): the configuration checksum, a state only so that ``MetricCollection``'s compute groups never
+  merge metrics built differently, is never saved.
 - ``_load_from_state_dict`` (here): a loaded state is checked (int64, no negative entry, same configuration) and
   copied, as torchmetrics would otherwise adopt the caller's tensor.
 - ``_wrap_compute``, ``_apply``, ``_forward_cache``, ``_is_synced``, ``_update_count``, ``_computed``
@@ -18,8 +20,12 @@ torchmetrics internals overridden (tested against the torchmetrics version the p
 from __future__ import annotations
 
 import functools
+import json
 import os
+import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +37,16 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from . import checks
 from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins
+
+
+@dataclass
+class Padding:
+    """One rank's pass over a ``DistributedSampler``: how many of its samples are the dataset's own (``None``: not
+    known), how many came before the current batch, and how many of the batch the metrics have taken so far."""
+
+    own: int | None
+    seen: int = 0
+    rows: int = 0
 
 
 class ExactSumMetric(Metric):
@@ -50,6 +66,21 @@ class ExactSumMetric(Metric):
         self._num_sums, self._num_counts = num_sums, num_counts
         self._checked_groups: set[tuple[int, int]] = set()
         self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
+
+    def _add_configuration_checksum(self) -> None:
+        """A second, constant state: a checksum of :meth:`configuration` (subclasses call this at the end of their
+        ``__init__``). torchmetrics' ``MetricCollection`` puts metrics whose states are equal after the first update
+        into one compute group and updates only its first member; with the checksum only metrics built alike share,
+        so a strict and a lenient metric (``nan_strategy``) or two spaces never do. Never saved, never summed."""
+        text = json.dumps(self.configuration(), sort_keys=True).encode()
+        checksum = torch.tensor([zlib.crc32(text), zlib.adler32(text)], dtype=torch.int64)
+        self.add_state("configuration_checksum", checksum, dist_reduce_fx="max", persistent=False)
+
+    def persistent(self, mode: bool = False) -> None:
+        """torchmetrics' ``persistent`` for the exact state; the configuration checksum is never saved (a saved state
+        carries its whole configuration instead, see :meth:`state_dict`)."""
+        super().persistent(mode)
+        self._persistent["configuration_checksum"] = False
 
     def set_dtype(self, dst_type: Any) -> ExactSumMetric:
         """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
@@ -126,6 +157,7 @@ class ExactSumMetric(Metric):
         elif isinstance(incoming_state, Mapping) and "totals" in incoming_state:
             self._refuse_untrusted_state("merge_state", incoming_state["totals"])
             self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
+            incoming_state = {"configuration_checksum": self.configuration_checksum, **incoming_state}
         super().merge_state(incoming_state)
 
     def _add(
@@ -209,6 +241,34 @@ class ExactSumMetric(Metric):
         """Record that :meth:`configuration` was compared across the ranks of ``group`` by the caller (the
         callback checks its metrics with its own options, once per fit), so the first sync skips its own check."""
         self._checked_groups.add((os.getpid(), id(group or self.process_group)))
+
+    def _padding_mask(self, rows: int, mask: Tensor | None, device: torch.device) -> Tensor | None:
+        """The mask of an update of ``rows`` samples: the caller's; else, in a pass that
+        :class:`~pl_pmse.callback.ExactEvaluation` follows, False for the ``DistributedSampler``'s padding repeats
+        (None when there are none in this batch); else None, with one warning under ``torch.distributed`` that the
+        repeats are counted."""
+        padding = self.__dict__.get("_padding")
+        if mask is not None or rows == 0:
+            return mask
+        if padding is not None:
+            start = padding.seen + self.__dict__.get("_padding_rows", 0)
+            self.__dict__["_padding_rows"] = self.__dict__.get("_padding_rows", 0) + rows
+            padding.rows = max(padding.rows, self.__dict__["_padding_rows"])
+            counted = rows if padding.own is None else max(0, min(rows, padding.own - start))
+            return None if counted == rows else torch.arange(rows, device=device) < counted
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        if distributed and not self.__dict__.get("_padding_warned"):
+            self.__dict__["_padding_warned"] = True
+            warnings.warn(
+                f"{type(self).__name__}: under torch.distributed, update() counts every sample each rank receives: "
+                f"a DistributedSampler pads the ranks to equal length with repeats of the first samples (when the "
+                f"set size is not a multiple of the world size), so the value is not the one-process value. In "
+                f"Lightning add pl_pmse.ExactEvaluation() to the Trainer's callbacks; elsewhere pass "
+                f"update(..., mask=pl_pmse.distributed.sample_mask(sampler, start, len(preds)))",
+                UserWarning,
+                stacklevel=4,
+            )
+        return None
 
     def _wrap_update(self, update: Callable) -> Callable:
         """torchmetrics counts an update before running it; undo that when the update is rejected."""

@@ -121,6 +121,7 @@ class PerceptionMSE(ExactSumMetric):
         self._range_checked = False  # the first batch after each reset is compared with the assumed range
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
         self.__dict__["_space"] = resolved
+        self._add_configuration_checksum()
 
     @property
     def space(self) -> Space:
@@ -134,6 +135,8 @@ class PerceptionMSE(ExactSumMetric):
         e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. To see
         the batch's per-sample results too, call :meth:`batch_stats` then :meth:`accumulate` instead.
         """
+        if isinstance(preds, Tensor) and preds.dim():
+            mask = self._padding_mask(preds.shape[0], mask, preds.device)
         self._accumulate(self.batch_stats(preds, target, mask))
 
     def batch_stats(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> BatchStats:
@@ -189,6 +192,8 @@ class PerceptionMSE(ExactSumMetric):
             return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
+        if isinstance(preds, Tensor) and preds.dim():
+            mask = self._padding_mask(preds.shape[0], mask, preds.device)
         batch = self.batch_stats(preds, target, mask)
         self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
         self._update_count += 1

@@ -100,6 +100,7 @@ class ErrorProfile(ExactSumMetric):
         )  # fmt: skip
         self.modality, self.data_range = modality, checks.check_data_range(data_range)
         self.__dict__["analysis"] = analysis  # outside the module tree: its tensors are no state
+        self._add_configuration_checksum()
 
     def configuration(self) -> dict[str, str]:
         options = {"modality": self.modality, "data_range": self.data_range, **self.analysis.options}
@@ -109,11 +110,16 @@ class ErrorProfile(ExactSumMetric):
         """Whether a batch of this shape can be profiled (the callback leaves other batches out of the profile)."""
         return self.analysis.fits(preds)
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulate a batch (no gradients); samples with NaN/Inf are left out."""
+    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Accumulate a batch (no gradients); samples with NaN/Inf are left out, and those ``mask`` (bool ``[N]``)
+        leaves out (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
         checks.check_tensor_pair(preds, target, self.data_range)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
         self.analysis.check(preds)
+        mask = self._padding_mask(preds.shape[0], mask, preds.device)
+        if mask is not None:
+            checks.check_mask(mask, preds)
+            preds, target = preds[mask], target[mask]
         if preds.shape[0] == 0:
             return
         dtype = self.analysis.dtype(preds)
