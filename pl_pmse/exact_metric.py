@@ -83,7 +83,8 @@ class ExactSumMetric(Metric):
         self._persistent["configuration_checksum"] = False
 
     def set_dtype(self, dst_type: Any) -> ExactSumMetric:
-        """A no-op: the state is exact integers, results are float64 whatever the inputs' dtype."""
+        """A no-op here: the state is exact integers (``ErrorProfile``'s results are float64, the arrays its panels
+        draw; ``PerceptionMSE`` sets the dtype of its results)."""
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:

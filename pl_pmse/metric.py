@@ -85,9 +85,11 @@ class PerceptionMSE(ExactSumMetric):
         >>> metric = PerceptionMSE(data_range=1.0)
         >>> metric.update(torch.full((4, 3, 8, 8), 0.5), torch.zeros(4, 3, 8, 8))
         >>> metric.compute()
-        tensor(0.2500, dtype=torch.float64)
+        tensor(0.2500)
         >>> metric.compute_summary()["psnr"]
-        tensor(6.0206, dtype=torch.float64)
+        tensor(6.0206)
+        >>> metric.set_dtype(torch.float64).compute()  # the same exact value, rounded to float64
+        tensor(0.2500, dtype=torch.float64)
     """
 
     higher_is_better = False
@@ -122,6 +124,7 @@ class PerceptionMSE(ExactSumMetric):
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
         self.__dict__["_space"] = resolved
         self._add_configuration_checksum()
+        self._result_dtype = torch.get_default_dtype()  # as torchmetrics' metrics return; set_dtype changes it
 
     @property
     def space(self) -> Space:
@@ -154,7 +157,7 @@ class PerceptionMSE(ExactSumMetric):
             tensor([1., 1.], dtype=torch.float64)
             >>> metric.accumulate(batch)
             >>> metric.compute()
-            tensor(1., dtype=torch.float64)
+            tensor(1.)
         """
         checks.check_batch(preds, target, self.data_range, self.space, (type(self).__name__, self.totals.device))
         if self.validate_args:
@@ -185,9 +188,9 @@ class PerceptionMSE(ExactSumMetric):
         self._computed = None
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Accumulate the batch and return its Perception MSE (float64) over the counted samples, differentiable
-        when ``preds`` requires grad; the state receives the same bits as from :meth:`update` (for a network space
-        with ``preds`` requiring grad, the same values to rounding: each half runs its own forward then)."""
+        """Accumulate the batch and return its Perception MSE (in the results' dtype) over the counted samples,
+        differentiable when ``preds`` requires grad; the state receives the same bits as from :meth:`update` (for a
+        network space with ``preds`` requiring grad, the same values to rounding: each half runs its own forward)."""
         if self.dist_sync_on_step:
             return super().forward(preds, target, mask)
         if self._is_synced:
@@ -198,8 +201,27 @@ class PerceptionMSE(ExactSumMetric):
         self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
         self._update_count += 1
         self._computed = None
-        self._forward_cache = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")
+        total = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")
+        self._forward_cache = total.to(self._result_dtype)
         return self._forward_cache
+
+    def set_dtype(self, dst_type: torch.dtype) -> PerceptionMSE:
+        """The dtype of the results (``compute``, ``compute_summary``, ``forward``): torch's default (float32) unless
+        set, as torchmetrics' metrics return; ``torch.float64`` gives the exact value rounded to float64. The exact
+        state is not changed (it stays int64); every dtype gives the same number on every machine and split.
+
+        Example:
+            >>> import torch
+            >>> metric = PerceptionMSE().set_dtype(torch.float64)
+            >>> metric.update(torch.full((1, 3), 0.1), torch.zeros(1, 3))
+            >>> metric.compute()
+            tensor(0.0100, dtype=torch.float64)
+        """
+        if not isinstance(dst_type, torch.dtype) or not dst_type.is_floating_point:
+            raise TypeError(f"dst_type: expected a floating point torch.dtype, got {dst_type!r}")
+        self._result_dtype = dst_type
+        self._computed = None
+        return self
 
     @property
     def _settings(self) -> tuple[Any, ...]:
@@ -207,7 +229,8 @@ class PerceptionMSE(ExactSumMetric):
         return id(self.space), self.data_range, self.nan_strategy, self.validate_args, self.psnr_clamps
 
     def compute(self) -> Tensor:
-        """Perception MSE over everything accumulated (synced across processes), a 0-dim float64 tensor."""
+        """Perception MSE over everything accumulated (synced across processes), a 0-dim tensor of the result dtype
+        (see :meth:`set_dtype`)."""
         return self._summary()["total"]
 
     def compute_components(self) -> dict[str, Tensor]:
@@ -388,7 +411,8 @@ class PerceptionMSE(ExactSumMetric):
             raw = ratios[-1] if self.psnr_clamps else mse[self.space.raw_name]
             # in the log domain: finite for any positive range (span**2 overflows past 1e154)
             values["psnr"] = 10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf if raw == 0 else raw
-        summary = {key: torch.tensor(value, dtype=torch.float64, device=self.device) for key, value in values.items()}
+        dtype = self._result_dtype
+        summary = {key: torch.tensor(value, dtype=dtype, device=self.device) for key, value in values.items()}
         self._last_summary = summary
         return summary
 

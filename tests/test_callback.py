@@ -612,7 +612,7 @@ def test_a_new_modality_is_a_space_and_a_panel_set(tmp_path, monkeypatch) -> Non
     assert callback.modality == "curves"
     trainer = trainer_for(tmp_path, CSVLogger(tmp_path), [callback], num_sanity_val_steps=0)
     trainer.fit(CurveModel(), ImageData())
-    assert "val/pmse/slope" in trainer.callback_metrics
+    assert "val/pmse_slope" in trainer.callback_metrics
     drawn = {p.parent.name for p in Path(trainer.log_dir, "pmse_panels").rglob("*.png")}
     assert drawn == {"fixed", "worst"}
 
@@ -686,3 +686,53 @@ def test_a_sink_of_your_own_and_a_registered_logger_get_the_panels(tmp_path, mon
     assert len({step for _, _, step in received}) == 2 and not (tmp_path / "pmse_panels").exists()
     with pytest.raises(TypeError, match=r"sinks: expected a list of pl_pmse.sinks.Sink objects"):
         PerceptionMSECallback("pixel", sinks=["wandb"])
+
+
+def test_lightning_cli_shows_the_space_error_of_a_callback(tmp_path, monkeypatch, capsys) -> None:
+    """``weights: imagenet`` offline in a LightningCLI config: our message (where the file goes) is among
+    jsonargparse's errors, first, not replaced by its "Does not validate against any of the Union subtypes"."""
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    config = tmp_path / "cli.yaml"
+    config.write_text(CLI_CONFIG.format(root=tmp_path).replace("space: pyramid", "space: vgg16").replace(
+        "levels: 3\n          component_weights: {{pixel: 0.0}}", "weights: imagenet").replace(
+        "levels: 3\n          component_weights: {pixel: 0.0}", "weights: imagenet"))  # fmt: skip
+    with pytest.raises((SystemExit, ValueError)) as raised:  # jsonargparse exits or raises, by version
+        cli.LightningCLI(args=["fit", "--config", str(config)], subclass_mode_model=True, subclass_mode_data=True)
+    errors = capsys.readouterr().err + str(raised.value)
+    ours = errors.find("weights='imagenet': the vgg16 ImageNet weights are not in torchvision's cache")
+    assert 0 <= ours < errors.find("Not a valid subclass of Callback"), errors[-2000:]
+
+
+def test_exact_evaluation_leaves_the_padding_out_of_every_pl_pmse_metric_of_the_module() -> None:
+    """The positions ExactEvaluation hands the module's metrics, without processes: rank 1 of 2 over 7 samples
+    receives 3 of its own and one repeat, in batches of 2 (the DDP run is in test_callback_ddp)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from pl_pmse import ExactEvaluation
+
+    module = torch.nn.Module()
+    module.pmse, module.profile = PerceptionMSE("pixel"), ErrorProfile("image", grid=2, bands=4)
+    module.forwarded = PerceptionMSE("pixel")
+    loader = DataLoader(range(7), batch_size=2, sampler=DistributedSampler(range(7), num_replicas=2, rank=1))
+    callback = ExactEvaluation()
+    callback._start(loader)
+    data = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    for start in (0, 2):
+        callback._mark(module, 0)
+        preds, target = data[0][start : start + 2], data[1][start : start + 2]
+        module.pmse.update(preds, target)
+        module.profile.update(preds, target)
+        module.forwarded(preds, target)
+        callback._advance(module, preds, 0)
+    expected_pmse, expected_profile = PerceptionMSE("pixel"), ErrorProfile("image", grid=2, bands=4)
+    expected_pmse.update(data[0][:3], data[1][:3])
+    expected_profile.update(data[0][:3], data[1][:3])
+    assert torch.equal(module.pmse.totals, expected_pmse.totals)
+    assert torch.equal(module.forwarded.totals, expected_pmse.totals)
+    found, expected = module.profile.compute(), expected_profile.compute()  # the exact sums (bins may carry apart)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)

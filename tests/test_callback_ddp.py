@@ -143,7 +143,7 @@ def expected_runs(folder: Path, world: int) -> dict[str, dict]:
             target = dataset.tensors[0]
             with torch.no_grad():
                 preds = model(target)
-            metric = PerceptionMSE(space, data_range=1.0)
+            metric = PerceptionMSE(space, data_range=1.0).set_dtype(torch.float64)  # as the callback logs
             metric.update(preds, target)
             for key, value in metric.compute_summary().items():
                 if key == "skipped":

@@ -138,7 +138,7 @@ def test_validate_args_false_keeps_the_state_clean_and_reports_at_compute() -> N
     poisoned[1, 0, 0, 0] = float("nan")
     clean = [0, 2, 3]
 
-    metric = PerceptionMSE(validate_args=False)
+    metric = PerceptionMSE(validate_args=False).set_dtype(torch.float64)
     metric.update(poisoned, target)  # no error here: finding the NaN on the host would wait for the device
     state = metric.totals.clone()
     with pytest.raises(ValueError, match=r"1 sample\(s\) had NaN or Inf .*\(validate_args=False"):
@@ -148,8 +148,8 @@ def test_validate_args_false_keeps_the_state_clean_and_reports_at_compute() -> N
         metric.compute()  # not cached
 
     for strategy in ("ignore", "warn"):
-        unchecked = PerceptionMSE(nan_strategy=strategy, validate_args=False)
-        checked = PerceptionMSE(nan_strategy=strategy)
+        unchecked = PerceptionMSE(nan_strategy=strategy, validate_args=False).set_dtype(torch.float64)
+        checked = PerceptionMSE(nan_strategy=strategy).set_dtype(torch.float64)
         unchecked.update(poisoned, target)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

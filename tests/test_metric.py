@@ -30,7 +30,7 @@ def random_batches(count: int, shape: tuple[int, ...], dtype: torch.dtype = torc
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 9, 31), (200,)])
 def test_equals_torchmetrics_mse_and_psnr(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    ours = PerceptionMSE(data_range=1.0)
+    ours = PerceptionMSE(data_range=1.0).set_dtype(torch.float64)
     mse, psnr = MeanSquaredError().double(), PeakSignalNoiseRatio(data_range=1.0).double()
     mse.set_dtype(torch.float64)
     psnr.set_dtype(torch.float64)
@@ -112,7 +112,7 @@ def test_any_split_and_order_gives_the_same_bits() -> None:
 
 def test_result_is_the_correctly_rounded_exact_mse() -> None:
     preds, target = torch.rand(10, 500, dtype=torch.float64), torch.rand(10, 500, dtype=torch.float64)
-    metric = PerceptionMSE()
+    metric = PerceptionMSE().set_dtype(torch.float64)
     metric.update(preds, target)
     per_sample = squared_error_sums(preds, target)  # what the metric accumulates, one float64 per sample
     exact = sum(Fraction(v) for v in per_sample.tolist()) / preds.numel()
@@ -124,7 +124,7 @@ def test_float64_accumulation_beats_float32_on_1e8_elements() -> None:
     generator = torch.Generator().manual_seed(1)
     preds = torch.rand(10, 100_000, generator=generator)
     target = torch.rand(10, 100_000, generator=generator)
-    ours, theirs = PerceptionMSE(), MeanSquaredError()
+    ours, theirs = PerceptionMSE().set_dtype(torch.float64), MeanSquaredError()
     for _ in range(100):
         ours.update(preds, target)
         theirs.update(preds, target)
@@ -182,7 +182,7 @@ def test_float32_rows_are_summed_first_only_where_float64_sums_them_exactly() ->
 
 
 def test_forward_returns_the_batch_value_with_gradient() -> None:
-    metric = PerceptionMSE()
+    metric = PerceptionMSE().set_dtype(torch.float64)
     first = (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4))
     metric.update(*first)
     preds = torch.rand(3, 3, 4, 4, requires_grad=True)
@@ -191,7 +191,7 @@ def test_forward_returns_the_batch_value_with_gradient() -> None:
     batch_value.backward()
     assert preds.grad is not None and preds.grad.abs().sum() > 0
     torch.testing.assert_close(batch_value.detach(), (preds.detach() - target).double().square().mean())
-    reference = PerceptionMSE()
+    reference = PerceptionMSE().set_dtype(torch.float64)
     reference.update(*first)
     reference.update(preds.detach(), target)
     torch.testing.assert_close(metric.compute(), reference.compute(), rtol=1e-7, atol=0)
@@ -283,9 +283,9 @@ def test_reset_and_repr() -> None:
 
 def test_set_dtype_keeps_the_exact_state() -> None:
     metric = PerceptionMSE()
-    metric.set_dtype(torch.float16)
+    assert metric.set_dtype(torch.float16) is metric
     metric.update(torch.rand(2, 3), torch.rand(2, 3))
-    assert metric.totals.dtype == torch.int64 and metric.compute().dtype == torch.float64
+    assert metric.totals.dtype == torch.int64 and metric.compute().dtype == torch.float16  # the results' dtype only
 
 
 def test_forward_with_grad_stores_the_same_bits_as_update() -> None:

@@ -58,9 +58,9 @@ def test_any_batch_and_rank_split_merges_to_the_same_bits(shape, sizes, seed, ra
     """Batches dealt to simulated ranks (some with none), merged in a random order, equal one pass over all."""
     total = sum(sizes)
     preds, target = tensors((total, *shape), dtype, seed, 1.0)
-    single = PerceptionMSE()
+    single = PerceptionMSE().set_dtype(torch.float64)
     single.update(preds, target)
-    metrics = [PerceptionMSE() for _ in range(ranks)]
+    metrics = [PerceptionMSE().set_dtype(torch.float64) for _ in range(ranks)]
     start = 0
     for index, size in enumerate(sizes):
         metrics[index % ranks].update(preds[start : start + size], target[start : start + size])

@@ -37,7 +37,7 @@ def test_integer_inputs_are_measured_exactly_at_the_edges_of_their_range(dtype: 
     info = torch.iinfo(dtype)
     preds, target = edge_integers(dtype, (7, 3, 5, 4), 0), edge_integers(dtype, (7, 3, 5, 4), 1)
     exact = Fraction(squared_error(preds, target))
-    metric = PerceptionMSE(data_range=(info.min, info.max))
+    metric = PerceptionMSE(data_range=(info.min, info.max)).set_dtype(torch.float64)
     for rows in (slice(0, 2), slice(2, 3), slice(3, 7)):
         metric.update(preds[rows], target[rows])
     summary = metric.compute_summary()
@@ -63,8 +63,8 @@ def test_32_bit_pcm_differences_of_one_and_three_give_five() -> None:
 def test_integer_inputs_keep_their_exactness_with_validate_args_false_and_a_clamped_psnr() -> None:
     preds, target = edge_integers(torch.int64, (4, 50), 2), edge_integers(torch.int64, (4, 50), 3)
     low, high = -(2**40), 2**40
-    checked = PerceptionMSE(data_range=(low, high))
-    unchecked = PerceptionMSE(data_range=(low, high), validate_args=False)
+    checked = PerceptionMSE(data_range=(low, high)).set_dtype(torch.float64)
+    unchecked = PerceptionMSE(data_range=(low, high), validate_args=False).set_dtype(torch.float64)
     with pytest.raises(ValueError, match=r"preds: integer values in \[.*\] lie outside data_range"):
         checked.update(preds, target)  # int64 edges lie outside (-2**40, 2**40)
     assert checked.totals.abs().sum() == 0
@@ -242,13 +242,13 @@ def test_a_space_named_in_a_compiled_loss_traces_without_a_graph_break() -> None
 
 
 def test_empty_and_mixed_integer_batches_with_a_clamped_psnr() -> None:
-    metric = PerceptionMSE(data_range=(0, 255))
+    metric = PerceptionMSE(data_range=(0, 255)).set_dtype(torch.float64)
     empty = torch.zeros(0, 1, 2, 2, dtype=torch.uint8)
     metric.update(empty, empty)  # a rank's last batch that held only padding repeats
     metric.update(torch.ones(1, 1, 2, 2, dtype=torch.uint8), torch.ones(1, 1, 2, 2, dtype=torch.uint8),
                   mask=torch.tensor([False]))  # fmt: skip
     assert metric.totals.abs().sum() == 0
-    mixed = PerceptionMSE(data_range=(-1000, 1000))
+    mixed = PerceptionMSE(data_range=(-1000, 1000)).set_dtype(torch.float64)
     zeros, negative = torch.zeros(1, 4, dtype=torch.uint8), torch.full((1, 4), -500, dtype=torch.int16)
     for preds, target in ((zeros, negative), (negative, zeros)):
         mixed.reset()

@@ -42,7 +42,7 @@ def test_lpips_spaces_equal_the_lpips_package(space: str, backbone_weights: dict
                           data_range=1.0)  # fmt: skip
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-7)
     # the metric over several batches is the mean LPIPS; the pixel component is reported but weighs 0
-    metric = PerceptionMSE(space, weights=backbone_weights[architecture], data_range=1.0)
+    metric = PerceptionMSE(space, weights=backbone_weights[architecture], data_range=1.0).set_dtype(torch.float64)
     metric.update(preds[:2], target[:2])
     metric.update(preds[2:], target[2:])
     torch.testing.assert_close(metric.compute(), expected.mean(), rtol=1e-5, atol=1e-8)

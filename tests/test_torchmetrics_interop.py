@@ -79,13 +79,16 @@ def test_wrappers_take_perception_mse() -> None:
     assert tasks.compute()["images"] == single.compute()
 
 
-def test_bootstrapper_with_a_float64_quantile() -> None:
-    """compute() is float64 (the exact value, correctly rounded); a float32 ``quantile`` needs a float32 result
-    (open: see issue 25)."""
-    bootstrap = BootStrapper(
-        PerceptionMSE("pixel"), num_bootstraps=8, quantile=torch.tensor([0.05, 0.95], dtype=torch.float64)
-    )
-    for preds, target in batches():
-        bootstrap.update(preds, target)
-    result = bootstrap.compute()
-    assert result["quantile"][0] <= result["mean"] <= result["quantile"][1]
+def test_bootstrapper_with_its_usual_float32_quantile_and_float64_results() -> None:
+    """Before: compute() returned float64 and ``quantile=torch.tensor([0.05, 0.95])`` crashed ("q tensor must be
+    same dtype"); results now follow torch's default dtype, float64 through set_dtype."""
+    data = batches()
+    for metric, quantile in ((PerceptionMSE("pixel"), torch.tensor([0.05, 0.95])),
+                             (PerceptionMSE("pixel").set_dtype(torch.float64),
+                              torch.tensor([0.05, 0.95], dtype=torch.float64))):  # fmt: skip
+        bootstrap = BootStrapper(metric, num_bootstraps=8, quantile=quantile)
+        for preds, target in data:
+            bootstrap.update(preds, target)
+        result = bootstrap.compute()
+        assert result["quantile"].dtype == quantile.dtype
+        assert result["quantile"][0] <= result["mean"] <= result["quantile"][1]

@@ -386,7 +386,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         return stage
 
     def _new_metric(self) -> PerceptionMSE:
-        return PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy)
+        """The metric of one dataloader; its results in float64: the logged scalars carry the exact value's digits."""
+        return PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy).set_dtype(torch.float64)
 
     def _new_profile(self) -> ErrorProfile:
         options = self._panel_set.profile_options(self._panel_options, self.space)
