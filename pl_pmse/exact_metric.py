@@ -243,6 +243,12 @@ class ExactSumMetric(Metric):
         callback checks its metrics with its own options, once per fit), so the first sync skips its own check."""
         self._checked_groups.add((os.getpid(), id(group or self.process_group)))
 
+    def padding_left_out_by_caller(self) -> ExactSumMetric:
+        """Say that whoever updates this metric leaves the ``DistributedSampler``'s padding out itself (slices it off
+        or passes ``mask=``): no warning under ``torch.distributed`` then. Returns the metric."""
+        self.__dict__["_padding_warned"] = True
+        return self
+
     def _padding_mask(self, rows: int, mask: Tensor | None, device: torch.device) -> Tensor | None:
         """The mask of an update of ``rows`` samples: the caller's; else, in a pass that
         :class:`~pl_pmse.callback.ExactEvaluation` follows, False for the ``DistributedSampler``'s padding repeats

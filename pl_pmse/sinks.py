@@ -19,6 +19,7 @@ import inspect
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,16 @@ class WandbSink(Sink):
         self.log_metrics = log_metrics or (lambda metrics, step: run.log({**metrics, "trainer/global_step": step}))
         self._folder = Path(run.dir).parent / "pl_pmse"  # in the run's folder, not synced
         self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))
+        disabled = getattr(run.settings, "mode", None) == "disabled"
+        if not disabled and not any(self._folder.parent.glob("*.wandb")):
+            warnings.warn(
+                f"PerceptionMSECallback: W&B puts this run's media under {self._folder.parent}, which holds no "
+                f"record of the run (a ddp_spawn child attached to a run whose WANDB_DIR differs from "
+                f"WandbLogger(save_dir=...)): panels are logged, but `wandb sync` of the run may miss their files; "
+                f"set WANDB_DIR to the logger's save_dir",
+                UserWarning,
+                stacklevel=2,
+            )
         self._pending: dict[str, Any] = {}
         self._files: list[Path] = []
 

@@ -43,7 +43,7 @@ class RankProbe(pl.Callback):
             file.write(json.dumps({"epoch": trainer.current_epoch, "val/pmse": value}) + "\n")
 
 
-def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monkeypatch) -> None:
+def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monkeypatch, capfd) -> None:
     # WANDB_DIR and save_dir apart (before: every W&B panel failed under ddp_spawn with FileNotFoundError)
     (tmp_path / "environment").mkdir()
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "environment"))
@@ -58,6 +58,7 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     model, data = Denoiser(), ImageData(val=9, batch_size=4)  # 9 samples: the sampler pads rank 1 with sample 0
     trainer.fit(model, data)
     wandb.finish()
+    assert "set WANDB_DIR to the logger's save_dir" in capfd.readouterr().err  # said, not silently misrouted
 
     ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2  # identical on both ranks, once per epoch

@@ -391,7 +391,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _new_profile(self) -> ErrorProfile:
         options = self._panel_set.profile_options(self._panel_options, self.space)
-        return ErrorProfile(self.modality, self.data_range, **options)
+        return ErrorProfile(self.modality, self.data_range, **options).padding_left_out_by_caller()  # see _batch
 
     @property
     def _profiles_drawn(self) -> bool:
