@@ -270,7 +270,8 @@ class ExactSumMetric(Metric):
                 f"{type(self).__name__}: under torch.distributed, update() counts every sample each rank receives: "
                 f"a DistributedSampler pads the ranks to equal length with repeats of the first samples (when the "
                 f"set size is not a multiple of the world size), so the value is not the one-process value. In "
-                f"Lightning add pl_pmse.ExactEvaluation() to the Trainer's callbacks; elsewhere pass "
+                f"Lightning add pl_pmse.ExactEvaluation() to the Trainer's callbacks (validation and test updates); "
+                f"elsewhere pass "
                 f"update(..., mask=pl_pmse.distributed.sample_mask(sampler, start, len(preds)))",
                 UserWarning,
                 stacklevel=4,
