@@ -161,7 +161,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSE", "accumulate of another metric's batch",
      lambda: PerceptionMSE().accumulate(PerceptionMSE(data_range=1.0).batch_stats(torch.rand(2, 4), torch.rand(2, 4)))),
     ("PerceptionMSE", "data_range as a string", lambda: PerceptionMSE(data_range="255")),
-    ("PerceptionMSE", "unknown space name", lambda: PerceptionMSE("vgg19")),
+    ("PerceptionMSE", "unknown space name", lambda: PerceptionMSE("vgg91")),
     ("PerceptionMSE", "an option the space does not take", lambda: PerceptionMSE("pixel", layers=["a"])),
     ("PerceptionMSE", "a weight for an unknown component", lambda: PerceptionMSE(component_weights={"relu1_2": 1.0})),
     ("PerceptionMSE", "a negative component weight", lambda: PerceptionMSE(component_weights={"pixel": -1})),

@@ -140,9 +140,9 @@ def test_rejected_update_leaves_state_unchanged(options, preds, target, error, p
 CONSTRUCTOR_CASES = [
     (
         "unknown space",
-        {"space": "vgg19"},
+        {"space": "vgg91"},
         ValueError,
-        r"space: expected one of \[.*'pixel'.*\], a Space or an nn.Module, got 'vgg19'",
+        r"space: expected one of \[.*'pixel'.*\], a Space or an nn.Module, got 'vgg91'",
     ),
     ("space of wrong type", {"space": 3}, ValueError, r"space: expected one of"),
     (

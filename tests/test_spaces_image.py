@@ -63,9 +63,9 @@ def test_backbone_layers_equal_torchvision_slices(space: str, backbone_weights: 
     preds, target = torch.rand(3, 3, 40, 40), torch.rand(3, 3, 40, 40)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     ours = perception_mse_components(preds, target, space=space, weights=backbone_weights[space], reduction="none")
-    assert list(ours) == ["pixel", *arch.layers]
-    for name, path in arch.layers.items():
-        head = model.features[: int(path.split(".")[1]) + 1]
+    assert list(ours) == ["pixel", *arch.default_layers]
+    for name in arch.default_layers:
+        head = model.features[: int(arch.layers[name].split(".")[1]) + 1]
         with torch.no_grad():
             expected = (head((preds - mean) / std) - head((target - mean) / std)).square().flatten(1).mean(1)
         torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-10)
@@ -391,3 +391,43 @@ def test_shared_modules_and_clashing_names_are_rejected() -> None:
         perception_mse(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), space=space)
     with pytest.raises(ValueError, match=r"component names must be unique"):
         Backbone(Shared(), layers={"pixel": "conv"}, normalize="none")
+
+
+@pytest.mark.parametrize(
+    "layer_weights",
+    [{"conv5_4": 1.0}, {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0, "conv5_4": 1.0}],
+    ids=["ESRGAN", "Real-ESRGAN"],
+)
+def test_vgg19_reproduces_the_super_resolution_perceptual_losses(layer_weights, backbone_weights) -> None:
+    """ESRGAN's and Real-ESRGAN's perceptual term as BasicSR defines it (torchvision VGG19 ``features``, ImageNet
+    mean/std on [0, 1] inputs, conv outputs before their ReLU, MSE per layer over the batch, weighted sum), written
+    out here from torchvision alone, equals the ``vgg19`` space with ``layers`` + ``component_weights`` +
+    ``pixel_weight=0``: the metric over batches, and the loss."""
+    model = torchvision.models.vgg19(weights=None).eval()
+    model.load_state_dict(torch.load(backbone_weights["vgg19"]), strict=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False  # the conv outputs must not be changed by the ReLU after them
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    layer_index = {"conv1_2": 2, "conv2_2": 7, "conv3_4": 16, "conv4_4": 25, "conv5_4": 34}  # BasicSR's vgg19 names
+
+    def reference(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for name, weight in layer_weights.items():
+                head = model.features[: layer_index[name] + 1]
+                total += weight * torch.nn.functional.mse_loss(head((preds - mean) / std),
+                                                               head((target - mean) / std)).double()  # fmt: skip
+        return total
+
+    options = {"weights": backbone_weights["vgg19"], "layers": list(layer_weights),
+               "component_weights": layer_weights, "pixel_weight": 0.0}  # fmt: skip
+    metric = PerceptionMSE("vgg19", data_range=1.0, **options).set_dtype(torch.float64)
+    batches = [(torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)) for _ in range(2)]
+    for preds, target in batches:
+        metric.update(preds, target)
+    whole = reference(torch.cat([p for p, _ in batches]), torch.cat([t for _, t in batches]))
+    torch.testing.assert_close(metric.compute(), whole, rtol=2e-5, atol=0)
+    preds, target = batches[0]
+    loss = perception_mse(preds, target, space="vgg19", **options)
+    torch.testing.assert_close(loss.double(), reference(preds, target), rtol=2e-5, atol=0)

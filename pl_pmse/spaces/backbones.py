@@ -32,12 +32,35 @@ NORMALIZATIONS = ("imagenet", "lpips", "none")
 
 @dataclass(frozen=True)
 class Architecture:
-    """A torchvision classifier and the layers LPIPS reads from it."""
+    """A torchvision classifier, its named layers (``{name: module path}``) and the ones measured by default (all,
+    unless ``defaults`` says). ``before_inplace``: layers whose output the next in-place ReLU would change (conv
+    outputs): choosing one turns the network's in-place ReLUs off."""
 
     builder: str
     layers: dict[str, str]
     min_size: int
-    lpips_name: str
+    lpips_name: str = ""
+    defaults: tuple[str, ...] = ()
+    before_inplace: frozenset[str] = frozenset()
+
+    @property
+    def default_layers(self) -> list[str]:
+        return list(self.defaults or self.layers)
+
+
+def _vgg19_layers() -> dict[str, str]:
+    """``conv<b>_<i>`` (the convolution's output, before its ReLU) and ``relu<b>_<i>`` of torchvision's VGG19
+    ``features``, as the super-resolution literature names them (ESRGAN, Real-ESRGAN, BasicSR)."""
+    layers, index = {}, 0
+    for block, convolutions in enumerate((2, 2, 4, 4, 4), start=1):
+        for conv in range(1, convolutions + 1):
+            layers[f"conv{block}_{conv}"], layers[f"relu{block}_{conv}"] = f"features.{index}", f"features.{index + 1}"
+            index += 2
+        index += 1  # the max pool
+    return layers
+
+
+VGG19_LAYERS = _vgg19_layers()
 
 
 ARCHITECTURES = {
@@ -61,6 +84,14 @@ ARCHITECTURES = {
          "fire7": "features.10", "fire8": "features.11", "fire9": "features.12"},
         min_size=17,
         lpips_name="squeeze",
+    ),
+    # Real-ESRGAN's perceptual layers (ESRGAN uses conv5_4 alone): before the activation, as in BasicSR
+    "vgg19": Architecture(
+        "vgg19",
+        VGG19_LAYERS,
+        min_size=16,
+        defaults=("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"),
+        before_inplace=frozenset(name for name in VGG19_LAYERS if name.startswith("conv")),
     ),
 }  # fmt: skip
 
@@ -410,7 +441,7 @@ def _named_backbone(
     layers: Sequence[str] | None,
 ) -> tuple[nn.Module, dict[str, str]]:
     arch = ARCHITECTURES[architecture]
-    chosen = list(arch.layers) if layers is None else layers
+    chosen = arch.default_layers if layers is None else layers
     if isinstance(chosen, str) or not chosen:
         raise ValueError(f"layers: expected a non-empty list of layer names, got {layers!r}")
     return load_backbone(architecture, weights), {name: arch.layers.get(name, name) for name in chosen}
@@ -424,14 +455,18 @@ def _register_torchvision(space_name: str) -> None:
         pixel_weight: float = 1.0,
     ) -> Backbone:
         module, layer_map = _named_backbone(space_name, weights, layers)
+        arch = ARCHITECTURES[space_name]
+        safe = set(arch.layers) - arch.before_inplace  # in-place ReLUs change no captured output
         return Backbone(
-            module, layer_map, "imagenet", component_weights, pixel_weight, ARCHITECTURES[space_name].min_size,
-            space_name, keep_inplace=set(layer_map) <= set(ARCHITECTURES[space_name].layers),
+            module, layer_map, "imagenet", component_weights, pixel_weight, arch.min_size, space_name,
+            keep_inplace=set(layer_map) <= safe,
         )  # fmt: skip
 
+    arch = ARCHITECTURES[space_name]
+    which = "LPIPS' layers" if arch.lpips_name else "the layers"
     factory.__doc__ = (
-        f"torchvision {ARCHITECTURES[space_name].builder} features at LPIPS' layers "
-        f"{list(ARCHITECTURES[space_name].layers)} (or ``layers=``), plus pixels; ImageNet-normalised input."
+        f"torchvision {arch.builder} features at {which} {arch.default_layers} (or ``layers=``, names or module "
+        f"paths), plus pixels; ImageNet-normalised input."
     )
     register_space(space_name)(factory)
 
