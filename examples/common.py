@@ -27,7 +27,7 @@ class EpochTable(pl.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
         if self._columns is None:
             self._columns = sorted(values, key=lambda k: (k != self.prefix, k))
-            names = [k[len(self.prefix) :].lstrip("/") or "pmse" for k in self._columns]
+            names = [k[len(self.prefix) :].lstrip("/_") or "pmse" for k in self._columns]
             print("\n" + " ".join(f"{n:>10.10s}" for n in ["epoch", *names]), flush=True)
         row = [f"{trainer.current_epoch:>10d}"] + [f"{values.get(k, float('nan')):>10.4g}" for k in self._columns]
         print(" ".join(row), flush=True)
