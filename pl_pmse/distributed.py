@@ -37,6 +37,15 @@ def sampler_of(dataloader: Any) -> Any:
     return getattr(getattr(dataloader, "batch_sampler", None), "sampler", sampler)
 
 
+def dataloaders_of(dataloaders: Any) -> list[Any]:
+    """Lightning's ``val_dataloaders`` / ``test_dataloaders``: one loader, a list or dict of them, or None."""
+    if dataloaders is None:
+        return []
+    if isinstance(dataloaders, Mapping):
+        return list(dataloaders.values())
+    return list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+
+
 def sample_mask(sampler: Any, start: int, count: int, device: torch.device | str | None = None) -> Tensor:
     """Which of ``count`` samples, starting at the ``start``-th this rank received from ``sampler`` in this pass,
     are the dataset's own (True) rather than ``DistributedSampler`` padding (False); all True for other samplers.

@@ -38,6 +38,10 @@ from . import checks
 from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins
 
+# the keyword options of torchmetrics' Metric that ExactSumMetric's subclasses pass on (the others are their own)
+TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
+                        "distributed_available_fn", "sync_on_compute", "compute_with_cache")  # fmt: skip
+
 
 @dataclass
 class Padding:
@@ -258,9 +262,9 @@ class ExactSumMetric(Metric):
         if mask is not None or rows == 0:
             return mask
         if padding is not None:
-            start = padding.seen + self.__dict__.get("_padding_rows", 0)
-            self.__dict__["_padding_rows"] = self.__dict__.get("_padding_rows", 0) + rows
-            padding.rows = max(padding.rows, self.__dict__["_padding_rows"])
+            taken = self.__dict__.get("_padding_rows", 0)  # of this batch, by earlier updates of this metric
+            start, self.__dict__["_padding_rows"] = padding.seen + taken, taken + rows
+            padding.rows = max(padding.rows, taken + rows)
             counted = rows if padding.own is None else max(0, min(rows, padding.own - start))
             return None if counted == rows else torch.arange(rows, device=device) < counted
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
@@ -274,7 +278,7 @@ class ExactSumMetric(Metric):
                 f"elsewhere pass "
                 f"update(..., mask=pl_pmse.distributed.sample_mask(sampler, start, len(preds)))",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,  # the caller of update(): through torchmetrics' and our update wrappers
             )
         return None
 

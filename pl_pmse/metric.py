@@ -16,22 +16,12 @@ from torch.nn import functional as F
 
 from . import checks
 from .exact import device_constant, on_host
-from .exact_metric import ExactSumMetric
+from .exact_metric import TORCHMETRICS_OPTIONS, ExactSumMetric
 from .functional import SampleStats, measure, reduce_samples
 from .precision import own_precision
 from .reduction import SquareSums, integer_squared_error_parts, square_sums
 from .spaces import Space, get_space
 from .spaces.registry import split_options
-
-_TORCHMETRICS_OPTIONS = (
-    "compute_on_cpu",
-    "dist_sync_on_step",
-    "process_group",
-    "dist_sync_fn",
-    "distributed_available_fn",
-    "sync_on_compute",
-    "compute_with_cache",
-)
 
 
 @dataclass(frozen=True)
@@ -104,7 +94,7 @@ class PerceptionMSE(ExactSumMetric):
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        metric_options, space_options = split_options(kwargs, _TORCHMETRICS_OPTIONS)
+        metric_options, space_options = split_options(kwargs, TORCHMETRICS_OPTIONS)
         clamped = isinstance(data_range, Sequence) and not isinstance(data_range, str)  # as torchmetrics' PSNR
         data_range = checks.check_data_range(data_range)
         nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)

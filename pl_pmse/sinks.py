@@ -328,6 +328,7 @@ SINKS: dict[str, SinkFactory] = {
     "MLFlowLogger": lambda logger: MlflowSink(logger.experiment, logger.run_id),
     "CSVLogger": lambda logger: None,
 }
+_LIGHTNING_SINKS = frozenset(SINKS)  # the built-in names: matched in Lightning's own namespaces only
 
 
 def register_sink(logger_class_name: str, factory: SinkFactory) -> None:
@@ -348,9 +349,6 @@ def lightning_logger_kind(logger: Any) -> str | None:
         if cls.__name__ in SINKS and (lightning or cls.__name__ not in _LIGHTNING_SINKS):
             return cls.__name__
     return None
-
-
-_LIGHTNING_SINKS = frozenset(SINKS)  # the built-in names: matched in Lightning's own namespaces only
 
 
 def _experiment_kind(logger: Any) -> str | None:

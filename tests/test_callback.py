@@ -720,7 +720,7 @@ def test_exact_evaluation_leaves_the_padding_out_of_every_pl_pmse_metric_of_the_
     module.forwarded = PerceptionMSE("pixel")
     loader = DataLoader(range(7), batch_size=2, sampler=DistributedSampler(range(7), num_replicas=2, rank=1))
     callback = ExactEvaluation()
-    callback._start(loader)
+    callback._start(module, loader)
     data = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
     for start in (0, 2):
         callback._mark(module, 0)

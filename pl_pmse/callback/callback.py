@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import checks
-from ..distributed import check_same_everywhere, own_samples, sampler_of
+from ..distributed import check_same_everywhere, dataloaders_of, own_samples, sampler_of
 from ..lightning_compat import CALLBACK_BASES
 from ..metric import PerceptionMSE
 from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample
@@ -320,12 +320,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._keep_scales(self._worker.deliver(wait=False))
-        self._start(trainer, "validate", _as_list(trainer.val_dataloaders), pl_module)
+        self._start(trainer, "validate", dataloaders_of(trainer.val_dataloaders), pl_module)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._keep_scales(self._worker.deliver(wait=False))
-        self._start(trainer, "test", _as_list(trainer.test_dataloaders), pl_module)
+        self._start(trainer, "test", dataloaders_of(trainer.test_dataloaders), pl_module)
 
     @override
     def on_validation_batch_end(
@@ -544,15 +544,6 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             modality = self.space.modality if self.space.modality in PANEL_SETS else None
             modality = modality or ("audio" if self.sample_rate else "image")
         return modality
-
-
-def _as_list(dataloaders: Any) -> list[Any]:
-    """Lightning's ``val_dataloaders`` / ``test_dataloaders``: one loader, a list or dict of them, or None."""
-    if dataloaders is None:
-        return []
-    if isinstance(dataloaders, Mapping):
-        return list(dataloaders.values())
-    return list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
 
 
 def _describe_pair(pair: Any) -> str:

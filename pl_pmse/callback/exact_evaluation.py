@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 from typing_extensions import override
 
-from ..distributed import own_samples, sampler_of
+from ..distributed import dataloaders_of, own_samples, sampler_of
 from ..exact_metric import ExactSumMetric, Padding
 from ..lightning_compat import CALLBACK_BASES
 
@@ -45,14 +45,15 @@ class ExactEvaluation(*CALLBACK_BASES):
     def __init__(self) -> None:
         super().__init__()
         self._passes: dict[int, Padding] = {}
+        self._metrics: list[ExactSumMetric] = []  # the module's, found once per pass
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer.val_dataloaders)
+        self._start(pl_module, trainer.val_dataloaders)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer.test_dataloaders)
+        self._start(pl_module, trainer.test_dataloaders)
 
     @override
     def on_validation_batch_start(
@@ -76,27 +77,23 @@ class ExactEvaluation(*CALLBACK_BASES):
                           batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         self._advance(pl_module, batch, dataloader_idx)
 
-    def _start(self, dataloaders: Any) -> None:
-        loaders = list(dataloaders.values()) if isinstance(dataloaders, Mapping) else (
-            list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders])  # fmt: skip
-        self._passes = {index: Padding(own_samples(sampler_of(loader))) for index, loader in enumerate(loaders)}
+    def _start(self, pl_module: pl.LightningModule, dataloaders: Any) -> None:
+        loaders = enumerate(dataloaders_of(dataloaders))
+        self._passes = {index: Padding(own_samples(sampler_of(loader))) for index, loader in loaders}
+        self._metrics = [module for module in pl_module.modules() if isinstance(module, ExactSumMetric)]
 
     def _mark(self, pl_module: pl.LightningModule, index: int) -> None:
         """The metrics' next updates are of this batch: from its start position in this rank's pass."""
         padding = self._passes.setdefault(index, Padding(None))
         padding.rows = 0
-        for metric in _metrics_of(pl_module):
+        for metric in self._metrics:
             metric.__dict__.update(_padding=padding, _padding_rows=0)
 
     def _advance(self, pl_module: pl.LightningModule, batch: Any, index: int) -> None:
         padding = self._passes[index]
         padding.seen += _rows_of(batch) or padding.rows
-        for metric in _metrics_of(pl_module):
-            metric.__dict__.update(_padding=None, _padding_rows=0)
-
-
-def _metrics_of(pl_module: Any) -> list[ExactSumMetric]:
-    return [module for module in pl_module.modules() if isinstance(module, ExactSumMetric)]
+        for metric in self._metrics:
+            metric.__dict__["_padding"] = None
 
 
 def _rows_of(batch: Any) -> int:

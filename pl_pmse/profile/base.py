@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..exact_metric import ExactSumMetric
+from ..exact_metric import TORCHMETRICS_OPTIONS, ExactSumMetric
 from ..precision import own_precision
+from ..spaces.registry import split_options
 
 Scratch = Callable[..., Tensor]  # (name, shape, like, dtype=None) -> a temporary of one update
 
@@ -88,16 +89,15 @@ class ErrorProfile(ExactSumMetric):
         modality = checks.check_choice("modality", modality, tuple(ANALYSES))
         kind = ANALYSES[modality]
         own = inspect.signature(kind).parameters
-        unknown = sorted(set(options) - set(own) - _METRIC_OPTIONS)
+        metric_options, analysis_options = split_options(options, TORCHMETRICS_OPTIONS)
+        unknown = sorted(set(analysis_options) - set(own))
         if unknown:
             raise ValueError(
                 f"{', '.join(unknown)}: not an option of the {modality} profile; its options are {', '.join(own)}"
             )
-        analysis = kind(**{name: value for name, value in options.items() if name in own})
-        super().__init__(
-            num_sums=sum(math.prod(shape) for shape in analysis.parts.values()), num_counts=1,
-            **{name: value for name, value in options.items() if name not in own},
-        )  # fmt: skip
+        analysis = kind(**analysis_options)
+        super().__init__(num_sums=sum(math.prod(shape) for shape in analysis.parts.values()), num_counts=1,
+                         **metric_options)  # fmt: skip
         self.modality, self.data_range = modality, checks.check_data_range(data_range)
         self.__dict__["analysis"] = analysis  # outside the module tree: its tensors are no state
         self._add_configuration_checksum()
@@ -163,10 +163,6 @@ class ErrorProfile(ExactSumMetric):
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in super().__getstate__().items() if key != "_buffers_of_update"}
-
-
-_METRIC_OPTIONS = {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn", "distributed_available_fn",
-                   "sync_on_compute", "compute_with_cache"}  # fmt: skip
 
 
 def new_tensor(name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
