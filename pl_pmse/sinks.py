@@ -91,20 +91,15 @@ class WandbSink(Sink):
     removed then (kept when W&B is set to link media instead).
     """
 
-    def __init__(self, run: Any, log_metrics: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self, run: Any, log_metrics: Callable[..., None] | None = None, save_dir: str | Path | None = None
+    ) -> None:
         self.log_metrics = log_metrics or (lambda metrics, step: run.log({**metrics, "trainer/global_step": step}))
+        disabled = getattr(run.settings, "mode", None) == "disabled"
+        if not disabled and not any(Path(run.dir).parent.glob("*.wandb")):
+            _follow_the_record(run, save_dir)
         self._folder = Path(run.dir).parent / "pl_pmse"  # in the run's folder, not synced
         self._keep_files = bool(getattr(run.settings, "allow_media_symlink", False))
-        disabled = getattr(run.settings, "mode", None) == "disabled"
-        if not disabled and not any(self._folder.parent.glob("*.wandb")):
-            warnings.warn(
-                f"PerceptionMSECallback: W&B puts this run's media under {self._folder.parent}, which holds no "
-                f"record of the run (a ddp_spawn child attached to a run whose WANDB_DIR differs from "
-                f"WandbLogger(save_dir=...)): panels are logged, but `wandb sync` of the run may miss their files; "
-                f"set WANDB_DIR to the logger's save_dir",
-                UserWarning,
-                stacklevel=2,
-            )
         self._pending: dict[str, Any] = {}
         self._files: list[Path] = []
 
@@ -176,6 +171,24 @@ class WandbSink(Sink):
         if not self._keep_files:
             for path in files:
                 path.unlink(missing_ok=True)
+
+
+def _follow_the_record(run: Any, save_dir: str | Path | None) -> None:
+    """A ``ddp_spawn`` child attached to a W&B run takes its folders from its own ``WANDB_DIR``, not from the
+    ``WandbLogger(save_dir=...)`` the run was started with: its media would land beside no record of the run (and
+    ``wandb sync`` would miss them). Point the child's files folder (W&B's ``x_files_dir`` setting) at the folder of
+    the run's record under ``save_dir``; warn when there is none to find."""
+    found = sorted(Path(save_dir).glob(f"*wandb/*run-*-{run.id}/run-{run.id}.wandb")) if save_dir else []
+    if len(found) == 1:
+        run._settings.x_files_dir = str(found[0].parent / "files")
+        return
+    warnings.warn(
+        f"PerceptionMSECallback: W&B puts this run's media under {Path(run.dir).parent}, which holds no record of "
+        f"the run, and {'none' if not found else 'more than one'} was found under save_dir={save_dir}: panels are "
+        f"logged, but `wandb sync` of the run may miss their files; set WANDB_DIR to the logger's save_dir",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class TensorBoardSink(Sink):
@@ -323,7 +336,7 @@ SinkFactory = Callable[[Any], "Sink | None"]  # a logger -> its sink (None: it s
 
 # Lightning logger class name -> the sink of such a logger (``experiment`` is read on the panel thread, in time)
 SINKS: dict[str, SinkFactory] = {
-    "WandbLogger": lambda logger: WandbSink(logger.experiment, logger.log_metrics),
+    "WandbLogger": lambda logger: WandbSink(logger.experiment, logger.log_metrics, logger.save_dir),
     "TensorBoardLogger": lambda logger: TensorBoardSink(logger.experiment),
     "MLFlowLogger": lambda logger: MlflowSink(logger.experiment, logger.run_id),
     "CSVLogger": lambda logger: None,

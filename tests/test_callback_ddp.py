@@ -22,7 +22,7 @@ from pl_pmse import PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
 from tests.distributed import clean_environment
 from tests.lightning_models import Denoiser, ImageData
-from tests.wandb_reader import history, run_dirs
+from tests.wandb_reader import history, media_paths, run_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +58,11 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     model, data = Denoiser(), ImageData(val=9, batch_size=4)  # 9 samples: the sampler pads rank 1 with sample 0
     trainer.fit(model, data)
     wandb.finish()
-    assert "set WANDB_DIR to the logger's save_dir" in capfd.readouterr().err  # said, not silently misrouted
+    assert "WANDB_DIR" not in capfd.readouterr().err  # the child's media follow the run's record
 
     ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2  # identical on both ranks, once per epoch
-    (run,) = run_dirs(tmp_path / "saved")  # one W&B run (its history; W&B's attached child writes media under
-    # WANDB_DIR's folder of the same run id: a W&B behaviour, see the issue 25 note)
+    (run,) = run_dirs(tmp_path / "saved")  # one W&B run
     rows = history(run)  # waits for W&B's service: rank 0 ended with os._exit, the service writes on disconnect
     logged = [row["val/pmse"] for row in rows if "val/pmse" in row]
     assert logged == pytest.approx([entry["val/pmse"] for entry in ranks[0]], rel=1e-6)
@@ -82,6 +81,10 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     assert len(worst) == 2 and "(rank 1)" in worst[-1] and worst[-1].count("batch ") == 9
     panels = list(tmp_path.rglob("files/media/images/**/*.png"))
     assert len([p for p in panels if "/panels/" in str(p)]) == 8  # 4 panels x 2 epochs, drawn once (rank 0)
+    # every file the history refers to is beside the record, where `wandb sync` reads it (before: under WANDB_DIR)
+    referenced = media_paths(rows)
+    assert len(referenced) >= 8 and all((run / "files" / path).is_file() for path in referenced)
+    assert not list((tmp_path / "environment").rglob("*.png"))
 
 
 DDP_SCRIPT = """

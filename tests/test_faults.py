@@ -410,6 +410,19 @@ def test_a_hung_wandb_call_leaves_no_temporary_file(tmp_path, monkeypatch) -> No
         wandb.finish()
 
 
+def test_wandb_media_without_a_record_to_follow_are_said(tmp_path) -> None:
+    """A run folder holding no record and no record under save_dir: the sink warns where the media go."""
+    from types import SimpleNamespace
+
+    from pl_pmse.sinks import WandbSink
+
+    files = tmp_path / "elsewhere" / "offline-run-1-abc" / "files"
+    files.mkdir(parents=True)
+    run = SimpleNamespace(id="abc", dir=str(files), settings=SimpleNamespace(mode="offline"), log=print)
+    with pytest.warns(UserWarning, match=r"holds no record of the run, and none was found under save_dir=.*WANDB_DIR"):
+        WandbSink(run, save_dir=tmp_path / "saved")
+
+
 def test_the_process_exits_cleanly_when_a_drawing_overran_at_teardown(tmp_path) -> None:
     """Before: a panel thread still inside a torch operation when the interpreter finalized aborted the process
     ("terminate called without an active exception", exit code 134), seen at the end of DDP audio fits."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torchmetrics import MeanSquaredError, MetricCollection, MetricTracker
-from torchmetrics.wrappers import BootStrapper, MinMaxMetric, MultitaskWrapper, Running
+from torchmetrics.wrappers import BootStrapper, FeatureShare, MinMaxMetric, MultitaskWrapper, Running
 
 from pl_pmse import PerceptionMSE
 
@@ -92,3 +92,17 @@ def test_bootstrapper_with_its_usual_float32_quantile_and_float64_results() -> N
         result = bootstrap.compute()
         assert result["quantile"].dtype == quantile.dtype
         assert result["quantile"][0] <= result["mean"] <= result["quantile"][1]
+
+
+def test_feature_share_refuses_perception_mse_and_one_metric_shares_the_forward() -> None:
+    """FeatureShare caches a network's final output per input; a feature space reads inner layers (README)."""
+    with pytest.raises(AttributeError, match="feature_network"):
+        FeatureShare({"deep": PerceptionMSE("vgg16", weights="random"),
+                      "shallow": PerceptionMSE("vgg16", weights="random", layers=["relu1_2"])})  # fmt: skip
+    preds, target = batches(1, (2, 3, 32, 32))[0]
+    both = PerceptionMSE("vgg16", weights="random", layers=["relu1_2", "relu3_3"])
+    both.update(preds, target)
+    for layer in ("relu1_2", "relu3_3"):
+        alone = PerceptionMSE("vgg16", weights="random", layers=[layer])
+        alone.update(preds, target)
+        assert both.compute_components()[layer] == alone.compute_components()[layer]

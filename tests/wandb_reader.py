@@ -93,3 +93,15 @@ def history(run_dir: str | Path) -> list[dict[str, Any]]:
 def run_dirs(wandb_dir: str | Path) -> list[Path]:
     """Offline run folders under a ``WANDB_DIR``."""
     return sorted(Path(wandb_dir).glob("**/offline-run-*"))
+
+
+def media_paths(rows: list[dict[str, Any]]) -> list[str]:
+    """The media files (relative to the run's ``files`` folder) that :func:`history` rows refer to."""
+    found: list[str] = []
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("/filenames"):
+                found += value
+            elif key.endswith("/path") and isinstance(value, str):
+                found.append(value)
+    return found
