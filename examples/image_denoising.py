@@ -87,11 +87,21 @@ class PhotoCrops(pl.LightningDataModule):
 
 
 class Denoiser(pl.LightningModule):
-    """A small DnCNN: ``depth`` 3x3 conv layers predicting the noise (residual learning), trained with MSE."""
+    """A small DnCNN: ``depth`` 3x3 conv layers predicting the noise (residual learning), trained with MSE plus,
+    with ``perceptual_weight > 0``, a Perception MSE term in ``perceptual_space`` (the super-resolution recipe:
+    ``vgg19`` with Real-ESRGAN's layers and weights, see ``configs/image_vgg19_loss.yaml``)."""
 
-    def __init__(self, width: int = 32, depth: int = 5, lr: float = 1e-3) -> None:
+    def __init__(
+        self, width: int = 32, depth: int = 5, lr: float = 1e-3, perceptual_space: str = "vgg19",
+        perceptual_weight: float = 0.0, perceptual_options: dict | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
+        self.perceptual = None
+        if perceptual_weight > 0:
+            from pl_pmse import get_space
+
+            self.perceptual = get_space(perceptual_space, **(perceptual_options or {}))  # frozen, moves with us
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
@@ -103,8 +113,15 @@ class Denoiser(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         noisy, clean = batch
-        loss = nn.functional.mse_loss(self(noisy), clean)
+        denoised = self(noisy)
+        loss = nn.functional.mse_loss(denoised, clean)
         self.log("train/mse", loss, prog_bar=True)
+        if self.perceptual is not None:
+            from pl_pmse import perception_mse
+
+            perceptual = perception_mse(denoised, clean, space=self.perceptual, data_range=1.0)
+            self.log("train/perceptual", perceptual)
+            loss = loss + self.hparams.perceptual_weight * perceptual
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

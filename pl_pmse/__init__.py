@@ -1,8 +1,8 @@
 """pl-pmse: Perception MSE for PyTorch, torchmetrics and Lightning.
 
 Public API: :class:`PerceptionMSE` (a torchmetrics Metric), :func:`perception_mse` (differentiable),
-:func:`perception_mse_components`, :class:`PerceptionMSECallback` (Lightning), :class:`ErrorProfile` and
-:mod:`pl_pmse.spaces`.
+:func:`perception_mse_components`, :class:`PerceptionMSECallback` (Lightning), :class:`ErrorProfile`,
+:class:`ImageFidelity` (SSIM and sharpness) and :mod:`pl_pmse.spaces`.
 """
 
 import importlib
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PerceptionMSE": ".metric",
     "ErrorProfile": ".profile",
+    "ImageFidelity": ".fidelity",
     "PerceptionMSECallback": ".callback",
     "ExactEvaluation": ".callback",
 }
@@ -38,6 +39,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ErrorProfile",
     "ExactEvaluation",
+    "ImageFidelity",
     "PerceptionMSE",
     "PerceptionMSECallback",
     "Space",

@@ -67,6 +67,12 @@ def _callback_batch(outputs: object) -> None:
     callback._batch(trainer, "validate", outputs, None, 0, 0)
 
 
+def _fidelity(**options: object) -> object:
+    from pl_pmse import ImageFidelity
+
+    return ImageFidelity(**options)
+
+
 def _callback(**options: object) -> None:
     from pl_pmse import PerceptionMSECallback
 
@@ -207,6 +213,13 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("ErrorProfile", "a negative n_fft", lambda: _profile("audio", sample_rate=16000, n_fft=-4)),
     ("ErrorProfile", "n_fft=0", lambda: _profile("audio", sample_rate=16000, n_fft=0)),
     ("ErrorProfile", "an option of another modality", lambda: _profile("audio", sample_rate=16000, grid=8)),
+    ("ImageFidelity", "images smaller than the SSIM window", lambda: _fidelity().update(_image(size=5), _image(size=5))),
+    ("ImageFidelity", "images too small for sharpness", lambda: _fidelity(ssim=False).update(_image(size=7), _image(size=7))),
+    ("ImageFidelity", "SSIM without data_range", lambda: _fidelity(data_range=None)),
+    ("ImageFidelity", "a sharpness cutoff above Nyquist", lambda: _fidelity(cutoff=0.7)),
+    ("ImageFidelity", "audio instead of images", lambda: _fidelity().update(torch.zeros(2, 400), torch.zeros(2, 400))),
+    ("PerceptionMSECallback", "ssim as a string", lambda: _callback(ssim="on")),
+    ("metric.update", "gray images into aspects", lambda: _update("aspects")(_image(channels=1), _image(channels=1))),
     ("register_space", "a built-in name", lambda: register_space("pixel")),
     ("get_space", "an LPIPS calibration file that does not exist", lambda: get_space("lpips-alex", weights="random", calibration="/nonexistent/bad.pth")),
     ("metric.update", "a hooked layer that never runs", _update_with_a_layer_that_never_runs),

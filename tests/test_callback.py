@@ -84,10 +84,11 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
         assert row["val/pmse"] == pytest.approx(recorder.mse(epoch), rel=1e-6)
         assert row["val/pmse_pixel"] == row["val/pmse"]
         assert row["val/pmse_psnr"] == pytest.approx(10 * np.log10(1 / recorder.mse(epoch)), rel=1e-6)
+        assert -1 < row["val/pmse_ssim"] < 1 and row["val/pmse_sharpness"] > 0  # equal to torchmetrics: DDP test
     assert trainer.callback_metrics["val/pmse"].item() == pytest.approx(recorder.mse(1), rel=1e-6)
 
     panel_keys = ["val/pmse/panels/fixed", "val/pmse/panels/worst", "val/pmse/panels/error_map",
-                  "val/pmse/panels/spectrum"]  # fmt: skip
+                  "val/pmse/panels/spectrum", "val/pmse/panels/comparison"]  # fmt: skip
     for key in panel_keys:
         panel_rows = [row for row in rows if f"{key}/filenames" in row]
         assert len(panel_rows) == 2, key
@@ -111,6 +112,7 @@ def test_image_run_logs_one_row_per_epoch_with_panels(tmp_path, wandb_logger) ->
     for row in panel_rows:
         assert {f"{key}/filenames" for key in panel_keys} <= set(row)
         assert "val/pmse/worst_table/path" in row and any(key.startswith("val/pmse/charts/spectrum") for key in row)
+        assert "val/pmse/tables/comparison/path" in row and "sharpness" in row["val/pmse/panels/spectrum/captions"][0]
 
 
 def test_panels_are_drawn_off_the_training_thread_and_logged_on_it(tmp_path, wandb_logger, monkeypatch) -> None:
@@ -170,7 +172,7 @@ def test_a_failing_error_profile_loses_only_its_own_panels(tmp_path, monkeypatch
     reports = [str(w.message) for w in caught if "profile broke" in str(w.message)]
     assert len(reports) == 2 and "panels of validate epoch 0: 1 logger or drawing call(s) failed" in reports[0]
     drawn = {path.parent.name for path in Path(trainer.log_dir, "pmse_panels").rglob("*.png")}
-    assert drawn == {"fixed", "worst"}
+    assert drawn == {"fixed", "worst", "comparison"}  # the figures are not the profile
 
 
 def test_two_callbacks_share_one_wandb_run(tmp_path, wandb_logger) -> None:
@@ -182,7 +184,7 @@ def test_two_callbacks_share_one_wandb_run(tmp_path, wandb_logger) -> None:
     run, rows = finished_history(tmp_path)
     for prefix in ("val/pmse", "val/pyr"):
         assert len([row for row in rows if f"{prefix}/panels/worst/filenames" in row]) == 2, prefix
-    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2 * 2 * 4  # callbacks x epochs x panels
+    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2 * 2 * 5  # callbacks x epochs x panels
 
 
 def test_background_panels_equal_panels_drawn_in_the_loop(tmp_path) -> None:
@@ -195,7 +197,7 @@ def test_background_panels_equal_panels_drawn_in_the_loop(tmp_path) -> None:
         trainer.fit(Denoiser(), ImageData())
         folder = Path(trainer.log_dir, "pmse_panels")
         pictures[background] = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.*"))}
-    assert len(pictures[True]) == 16 and pictures[True] == pictures[False]  # 4 panels x (png, txt) x 2 epochs
+    assert len(pictures[True]) == 20 and pictures[True] == pictures[False]  # 5 panels x (png, txt) x 2 epochs
 
 
 def test_panels_every_n_epochs_collect_and_draw_only_then(tmp_path, monkeypatch) -> None:
@@ -262,7 +264,7 @@ def test_files_without_wandb_and_tensorboard_images(tmp_path) -> None:
     trainer = trainer_for(tmp_path / "csv", CSVLogger(tmp_path / "csv"), [callback], max_epochs=1)
     trainer.fit(Denoiser(), ImageData())
     files = sorted(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))
-    assert {p.parent.name for p in files} == {"fixed", "worst", "error_map", "spectrum"}
+    assert {p.parent.name for p in files} == {"fixed", "worst", "error_map", "spectrum", "comparison"}
     for path in files:
         assert (path.with_suffix(".txt")).read_text().strip()
     tensorboard = TensorBoardLogger(tmp_path / "tb")
@@ -682,7 +684,7 @@ def test_a_sink_of_your_own_and_a_registered_logger_get_the_panels(tmp_path, mon
     assert not [w for w in caught if "PerceptionMSECallback" in str(w.message)]
     for name in ("own", "team"):
         keys = {key for who, key, _ in received if who == name}
-        assert keys == {f"val/pmse/panels/{p}" for p in ("fixed", "worst", "error_map", "spectrum")}, name
+        assert keys == {f"val/pmse/panels/{p}" for p in ("fixed", "worst", "error_map", "spectrum", "comparison")}, name
     assert len({step for _, _, step in received}) == 2 and not (tmp_path / "pmse_panels").exists()
     with pytest.raises(TypeError, match=r"sinks: expected a list of pl_pmse.sinks.Sink objects"):
         PerceptionMSECallback("pixel", sinks=["wandb"])

@@ -17,6 +17,7 @@ import torch
 import wandb
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from pl_pmse import PerceptionMSE
 from pl_pmse.callback import PerceptionMSECallback
@@ -70,20 +71,24 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     # the last epoch, recomputed in this process from the same batches each rank saw, less rank 1's padding repeat
     model.eval()
     dataset = data.val_sets[0].tensors[0]
-    reference = PerceptionMSE("pixel", data_range=1.0)
+    reference, ssim = PerceptionMSE("pixel", data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
     with torch.no_grad():
         for indices in ([0, 2, 4, 6], [8], [1, 3, 5, 7]):
-            reference.update(*model._pair((dataset[indices],)))
+            pair = model._pair((dataset[indices],))
+            reference.update(*pair)
+            ssim.update(*pair)
     assert logged[-1] == pytest.approx(reference.compute().item(), rel=1e-6)
+    logged_ssim = [row["val/pmse_ssim"] for row in rows if "val/pmse_ssim" in row]
+    assert len(logged_ssim) == 2 and logged_ssim[-1] == pytest.approx(ssim.compute().item(), abs=1e-6)
 
     worst = [row["val/pmse/panels/worst/captions"][0] for row in rows if "val/pmse/panels/worst/captions" in row]
     # k=10 from every rank, but only the 9 samples of the set: the repeat that pads rank 1 is not a candidate
     assert len(worst) == 2 and "(rank 1)" in worst[-1] and worst[-1].count("batch ") == 9
     panels = list(tmp_path.rglob("files/media/images/**/*.png"))
-    assert len([p for p in panels if "/panels/" in str(p)]) == 8  # 4 panels x 2 epochs, drawn once (rank 0)
+    assert len([p for p in panels if "/panels/" in str(p)]) == 10  # 5 panels x 2 epochs, drawn once (rank 0)
     # every file the history refers to is beside the record, where `wandb sync` reads it (before: under WANDB_DIR)
     referenced = media_paths(rows)
-    assert len(referenced) >= 8 and all((run / "files" / path).is_file() for path in referenced)
+    assert len(referenced) >= 10 and all((run / "files" / path).is_file() for path in referenced)
     assert not list((tmp_path / "environment").rglob("*.png"))
 
 
@@ -129,6 +134,7 @@ def test_ddp_script_fit_with_audio_panels(tmp_path) -> None:
 def expected_runs(folder: Path, world: int) -> dict[str, dict]:
     """Each run's records (one per rank, all equal) next to the one-process values over the whole set."""
     from pl_pmse import ErrorProfile
+    from pl_pmse.fidelity import ImageFidelity
     from tests.ddp_runs import RUNS
     from tests.lightning_models import Scaler
 
@@ -154,6 +160,10 @@ def expected_runs(folder: Path, world: int) -> dict[str, dict]:
                     continue
                 suffix = f"/dataloader_idx_{index}" if len(sets) > 1 else ""
                 expected[(prefix if key == "total" else f"{prefix}_{key}") + suffix] = value.item()
+            fidelity = ImageFidelity(1.0).set_dtype(torch.float64)  # SSIM and sharpness: bit for bit too
+            fidelity.update(preds, target)
+            for key, value in fidelity.compute().items():
+                expected[f"{prefix}_{key}{suffix}"] = value.item()
             if index == 0 and loop != "test":
                 profile = ErrorProfile("image", data_range=1.0)
                 profile.update(preds, target)

@@ -37,14 +37,31 @@ def test_image_denoising_example(tmp_path, monkeypatch, capsys) -> None:
     values = [row["val/pmse"] for row in rows if "val/pmse" in row]
     seen = f"{len(rows)} history rows with keys {sorted({key for row in rows for key in row})}"  # if this fails
     assert len(values) == 2 and all(v > 0 for v in values), seen
-    assert {"val/pmse_band0", "val/pmse_lowpass", "val/pmse_pixel", "val/pmse_psnr"} <= set(rows[-1]) | {
-        k for row in rows for k in row
-    }
+    assert {"val/pmse_band0", "val/pmse_lowpass", "val/pmse_pixel", "val/pmse_psnr", "val/pmse_ssim",
+            "val/pmse_sharpness"} <= {k for row in rows for k in row}  # fmt: skip
     panels = [p for p in (run / "files/media/images").rglob("*.png") if "/panels/" in str(p)]
-    assert len(panels) == 2 * 4
+    assert len(panels) == 2 * 5
     printed = capsys.readouterr().out
-    assert "epoch" in printed and "band0" in printed and "wandb sync" in printed
+    assert "epoch" in printed and "band0" in printed and "sharpness" in printed and "wandb sync" in printed
     assert list(Path(tmp_path, "runs/image_denoising").rglob("best-*.ckpt"))  # ModelCheckpoint on val/pmse
+
+
+def test_image_example_trains_with_the_vgg19_real_esrgan_loss(tmp_path, monkeypatch) -> None:
+    from examples.image_denoising import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["fit", "--config", str(ROOT / "configs/image_denoising.yaml"), "--config",
+          str(ROOT / "configs/image_vgg19_loss.yaml"), *FAST, "--trainer.max_epochs=1", "--data.train_crops=8",
+          "--data.val_crops=4", "--data.batch_size=4"])  # fmt: skip
+    from pl_pmse.spaces.backbones import VGG19_LAYERS
+
+    checkpoint = torch.load(next(Path(tmp_path, "runs/image_denoising").rglob("best-*.ckpt")), weights_only=False)
+    options = checkpoint["hyper_parameters"]["perceptual_options"]
+    assert options["component_weights"]["conv5_4"] == 1.0 and set(options["component_weights"]) - {"pixel"} <= set(
+        VGG19_LAYERS
+    )
+    assert not any(key.startswith("perceptual") for key in checkpoint["state_dict"])  # the frozen VGG19 is no state
 
 
 def test_audio_enhancement_example_with_a_wav_folder(tmp_path, monkeypatch) -> None:

@@ -7,6 +7,7 @@ zero, never during the sanity check, and a failing logger only warns.
 
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -22,10 +23,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import checks
-from ..distributed import check_same_everywhere, dataloaders_of, own_samples, sampler_of
+from ..distributed import all_gather_bytes, check_same_everywhere, dataloaders_of, own_samples, sampler_of
+from ..fidelity import ImageFidelity
 from ..lightning_compat import CALLBACK_BASES
 from ..metric import PerceptionMSE
-from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample
+from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample, SetFigures
 from ..profile import ErrorProfile
 from ..sinks import Sink, sinks_for
 from ..spaces import Space, available_spaces, get_space
@@ -47,10 +49,12 @@ class _Stage:
     prefix: str
     metrics: list[PerceptionMSE]
     profiles: list[ErrorProfile]
+    fidelity: list[ImageFidelity]  # per dataloader for images with SSIM or sharpness, else empty
     worst: list[WorstSamples] = field(default_factory=list)
     fixed: list[Sample] = field(default_factory=list)
     own: list[int | None] = field(default_factory=list)  # per dataloader: this rank's own samples (None: unknown)
     seen: list[int] = field(default_factory=list)  # per dataloader: samples received this epoch
+    figures: list[list[list[Any]]] = field(default_factory=list)  # per dataloader: [position, label, values...]
 
     def counted(self, index: int, rows: int) -> int:
         """How many leading rows of the next batch of dataloader ``index`` count: the padding repeats of a
@@ -81,13 +85,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     Scalars (through ``pl_module.log``, so ``ModelCheckpoint(monitor="val/pmse")`` and ``EarlyStopping`` work):
     ``val/pmse``, ``val/pmse_<component>``, ``val/pmse_psnr`` (with ``data_range``), ``val/pmse_skipped`` (when
-    ``nan_strategy`` skips samples); with several dataloaders each key ends in ``/dataloader_idx_<i>``. The test
-    loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` over the whole set, on every rank.
+    ``nan_strategy`` skips samples); for images ``val/pmse_ssim`` (with ``data_range``) and ``val/pmse_sharpness``
+    (:class:`~pl_pmse.fidelity.ImageFidelity`); with several dataloaders each key ends in ``/dataloader_idx_<i>``.
+    The test loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` (torchmetrics' SSIM) over the
+    whole set, on every rank.
 
     Panels (rank zero, every ``panels_every_n_epochs``, never in the sanity check), keys under ``<prefix>/``:
     images: ``panels/fixed`` (the same samples every epoch), ``panels/worst`` (the worst samples across all ranks),
-    ``panels/error_map`` and ``panels/spectrum`` (the whole set); audio: log-mel and difference spectrograms,
-    waveform overlays and playable clips of the fixed and worst samples, and ``panels/mel_profile``.
+    ``panels/error_map``, ``panels/spectrum`` (the whole set, with its sharpness) and ``panels/comparison`` (every
+    sample's Perception MSE against its PSNR and SSIM; the table ``tables/comparison`` on W&B); audio: log-mel and
+    difference spectrograms, waveform overlays and playable clips of the fixed and worst samples, and
+    ``panels/mel_profile``.
     They go to W&B (``WandbLogger``), TensorBoard, or PNG/WAV files under ``<log_dir>/pmse_panels``.
 
     Args:
@@ -113,6 +121,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             calls together (default 10). Panels that miss it are dropped with one warning that counts them, and a
             logger that overran is not called again; teardown waits at most this too, Ctrl-C not at all.
         profile: accumulate the dataset error map / spectra / mel-band profile.
+        ssim, sharpness: log the set's SSIM (needs ``data_range``) and sharpness for images (see
+            :mod:`pl_pmse.fidelity`): sharpness below 1 means blurrier predictions than targets, above 1 noisier.
         modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
         sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
         prog_bar: show ``val/pmse`` in the progress bar.
@@ -140,6 +150,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         background_panels: bool = True,
         panel_timeout: float = 10.0,
         profile: bool = True,
+        ssim: bool = True,
+        sharpness: bool = True,
         error_map_grid: int = 32,
         spectrum_bands: int = 32,
         modality: str = "auto",
@@ -184,7 +196,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         ):
             raise ValueError(f"panel_timeout: expected a finite number of seconds > 0, got {panel_timeout!r}")
         for argument, value in (("panels", panels), ("background_panels", background_panels), ("profile", profile),
-                                ("prog_bar", prog_bar)):  # fmt: skip
+                                ("ssim", ssim), ("sharpness", sharpness), ("prog_bar", prog_bar)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{argument}: expected True or False, got {value!r}")
         if sinks is not None and (
@@ -207,6 +219,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self.prefixes = {"validate": prefix, "test": test_prefix}
         self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
         self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
+        self.ssim, self.sharpness = ssim, sharpness
         self.background_panels = background_panels
         self.error_map_grid, self.spectrum_bands, self.prog_bar = error_map_grid, spectrum_bands, prog_bar
         if sample_rate is None:  # the space says its sample rate where it knows it (mel)
@@ -273,8 +286,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     def configuration(self) -> dict[str, str]:
         """Every option that shapes the callback's collectives and logged keys, and its metrics' configuration:
         compared across ranks once per fit/validate/test, at setup."""
-        options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile",
-                   "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
+        options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile", "ssim",
+                   "sharpness", "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
         metric = self._new_metric().configuration()
         return {"callback": type(self).__name__, **{name: repr(getattr(self, name)) for name in options}, **metric}
 
@@ -353,12 +366,13 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _start(self, trainer: pl.Trainer, loop: str, dataloaders: list[Any], pl_module: pl.LightningModule) -> None:
         stage = self._stage(loop, len(dataloaders) or 1)
-        for metric in (*stage.metrics, *stage.profiles):
+        for metric in (*stage.metrics, *stage.profiles, *stage.fidelity):
             metric.to(pl_module.device)
             metric.reset()
         stage.worst = [WorstSamples(self.worst_k) for _ in stage.metrics]
         stage.fixed = []
         stage.seen = [0 for _ in stage.metrics]
+        stage.figures = [[] for _ in stage.metrics]
         stage.own = [own_samples(sampler_of(loader)) for loader in dataloaders] or [None]
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         unknown = [index for index, own in enumerate(stage.own) if own is None]
@@ -379,9 +393,10 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 self.prefixes[loop],
                 [self._new_metric() for _ in range(dataloaders)],
                 [self._new_profile() for _ in range(dataloaders)] if self._profiles_drawn else [],
+                [self._new_fidelity() for _ in range(dataloaders)] if self._fidelity_figures else [],
             )
             if self._checked_everywhere:  # compared at setup with the callback's options: no check at first sync
-                for metric in (*stage.metrics, *stage.profiles):
+                for metric in (*stage.metrics, *stage.profiles, *stage.fidelity):
                     metric.configuration_checked()
         return stage
 
@@ -392,6 +407,20 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     def _new_profile(self) -> ErrorProfile:
         options = self._panel_set.profile_options(self._panel_options, self.space)
         return ErrorProfile(self.modality, self.data_range, **options).padding_left_out_by_caller()  # see _batch
+
+    @property
+    def _fidelity_figures(self) -> tuple[str, ...]:
+        """The image figures logged beside Perception MSE: SSIM (with a data range) and sharpness."""
+        wanted = (self.ssim and self.data_range is not None, self.sharpness)
+        return tuple(
+            name for name, on in zip(("ssim", "sharpness"), wanted, strict=True) if on and self.modality == "image"
+        )
+
+    def _new_fidelity(self) -> ImageFidelity:
+        figures = self._fidelity_figures
+        return ImageFidelity(self._metric_data_range, "ssim" in figures, "sharpness" in figures).set_dtype(
+            torch.float64
+        )
 
     @property
     def _profiles_drawn(self) -> bool:
@@ -413,6 +442,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         metric = stage.metrics[index]
         measured = metric.batch_stats(preds, target)
         metric.accumulate(measured)
+        image_values = {}
+        if stage.fidelity and preds.shape[0]:  # (a batch of padding repeats only is empty now)
+            stage.fidelity[index].check(preds, target)
+            image_values = stage.fidelity[index].image_values(preds, target)
+            stage.fidelity[index].accumulate(image_values)
         if not self._draws_panels(trainer, loop):
             return
         if stage.profiles and stage.profiles[index].fits(preds):
@@ -422,10 +456,14 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         for row, value, components in candidates(measured.stats, self.space.component_weights):
             fixed = keep_fixed and self._fixed.offer(batch_idx, row)
             position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
+            label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
+            if "ssim" in image_values or self.data_range is not None:
+                stage.figures[index].append(
+                    [position, label, value, *self._sample_figures(components, image_values, row)]
+                )
             among_worst = worst.wants(value, position)
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
-            label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
             copies = [x[row].to("cpu", torch.float32, copy=True) if x is not None else None
                       for x in (preds, target, inputs)]  # fmt: skip  # the panel thread's own
             sample = Sample(value, -position, label, components, *copies)
@@ -433,6 +471,22 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 stage.fixed.append(sample)
             if among_worst:
                 worst.add(sample)
+
+    def _sample_figures(
+        self, components: Mapping[str, float], image_values: Mapping[str, Tensor], row: int
+    ) -> list[float]:
+        """A sample's PSNR (of its raw MSE, with a data range) and SSIM (when measured), for the comparison panel."""
+        figures = []
+        if self.data_range is not None:
+            raw, span = components[self.space.raw_name], self.data_range[1] - self.data_range[0]
+            figures.append(10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf)
+        if "ssim" in image_values:
+            figures.append(float(image_values["ssim"][row]))
+        return figures
+
+    def _figure_columns(self, stage: _Stage) -> tuple[str, ...]:
+        names = ("psnr",) * (self.data_range is not None) + ("ssim",) * ("ssim" in self._fidelity_figures)
+        return ("sample", "pmse", *names) if stage.figures and names else ()
 
     def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
         """The model input for the panels' input column: ``outputs[input_key]`` when it is a batch of images."""
@@ -475,10 +529,17 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 # keeps the bits and leaves it nothing to advise, without a filter on the process's warnings
                 pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
+        figures = [fidelity.compute() for fidelity in stage.fidelity]  # collectives: every rank
+        for index, values in enumerate(figures):
+            for name, value in values.items():
+                pl_module.log(stage.key(name, index), value, on_step=False, on_epoch=True, sync_dist=True,
+                              reduce_fx="max", batch_size=1, add_dataloader_idx=False)  # fmt: skip
         if not self._draws_panels(trainer, loop):
             return
         profiles = [SyncedProfile(profile, profile.synced_state()) for profile in stage.profiles]  # collectives
         worst = [samples.gathered(trainer.strategy.root_device) for samples in stage.worst]  # collectives: every rank
+        columns = self._figure_columns(stage)
+        rows = [self._gathered_rows(trainer, rows) for rows in stage.figures] if columns else []  # collectives
         if not trainer.is_global_zero:
             return
         if loop == "validate":
@@ -487,9 +548,15 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if self._sinks is None:
             self._sinks = self._open_sinks(trainer.loggers)
         fixed = tuple(sorted(stage.fixed, key=lambda s: s.label))
+        cutoff = {"sharpness_cutoff": stage.fidelity[0].cutoff} if "sharpness" in self._fidelity_figures else {}
+        set_figures = [
+            SetFigures({**{name: float(value) for name, value in figures[index].items()}, **cutoff} if figures else {},
+                       columns, rows[index] if rows else ())
+            for index in range(len(stage.metrics))
+        ]  # fmt: skip
         parts = tuple(
             ReportPart(stage.key("", index), fixed if index == 0 else (), tuple(worst[index]),
-                       profiles[index] if profiles else None)
+                       profiles[index] if profiles else None, set_figures[index])
             for index in range(len(stage.metrics))
         )  # fmt: skip
         report = EpochReport(
@@ -499,6 +566,14 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         )  # fmt: skip
         sinks = [sink.fresh() for sink in self._sinks]  # bound now: this epoch's own
         self._keep_scales(self._worker.submit(report.label, draw_report(report, sinks)))
+
+    @staticmethod
+    def _gathered_rows(trainer: pl.Trainer, rows: list[list[Any]]) -> tuple[tuple[Any, ...], ...]:
+        """Every rank's per-sample figures, in the sampler's order over all ranks (one all_gather under DDP)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            payloads = all_gather_bytes(json.dumps(rows).encode(), trainer.strategy.root_device)
+            rows = [row for payload in payloads for row in json.loads(payload)]
+        return tuple(tuple(row[1:]) for row in sorted(rows, key=lambda row: row[0]))
 
     @property
     def _panel_set(self) -> PanelSet:

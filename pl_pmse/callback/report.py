@@ -6,13 +6,13 @@ the error scales fixed by the panels are kept in the worker's epoch for the call
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..panels.sets import Drawn, PanelOptions, PanelSet, Sample
+from ..panels.sets import Drawn, PanelOptions, PanelSet, Sample, SetFigures
 from ..profile import ErrorProfile
 from ..sinks import Sink
 from .worker import Draw, Epoch
@@ -31,12 +31,13 @@ class SyncedProfile:
 
 @dataclass(frozen=True)
 class ReportPart:
-    """One dataloader's share of the report: its key prefix, samples and profile."""
+    """One dataloader's share of the report: its key prefix, samples, profile and the set's figures."""
 
     prefix: str
     fixed: tuple[Sample, ...]
     worst: tuple[Sample, ...]
     profile: SyncedProfile | None
+    figures: SetFigures = field(default_factory=SetFigures)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ def draw_report(report: EpochReport, sinks: list[Sink]) -> Draw:
 
 
 def _panels_due(epoch: Epoch, report: EpochReport, part: ReportPart) -> list[tuple[str, Callable[[], Drawn]]]:
-    """``(key, draw)`` of the panels of one part: the set's sample panels of the fixed and the worst samples, and
-    its profile panels when the profile was computed (a failure there leaves out the profile panels only)."""
+    """``(key, draw)`` of the panels of one part: the set's sample panels of the fixed and the worst samples, its
+    profile panels when the profile was computed (a failure there leaves out the profile panels only; they also see
+    the set's scalar figures), and its figures panels when there are per-sample figures."""
     panels: list[tuple[str, Callable[[], Drawn]]] = []
     options, scales = report.options, report.scales
     for set_name, samples in (("fixed", part.fixed), ("worst", part.worst)):
@@ -85,9 +87,15 @@ def _panels_due(epoch: Epoch, report: EpochReport, part: ReportPart) -> list[tup
     if part.profile is not None:
         profile = epoch.guard(f"computing the {part.prefix} error profile", part.profile.values)
         if profile is not None and bool(torch.isfinite(profile["error"]).all()):  # NaN: no sample was profiled
+            figures = {name: torch.tensor(value, dtype=torch.float64) for name, value in part.figures.values.items()}
+            profile = {**profile, **figures}
             for panel in report.panel_set.profile_panels:
                 key = f"{part.prefix}/{panel.key}"
                 panels.append((key, lambda p=panel, k=key: p.draw(k, profile, options, scales.get(k))))
+    if part.figures.rows:
+        for panel in report.panel_set.figures_panels:
+            key = f"{part.prefix}/{panel.key}"
+            panels.append((key, lambda p=panel, k=key: p.draw(k, part.figures, options)))
     return panels
 
 

@@ -11,12 +11,14 @@ from .render import as_float, colorbar, heatmap, line_plot, stack, titled, to_rg
 from .sets import (
     PANEL_SETS,
     Drawn,
+    FiguresPanel,
     PanelOptions,
     PanelSet,
     Picture,
     ProfilePanel,
     Sample,
     SamplePanel,
+    SetFigures,
     Table,
     profile_chart,
 )
@@ -69,14 +71,54 @@ def error_map_panel(error_map: Tensor, size: int = 256, vmax: float | None = Non
 
 def spectrum_panel(profile: Mapping[str, Tensor]) -> np.ndarray:
     """Radial power spectra of error, target and prediction: less power than the target at high frequencies
-    means blur, more means hallucinated detail or noise."""
+    means blur, more means hallucinated detail or noise. With ``profile["sharpness"]``, its value in the title and
+    a dashed line where its band starts (``profile["sharpness_cutoff"]``)."""
     series = {"error": profile["error"], "target": profile["target"], "prediction": profile["preds"]}
+    title = "radial power spectrum, mean over the set (log10)"
+    sharpness = profile.get("sharpness")
+    if sharpness is not None:
+        title += f"; sharpness {float(sharpness):.3g} (from the dashed line up)"
     return line_plot(
         as_float(profile["frequency"]),
         {name: as_float(values) for name, values in series.items()},
-        "radial power spectrum, mean over the set (log10)",
+        title,
         "frequency (cycles / pixel)",
+        mark_x=float(profile["sharpness_cutoff"]) if sharpness is not None else None,
     )
+
+
+def comparison_panel(figures: SetFigures) -> tuple[np.ndarray, list[str]]:
+    """Every sample's Perception MSE against its PSNR and SSIM (one scatter each, Spearman's rank correlation in
+    the title), and the labels of the samples where the rankings disagree most (first: the largest gap)."""
+    columns = figures.columns
+    pmse = np.asarray([row[columns.index("pmse")] for row in figures.rows], dtype=np.float64)
+    plots, gaps = [], np.zeros(len(pmse))
+    for name, better in (("psnr", -1), ("ssim", -1)):
+        if name not in columns:
+            continue
+        other = np.asarray([row[columns.index(name)] for row in figures.rows], dtype=np.float64)
+        worse_pmse, worse_other = _ranks(pmse), _ranks(better * other)  # 0: the best sample, by each measure
+        rho = _spearman(worse_pmse, worse_other)
+        gaps = np.maximum(gaps, np.abs(worse_pmse - worse_other))
+        title = f"pmse vs {name} per sample (Spearman {rho:+.2f}: {'+1' if better < 0 else '-1'} when they agree)"
+        plots.append(line_plot([], {"samples": (pmse, other)}, title, "pmse", log_y=False, points=True))
+    picture = stack(plots, axis=0) if plots else line_plot([], {"samples": (pmse, pmse)}, "pmse", "pmse",
+                                                           log_y=False, points=True)  # fmt: skip
+    order = np.argsort(-gaps, kind="stable")[:5]
+    return picture, [figures.rows[i][0] for i in order if gaps[i] > 0]
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 (ties in order of appearance), NaN last."""
+    ranks = np.empty(len(values))
+    ranks[np.argsort(np.nan_to_num(values, nan=np.inf), kind="stable")] = np.arange(len(values))
+    return ranks
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 # -- the image panel set: each panel one function of (key, samples or profile, options, fixed scale) -------------
@@ -109,8 +151,25 @@ def error_map(key: str, profile: Mapping[str, Tensor], options: PanelOptions, sc
 
 
 def spectrum(key: str, profile: Mapping[str, Tensor], options: PanelOptions, scale: float | None) -> Drawn:
-    """Radial power spectra of the error, the target and the prediction."""
-    return Drawn((Picture(key, spectrum_panel(profile), "radial power spectra: error, target, prediction"),))
+    """Radial power spectra of the error, the target and the prediction (and the set's sharpness)."""
+    caption = "radial power spectra: error, target, prediction"
+    if "sharpness" in profile:
+        caption += (
+            f"; sharpness {float(profile['sharpness']):.4g}: the prediction's power over the target's from "
+            f"{float(profile['sharpness_cutoff']):g} cycles/pixel up (below 1: blur; above 1: noise or invented detail)"
+        )
+    return Drawn((Picture(key, spectrum_panel(profile), caption),))
+
+
+MOST_TABLE_ROWS = 10_000  # W&B's table limit
+
+
+def comparison(key: str, figures: SetFigures, options: PanelOptions) -> Drawn:
+    """Every sample's Perception MSE, PSNR and SSIM: scatter plots, and the table (W&B) of all samples."""
+    picture, disagree = comparison_panel(figures)
+    caption = f"{len(figures.rows)} samples; rankings disagree most for: {', '.join(disagree) or 'none'}"
+    table = Table(key.replace("panels/", "tables/"), figures.columns, figures.rows[:MOST_TABLE_ROWS])
+    return Drawn((Picture(key, picture, caption), table))
 
 
 SPECTRUM_CHART = profile_chart("radial power spectrum, mean over the set", "frequency (cycles / pixel)")
@@ -124,4 +183,5 @@ PANEL_SETS["image"] = PanelSet(
     ),
     drawable=lambda sample, options: sample.target.dim() == 3,
     profile_options=lambda options, space: {"grid": options.error_map_grid, "bands": options.spectrum_bands},
+    figures_panels=(FiguresPanel("panels/comparison", comparison),),
 )

@@ -114,16 +114,23 @@ def line_plot(
     log_y: bool = True,
     size: tuple[int, int] = (520, 320),
     first_colour: int = 0,
+    points: bool = False,
+    mark_x: float | None = None,
 ) -> np.ndarray:
     """A small line plot with axes, tick labels and a legend (no plotting library needed); series take
-    ``SERIES_COLOURS`` in order from ``first_colour`` (so that target and prediction keep their colours)."""
+    ``SERIES_COLOURS`` in order from ``first_colour`` (so that target and prediction keep their colours).
+    ``points``: a scatter plot (``x`` per series: pass ``{name: (xs, ys)}`` as ``series`` and ``x=[]``);
+    ``mark_x``: a dashed vertical line there."""
     width, height = size
     left, right, top, bottom = 64, 16, 26, 40
     image = Image.new("RGB", size, (BACKGROUND,) * 3)
     draw, font = ImageDraw.Draw(image), default_font()
-    xs = np.asarray(x, dtype=np.float64)
     transform = (lambda v: np.log10(np.maximum(v, 1e-30))) if log_y else (lambda v: v)
-    values = {name: transform(np.asarray(ys, dtype=np.float64)) for name, ys in series.items()}
+    pairs = {name: (xy if points else (x, xy)) for name, xy in series.items()}
+    columns = {name: np.asarray(xy[0], dtype=np.float64) for name, xy in pairs.items()}
+    values = {name: transform(np.asarray(xy[1], dtype=np.float64)) for name, xy in pairs.items()}
+    xs = np.concatenate([v[np.isfinite(v)] for v in columns.values()] or [np.zeros(1)])
+    xs = xs if xs.size else np.zeros(1)
     finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(1)])
     y_low, y_high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if y_high - y_low < 1e-12:
@@ -147,11 +154,18 @@ def line_plot(
         draw.text((min(px - 12, width - 6 * len(text) - 2), height - bottom + 6), text, fill=INK, font=font)
     draw.text((left, 6), title, fill=INK, font=font)
     draw.text((width // 2 - 40, height - 16), x_label, fill=INK, font=font)
+    if mark_x is not None and x_low <= mark_x <= x_high:
+        px, _ = point(mark_x, y_low)
+        for y0 in range(top, height - bottom, 8):
+            draw.line([(px, y0), (px, min(y0 + 4, height - bottom))], fill=INK)
     for index, (name, ys) in enumerate(values.items()):
         colour = SERIES_COLOURS[(first_colour + index) % len(SERIES_COLOURS)]
-        points = [point(xv, yv) for xv, yv in zip(xs, ys, strict=True) if np.isfinite(yv)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
+        drawn = [point(xv, yv) for xv, yv in zip(columns[name], ys, strict=True) if np.isfinite(xv) and np.isfinite(yv)]
+        if points:
+            for px, py in drawn:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        elif len(drawn) > 1:
+            draw.line(drawn, fill=colour, width=2)
         legend_y = top + 10 + 14 * index
         draw.line([(width - right - 130, legend_y), (width - right - 110, legend_y)], fill=colour, width=3)
         draw.text((width - right - 104, legend_y - 6), name, fill=colour, font=font)

@@ -102,6 +102,17 @@ Artifact = Picture | Clips | Table | Chart
 
 
 @dataclass(frozen=True)
+class SetFigures:
+    """The epoch's figures of the whole set: the scalars logged beside Perception MSE (``{"sharpness": 0.8}``) and
+    every sample's values over all ranks (``columns``: ``"sample"`` then the values' names; ``rows``: one per
+    sample, its label then its values)."""
+
+    values: Mapping[str, float] = field(default_factory=dict)
+    columns: tuple[str, ...] = ()
+    rows: tuple[tuple[Any, ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class Drawn:
     """What a panel returns: its artifacts, and the error scale it fixed (drawn on from then on; None: none)."""
 
@@ -111,6 +122,7 @@ class Drawn:
 
 SampleDraw = Callable[[str, Sequence[Sample], PanelOptions, "float | None"], Drawn]
 ProfileDraw = Callable[[str, Mapping[str, Tensor], PanelOptions, "float | None"], Drawn]
+FiguresDraw = Callable[[str, SetFigures, PanelOptions], Drawn]
 
 
 @dataclass(frozen=True)
@@ -131,12 +143,21 @@ class ProfilePanel:
 
 
 @dataclass(frozen=True)
+class FiguresPanel:
+    """A panel of every sample's figures (:class:`SetFigures`), drawn when the epoch has per-sample rows."""
+
+    key: str
+    draw: FiguresDraw
+
+
+@dataclass(frozen=True)
 class PanelSet:
     """The panels of one modality, what they need, and the dataset profile they draw from.
 
     ``missing(options)``: what the panels need and the options lack (``None``: nothing), e.g. audio's sample rate;
     ``drawable(sample, options)``: whether samples of this shape can be drawn; ``profile_options(options, space)``:
-    the :class:`~pl_pmse.profile.ErrorProfile` options for this modality (``None``: no profile can be taken)."""
+    the :class:`~pl_pmse.profile.ErrorProfile` options for this modality (``None``: no profile can be taken).
+    Profile panels also see the set's scalar figures (``profile["sharpness"]``) where the epoch has them."""
 
     modality: str
     sample_panels: tuple[SamplePanel, ...]
@@ -144,6 +165,7 @@ class PanelSet:
     drawable: Callable[[Sample, PanelOptions], bool]
     profile_options: Callable[[PanelOptions, Any], dict[str, Any] | None]
     missing: Callable[[PanelOptions], str | None] = lambda options: None
+    figures_panels: tuple[FiguresPanel, ...] = ()
 
 
 PANEL_SETS: dict[str, PanelSet] = {}

@@ -4,7 +4,9 @@
 |---|---|
 | ``pixel`` | ``pixel`` (1) |
 | ``pyramid`` | ``pixel`` (1), ``band0`` ... ``band3``, ``lowpass`` (1 each) |
+| ``aspects`` | ``pixel`` (0), ``luminance``, ``colour``, ``edges``, ``texture`` (1 each) |
 | ``vgg16`` / ``alexnet`` / ``squeezenet`` | ``pixel`` (1), the LPIPS layers (1 each) |
+| ``vgg19`` | ``pixel`` (1), Real-ESRGAN's ``conv1_2`` ... ``conv5_4`` (1 each) |
 | ``lpips-alex`` / ``lpips-vgg`` / ``lpips-squeeze`` | ``pixel`` (0), the calibrated LPIPS layers (1 each) |
 | ``waveform`` | ``waveform`` (1) |
 | ``mel`` | ``waveform`` (0), ``mel`` (1) |
@@ -14,12 +16,13 @@
 from .audio import AudioSpace, MelSpace, MultiResolutionSTFT, WaveformSpace
 from .backbones import Backbone, LPIPSSpace, imagenet_weights_path, load_backbone, lpips_calibration
 from .base import Space
-from .image import ImageSpace, LaplacianPyramid, PixelSpace
+from .image import ImageAspects, ImageSpace, LaplacianPyramid, PixelSpace
 from .registry import available_spaces, get_space, register_space
 
 __all__ = [
     "AudioSpace",
     "Backbone",
+    "ImageAspects",
     "ImageSpace",
     "LPIPSSpace",
     "LaplacianPyramid",

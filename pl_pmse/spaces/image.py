@@ -227,3 +227,66 @@ def _expanded(planes: Tensor, rows: range, smaller: Tensor) -> Tensor:
     up[:, even - first :: 2, ::2] = smaller[:, even // 2 : even // 2 + len(range(even, stop, 2))]
     up = _padded(up, first - (rows.start - 2), rows.stop + 2 - stop)
     return _taps(_taps(up, -1, width, 1), -2, len(rows), 1, gain=4.0)
+
+
+@register_space("aspects")
+class ImageAspects(ImageSpace):
+    """What the error is made of, in four components named for what a person sees (RGB input):
+
+    - ``luminance``, shadows and exposure: the low-pass of BT.601 luma, the Gaussian level ``lowpass_levels`` of its
+      pyramid (1/4 of the size by default: a shading, a vignette, a brightness shift);
+    - ``colour``: the two BT.601 chroma planes (Cb, Cr) at full resolution (a tint, a colour cast, colour bleeding);
+    - ``edges``: the horizontal and vertical differences of the first Gaussian level of luma (half size): structure
+      between the low-pass and the finest band, about 0.06 to 0.25 cycles per pixel (outlines and contours moved or
+      softened, ringing beside them);
+    - ``texture``: the finest Laplacian band of luma (detail from 0.25 to 0.5 cycles per pixel: blur loses it, noise
+      and hallucinated detail add to it).
+
+    Each is the MSE of a fixed linear transform (the pyramid's binomial filter, see :class:`LaplacianPyramid`), made
+    by elementwise arithmetic: measured on the difference in one pass and exact like the pyramid. ``pixel`` is in
+    the breakdown at weight 0; the total is the sum of the four (``component_weights`` to weigh them).
+
+    Example:
+        >>> import torch
+        >>> target = torch.rand(1, 3, 32, 32)
+        >>> brighter = ImageAspects().pairs(target + 0.1, target)  # a brightness shift: luminance only
+        >>> {name: round(float(d.square().mean()), 4) for name, (d, _) in brighter.items() if name != "pixel"}
+        {'luminance': 0.01, 'colour': 0.0, 'edges': 0.0, 'texture': 0.0}
+    """
+
+    name = "aspects"
+    exact_features = True
+    linear = True
+
+    def __init__(self, lowpass_levels: int = 2, component_weights: Mapping[str, float] | None = None) -> None:
+        if isinstance(lowpass_levels, bool) or not isinstance(lowpass_levels, int) or lowpass_levels < 1:
+            raise ValueError(f"lowpass_levels: expected an integer >= 1, got {lowpass_levels!r}")
+        self.lowpass_levels = lowpass_levels
+        aspects = dict.fromkeys(("luminance", "colour", "edges", "texture"), 1.0)
+        super().__init__(aspects, raw_weight=0.0, component_weights=component_weights)
+
+    @property
+    def min_size(self) -> int:
+        """The coarsest blurred level needs 3 pixels for the reflect padding (as in the pyramid)."""
+        return 2**self.lowpass_levels + 1
+
+    def check_input(self, x: Tensor) -> None:
+        super().check_input(x)
+        if x.shape[1] != 3:
+            raise ValueError(f"preds and target: space 'aspects' needs RGB [N, 3, H, W], got shape {tuple(x.shape)}")
+        for dim in (-2, -1):
+            checks.check_min_size(x, self.min_size, f"height and width ({self.lowpass_levels} low-pass levels)",
+                                  self.name, dim)  # fmt: skip
+
+    def feature_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        luma, cb, cr = (sum(weight * x[:, c] for c, weight in enumerate(row)) for row in _YCBCR)
+        first = _blocked(luma, _down_size(luma.shape[-2:]), _blur_down)  # the first Gaussian level
+        texture = _blocked(luma, luma.shape[-2:], _band, first)
+        low = first
+        for _ in range(self.lowpass_levels - 1):
+            low = _blocked(low, _down_size(low.shape[-2:]), _blur_down)
+        edges = torch.cat([first.diff(dim=-1).flatten(1), first.diff(dim=-2).flatten(1)], 1)
+        return {"luminance": low, "colour": torch.stack([cb, cr], 1), "edges": edges, "texture": texture}
