@@ -700,6 +700,34 @@ def imports(quick: bool, device: torch.device) -> str:
     return "### Import time (fresh interpreter, median)\n\n" + table(rows, ("", "s", "beyond", "s beyond"))
 
 
+def fidelity(quick: bool, device: torch.device) -> str:
+    """SSIM and sharpness (pl_pmse.ImageFidelity, exact) vs torchmetrics' StructuralSimilarityIndexMeasure."""
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    from pl_pmse import ImageFidelity
+
+    rows = []
+    for shape in [(16, 3, 64, 64), (16, 3, 256, 256)] if not quick else [(4, 3, 64, 64)]:
+        rows += _fidelity_rows(shape, device, StructuralSimilarityIndexMeasure, ImageFidelity)
+    title = "### SSIM and sharpness: update time vs torchmetrics' SSIM\n\n"
+    return title + table(rows, ("batch", "", "ms / update", "speed vs torchmetrics"))
+
+
+def _fidelity_rows(shape: tuple[int, ...], device: torch.device, ssim_class: Any, fidelity_class: Any) -> list:
+    preds, target = torch.rand(shape, device=device), torch.rand(shape, device=device)
+    both, ssim = fidelity_class().to(device), fidelity_class(sharpness=False).to(device)
+    reference = ssim_class(data_range=1.0).to(device)
+    seconds = interleaved(
+        {
+            "torchmetrics SSIM": lambda: reference.update(preds, target),
+            "ImageFidelity, SSIM only": lambda: ssim.update(preds, target),
+            "ImageFidelity, SSIM + sharpness": lambda: both.update(preds, target),
+        }
+    )
+    base = seconds["torchmetrics SSIM"]
+    return [(str(shape), name, f"{s * 1e3:.1f}", f"{base / s:.2f}x") for name, s in seconds.items()]
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "small-batch": small_batch,
@@ -714,6 +742,7 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "exactness": exactness,
     "launches": launches,
     "imports": imports,
+    "fidelity": fidelity,
 }
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 NAN_STRATEGIES = ("error", "ignore", "warn")
-RESERVED_COMPONENT_NAMES = ("total", "psnr", "skipped")
+RESERVED_COMPONENT_NAMES = ("total", "psnr", "skipped", "ssim", "sharpness")  # the callback's other keys
 
 
 def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:

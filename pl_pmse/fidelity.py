@@ -91,6 +91,12 @@ class ImageFidelity(ExactSumMetric):
         options = {"data_range": self.data_range, "clamps": self.clamps, "figures": self.figures, "cutoff": self.cutoff}
         return {**super().configuration(), **{name: repr(value) for name, value in options.items()}}
 
+    def fits(self, x: Tensor) -> bool:
+        """Whether a batch of this shape can be measured (the callback leaves other batches out, with a warning)."""
+        minimum = SSIM_MIN_SIZE if "ssim" in self.figures else 1
+        minimum = max(minimum, SHARPNESS_MIN_SIZE if "sharpness" in self.figures else 1)
+        return x.dim() == 4 and min(x.shape[-2:]) >= minimum
+
     def check(self, preds: Tensor, target: Tensor) -> None:
         """Raise on a pair that cannot be measured, naming what was expected."""
         checks.check_tensor_pair(preds, target, self.data_range)
@@ -126,10 +132,18 @@ class ImageFidelity(ExactSumMetric):
             checks.check_mask(mask, preds)
             preds, target = preds[mask], target[mask]
         if preds.shape[0]:
-            self.accumulate(self.image_values(preds, target))
+            self._accumulate(self.image_values(preds, target))
 
     def accumulate(self, values: dict[str, Tensor]) -> None:
-        """Add the images of :meth:`image_values` (those with a non-finite value are left out)."""
+        """Add the images of :meth:`image_values` (those with a non-finite value are left out): the same state as
+        :meth:`update` of the same images."""
+        if self._is_synced:
+            raise RuntimeError("ImageFidelity: accumulate called while the state is synced; call unsync() first")
+        self._accumulate(values)
+        self._update_count += 1
+        self._computed = None
+
+    def _accumulate(self, values: dict[str, Tensor]) -> None:
         zeros = torch.zeros_like(next(iter(values.values())))
         ssim = values.get("ssim", zeros)
         rows = torch.stack(
@@ -170,8 +184,8 @@ def ssim_per_image(preds: Tensor, target: Tensor, data_range: tuple[float, float
     planes = [x.reshape(count * channels, height, width) for x in (preds, target)]
     step = max(1, BLOCK_ELEMENTS // (height * width))  # CPU: planes per block, its temporaries stay in cache
     if not reduction.works_in_cache_blocks(preds.device):
-        step = count * channels  # an accelerator: few large kernels
-    window = _gaussian(preds.dtype, preds.device).tolist()
+        step = max(1, ACCELERATOR_BLOCK // (height * width))  # an accelerator: few large kernels, bounded memory
+    window = _gaussian(preds.dtype)
     sums = [
         _ssim_map_sums(p, t, window, c1, c2) for p, t in zip(planes[0].split(step), planes[1].split(step), strict=True)
     ]
@@ -192,12 +206,15 @@ def _ssim_map_sums(preds: Tensor, target: Tensor, window: list[float], c1: float
     return _row_sums(index.flatten(1))
 
 
+ACCELERATOR_BLOCK = 1 << 24  # pixels per block on accelerators: the 5 windowed moments stay below ~1 GB
+
+
 @functools.lru_cache(maxsize=8)
-def _gaussian(dtype: torch.dtype, device: torch.device) -> Tensor:
+def _gaussian(dtype: torch.dtype) -> list[float]:
     """torchmetrics' 1-D Gaussian window, in its dtype: ``exp(-(x / sigma)**2 / 2)`` normalised to sum 1."""
-    x = torch.arange((1 - SSIM_WINDOW) / 2, (1 + SSIM_WINDOW) / 2, step=1, dtype=dtype, device=device)
+    x = torch.arange((1 - SSIM_WINDOW) / 2, (1 + SSIM_WINDOW) / 2, step=1, dtype=dtype)
     gauss = torch.exp(-torch.pow(x / SSIM_SIGMA, 2) / 2)
-    return gauss / gauss.sum()
+    return (gauss / gauss.sum()).tolist()
 
 
 def _window_means(x: Tensor, taps: list[float]) -> Tensor:
@@ -213,7 +230,8 @@ def _window_means(x: Tensor, taps: list[float]) -> Tensor:
 
 
 def _row_sums(x: Tensor) -> Tensor:
-    """Float64 sum of each row by a running sum: one order along the row on every device, thread count and batch."""
+    """Float64 sum of each row by a running sum: on a CPU one order along the row whatever the thread count and
+    batch; on an accelerator the scan's order follows the row's length, not the batch."""
     return torch.cumsum(x, 1, dtype=torch.float64)[:, -1]
 
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_suite_smoke_run() -> None:
     command = [sys.executable, str(ROOT / "benchmarks/run.py"), "--quick", "--only", "pixel", "--only", "memory",
                "--only", "scaling", "--only", "sync", "--only", "callback", "--only", "loss",
-               "--only", "pyramid", "--only", "exactness", "--only", "launches", "--only", "small-batch"]  # fmt: skip
+               "--only", "pyramid", "--only", "exactness", "--only", "launches", "--only", "small-batch",
+               "--only", "fidelity"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     for title in (
@@ -28,6 +29,7 @@ def test_benchmark_suite_smoke_run() -> None:
         "Callback overhead",
         "Loss",
         "Pyramid scaling",
+        "SSIM and sharpness",
         "Exactness costs",
         "Fixed cost",
         "Kernel launches per update",

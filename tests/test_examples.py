@@ -50,10 +50,12 @@ def test_image_example_trains_with_the_vgg19_real_esrgan_loss(tmp_path, monkeypa
     from examples.image_denoising import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     main(["fit", "--config", str(ROOT / "configs/image_denoising.yaml"), "--config",
-          str(ROOT / "configs/image_vgg19_loss.yaml"), *FAST, "--trainer.max_epochs=1", "--data.train_crops=8",
-          "--data.val_crops=4", "--data.batch_size=4"])  # fmt: skip
+          str(ROOT / "configs/image_vgg19_loss.yaml"), *FAST, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+          "--data.train_crops=8", "--data.val_crops=4", "--data.batch_size=4"])  # fmt: skip
+    _, rows = offline_run(tmp_path)
+    assert any("train/perceptual" in row for row in rows)  # the VGG19 term was in the loss
     from pl_pmse.spaces.backbones import VGG19_LAYERS
 
     checkpoint = torch.load(next(Path(tmp_path, "runs/image_denoising").rglob("best-*.ckpt")), weights_only=False)

@@ -58,7 +58,7 @@ def test_disk_full_leaves_no_partial_file_and_reports_every_failure_per_epoch(tm
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     failures = [str(w.message) for w in caught if "No space left" in str(w.message)]
-    assert len(failures) == 3 and all("4 logger or drawing call(s) failed" in f and "FileSink" in f for f in failures)
+    assert len(failures) == 3 and all("5 logger or drawing call(s) failed" in f and "FileSink" in f for f in failures)
     assert trainer.current_epoch == 3 and "val/pmse" in trainer.callback_metrics
     written = [path for path in Path(trainer.log_dir, "pmse_panels").rglob("*") if path.is_file()]
     assert not written  # no partial picture, no temporary file (and no caption for a picture that failed)
@@ -103,7 +103,7 @@ def test_an_exception_in_one_epochs_rendering_skips_only_that_epochs_panels(tmp_
     assert any("renderer out of memory" in str(w.message) for w in caught)
     fixed = sorted(Path(trainer.log_dir, "pmse_panels", "val", "pmse", "panels", "fixed").glob("*.png"))
     assert len(fixed) == 1  # epoch 0's fixed grid failed; its other panels and all of epoch 1 were drawn
-    assert len(list(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))) == 3 + 4
+    assert len(list(Path(trainer.log_dir, "pmse_panels").rglob("*.png"))) == 4 + 5
 
 
 class KillAt(pl.Callback):
@@ -186,11 +186,11 @@ def test_a_hung_logger_costs_at_most_the_budget_and_is_then_skipped(tmp_path, mo
         warnings.simplefilter("always")
         trainer.fit(Denoiser(), ImageData())
     elapsed = time.monotonic() - start
-    assert elapsed < 12, elapsed  # 3 epochs x 4 panels x 30 s before; now 1 s for the one call that hung
+    assert elapsed < 12, elapsed  # 3 epochs x 5 panels x 30 s before; now 1 s for the one call that hung
     assert len(calls) == 1  # the sink that overran is not called again
     reports = [str(w.message) for w in caught if "panels of validate epoch" in str(w.message)]
     assert "no answer within the 1 s budget; TensorBoardSink is skipped now" in reports[0]
-    assert "3 panel(s) were dropped" in reports[0] and all("dropped" in report for report in reports[1:])
+    assert "4 panel(s) were dropped" in reports[0] and all("dropped" in report for report in reports[1:])
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["background", "at the epoch end"])
@@ -376,7 +376,7 @@ def test_a_logger_whose_experiment_hangs_costs_the_fit_at_most_the_panel_timeout
     assert time.monotonic() - start < 15
     reports = [str(w.message) for w in caught if "PerceptionMSECallback" in str(w.message)]
     assert any("TimeoutError: opening the loggers: no answer within the 1 s budget" in r for r in reports), reports
-    assert len(list(Path(tmp_path, "pmse_panels").rglob("*.png"))) == 2 * 4  # panels went to files
+    assert len(list(Path(tmp_path, "pmse_panels").rglob("*.png"))) == 2 * 5  # panels went to files
 
 
 def test_a_hung_wandb_call_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:

@@ -442,11 +442,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         metric = stage.metrics[index]
         measured = metric.batch_stats(preds, target)
         metric.accumulate(measured)
-        image_values = {}
-        if stage.fidelity and preds.shape[0]:  # (a batch of padding repeats only is empty now)
-            stage.fidelity[index].check(preds, target)
-            image_values = stage.fidelity[index].image_values(preds, target)
-            stage.fidelity[index].accumulate(image_values)
+        image_values = self._image_figures(stage, index, preds, target)
         if not self._draws_panels(trainer, loop):
             return
         if stage.profiles and stage.profiles[index].fits(preds):
@@ -457,7 +453,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             fixed = keep_fixed and self._fixed.offer(batch_idx, row)
             position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
-            if "ssim" in image_values or self.data_range is not None:
+            if self._panel_set.figures_panels and ("ssim" in image_values or self.data_range is not None):
                 stage.figures[index].append(
                     [position, label, value, *self._sample_figures(components, image_values, row)]
                 )
@@ -472,21 +468,39 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             if among_worst:
                 worst.add(sample)
 
-    def _sample_figures(
-        self, components: Mapping[str, float], image_values: Mapping[str, Tensor], row: int
-    ) -> list[float]:
+    def _image_figures(self, stage: _Stage, index: int, preds: Tensor, target: Tensor) -> dict[str, list[float]]:
+        """Accumulate SSIM / sharpness of a batch of images; their per-image values (lists). A batch that cannot be
+        measured (not ``[N, C, H, W]``, or too small) is left out, with one warning."""
+        if not stage.fidelity or not preds.shape[0]:  # (a batch of padding repeats only is empty now)
+            return {}
+        fidelity = stage.fidelity[index]
+        if not fidelity.fits(preds):
+            if "fidelity" not in self._warned:
+                self._warned.add("fidelity")
+                rank_zero_warn(
+                    f"PerceptionMSECallback: {' and '.join(fidelity.figures)} leave out batches of shape "
+                    f"{tuple(preds.shape)}: they need images [N, C, H, W] of at least 8x8 pixels (ssim=False / "
+                    f"sharpness=False turn them off)",
+                    category=UserWarning,
+                )
+            return {}
+        values = fidelity.image_values(preds, target)
+        fidelity.accumulate(values)
+        return {name: value.tolist() for name, value in values.items()}
+
+    def _sample_figures(self, components: Mapping[str, float], image_values: Mapping[str, list], row: int) -> list:
         """A sample's PSNR (of its raw MSE, with a data range) and SSIM (when measured), for the comparison panel."""
         figures = []
         if self.data_range is not None:
             raw, span = components[self.space.raw_name], self.data_range[1] - self.data_range[0]
             figures.append(10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf)
         if "ssim" in image_values:
-            figures.append(float(image_values["ssim"][row]))
+            figures.append(image_values["ssim"][row])
         return figures
 
     def _figure_columns(self, stage: _Stage) -> tuple[str, ...]:
         names = ("psnr",) * (self.data_range is not None) + ("ssim",) * ("ssim" in self._fidelity_figures)
-        return ("sample", "pmse", *names) if stage.figures and names else ()
+        return ("sample", "pmse", *names) if self._panel_set.figures_panels and stage.figures and names else ()
 
     def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
         """The model input for the panels' input column: ``outputs[input_key]`` when it is a batch of images."""
@@ -531,6 +545,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
         figures = [fidelity.compute() for fidelity in stage.fidelity]  # collectives: every rank
         for index, values in enumerate(figures):
+            if all(math.isnan(value) for value in values.values()):  # no image measured on any rank: no key
+                figures[index] = {}
+                continue
             for name, value in values.items():
                 pl_module.log(stage.key(name, index), value, on_step=False, on_epoch=True, sync_dist=True,
                               reduce_fx="max", batch_size=1, add_dataloader_idx=False)  # fmt: skip

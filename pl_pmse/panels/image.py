@@ -109,10 +109,10 @@ def comparison_panel(figures: SetFigures) -> tuple[np.ndarray, list[str]]:
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 (ties in order of appearance), NaN last."""
-    ranks = np.empty(len(values))
-    ranks[np.argsort(np.nan_to_num(values, nan=np.inf), kind="stable")] = np.arange(len(values))
-    return ranks
+    """Ranks from 0 (ties share their average rank, as Spearman's correlation takes them), NaN last."""
+    _, inverse, counts = np.unique(np.nan_to_num(values, nan=np.inf), return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2)[inverse]
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
