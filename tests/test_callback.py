@@ -738,3 +738,21 @@ def test_exact_evaluation_leaves_the_padding_out_of_every_pl_pmse_metric_of_the_
     assert torch.equal(module.forwarded.totals, expected_pmse.totals)
     found, expected = module.profile.compute(), expected_profile.compute()  # the exact sums (bins may carry apart)
     assert all(torch.equal(found[name], expected[name]) for name in expected)
+
+
+def test_batches_the_figures_cannot_measure_are_left_out_with_one_warning(monkeypatch) -> None:
+    """Before the fix the first batch of rows (the pixel space takes any shape) or of small images raised."""
+    from types import SimpleNamespace
+
+    from pl_pmse.callback import callback as callback_module
+
+    said = []
+    monkeypatch.setattr(callback_module, "rank_zero_warn", lambda message, **kwargs: said.append(message))
+    callback = PerceptionMSECallback("pixel", data_range=1.0, panels=False)
+    callback._start(None, "validate", [], SimpleNamespace(device=torch.device("cpu")))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_rank=0, world_size=1, current_epoch=0)
+    for pair in ((torch.rand(4, 10), torch.rand(4, 10)), (torch.rand(2, 3, 5, 5), torch.rand(2, 3, 5, 5))):
+        callback._batch(trainer, "validate", {"preds": pair[0], "target": pair[1]}, None, 0, 0)
+    stage = callback._stages["validate"]
+    assert len(said) == 1 and "ssim and sharpness leave out batches of shape (4, 10)" in said[0]
+    assert stage.fidelity[0].compute()["ssim"].isnan() and stage.metrics[0].compute() > 0
