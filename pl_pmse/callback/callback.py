@@ -494,8 +494,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if self.data_range is not None:
             raw, span = components[self.space.raw_name], self.data_range[1] - self.data_range[0]
             figures.append(10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf)
-        if "ssim" in image_values:
-            figures.append(image_values["ssim"][row])
+        if "ssim" in self._fidelity_figures:  # NaN for a batch the figures left out: the rows keep their columns
+            figures.append(image_values["ssim"][row] if "ssim" in image_values else math.nan)
         return figures
 
     def _figure_columns(self, stage: _Stage) -> tuple[str, ...]:
