@@ -26,7 +26,9 @@ def test_mlflow_gets_the_scalars_and_the_panels_with_their_step(tmp_path, monkey
     files beside the run."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     uri = stores(tmp_path)[store]
-    logger = loggers.MLFlowLogger(experiment_name="pl-pmse", tracking_uri=uri)
+    logger = loggers.MLFlowLogger(
+        experiment_name="pl-pmse", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
+    )
     callback = PerceptionMSECallback("pyramid", data_range=1.0, background_panels=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -52,7 +54,9 @@ def test_mlflow_gets_the_scalars_and_the_panels_with_their_step(tmp_path, monkey
 def test_mlflow_gets_the_clips_as_artifacts(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = stores(tmp_path)["file"]
-    logger = loggers.MLFlowLogger(experiment_name="pl-pmse", tracking_uri=uri)
+    logger = loggers.MLFlowLogger(
+        experiment_name="pl-pmse", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
+    )
     callback = PerceptionMSECallback("mel", sample_rate=8000, worst_k=2, num_panel_samples=1)
     cpu_trainer(tmp_path, [callback], logger=logger, num_sanity_val_steps=0, max_epochs=1).fit(
         AudioEnhancer(), AudioData(val=4, batch_size=2))  # fmt: skip
