@@ -69,6 +69,7 @@ class ExactSumMetric(Metric):
         super().__init__(**kwargs)
         self._num_sums, self._num_counts = num_sums, num_counts
         self._checked_groups: set[tuple[int, int]] = set()
+        self._result_dtype = torch.get_default_dtype()  # as torchmetrics' metrics return; set_dtype changes it
         self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
 
     def _add_configuration_checksum(self) -> None:
@@ -87,8 +88,21 @@ class ExactSumMetric(Metric):
         self._persistent["configuration_checksum"] = False
 
     def set_dtype(self, dst_type: Any) -> ExactSumMetric:
-        """A no-op here: the state is exact integers (``ErrorProfile``'s results are float64, the arrays its panels
-        draw; ``PerceptionMSE`` sets the dtype of its results)."""
+        """The dtype of the results: torch's default (float32) unless set, as torchmetrics' metrics return;
+        ``torch.float64`` gives the exact value rounded to float64. The exact state is not changed (it stays int64);
+        every dtype gives the same number on every machine and split.
+
+        Example:
+            >>> import torch
+            >>> from pl_pmse import PerceptionMSE
+            >>> metric = PerceptionMSE().set_dtype(torch.float64)
+            >>> metric.update(torch.full((1, 3), 0.1), torch.zeros(1, 3))
+            >>> metric.compute()
+            tensor(0.0100, dtype=torch.float64)
+        """
+        if not isinstance(dst_type, torch.dtype) or not dst_type.is_floating_point:
+            raise TypeError(f"dst_type: expected a floating point torch.dtype, got {dst_type!r}")
+        self._result_dtype, self._computed = dst_type, None
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:

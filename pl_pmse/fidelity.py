@@ -32,9 +32,9 @@ from .precision import own_precision
 from .spaces.image import BLOCK_ELEMENTS
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # torchmetrics' (and Wang et al.'s) defaults
-SSIM_MIN_SIZE = SSIM_WINDOW // 2 + 1  # the reflect padding of 5 pixels needs 6
 SHARPNESS_CUTOFF = 0.25  # cycles per pixel
-SHARPNESS_MIN_SIZE = 8  # pixels per side: fewer leave a handful of frequencies above the cutoff
+# pixels per side: SSIM's reflect padding of 5 pixels needs 6; fewer than 8 leave sharpness a handful of frequencies
+MIN_SIZES = {"ssim": SSIM_WINDOW // 2 + 1, "sharpness": 8}
 _FFT_CHUNK = 8  # images per FFT on accelerators: one plan shape whatever the batch, so the same bits per image
 FIGURES = ("ssim", "sharpness")
 
@@ -85,7 +85,6 @@ class ImageFidelity(ExactSumMetric):
         self.figures = tuple(name for name, on in zip(FIGURES, (ssim, sharpness), strict=True) if on)
         self.cutoff = float(cutoff)
         self._add_configuration_checksum()
-        self._result_dtype = torch.get_default_dtype()
 
     def configuration(self) -> dict[str, str]:
         options = {"data_range": self.data_range, "clamps": self.clamps, "figures": self.figures, "cutoff": self.cutoff}
@@ -93,16 +92,15 @@ class ImageFidelity(ExactSumMetric):
 
     def fits(self, x: Tensor) -> bool:
         """Whether a batch of this shape can be measured (the callback leaves other batches out, with a warning)."""
-        minimum = SSIM_MIN_SIZE if "ssim" in self.figures else 1
-        minimum = max(minimum, SHARPNESS_MIN_SIZE if "sharpness" in self.figures else 1)
-        return x.dim() == 4 and min(x.shape[-2:]) >= minimum
+        return x.dim() == 4 and all(min(x.shape[-2:]) >= MIN_SIZES[name] for name in self.figures)
 
     def check(self, preds: Tensor, target: Tensor) -> None:
         """Raise on a pair that cannot be measured, naming what was expected."""
         checks.check_tensor_pair(preds, target, self.data_range)
         checks.check_ndim(preds, (4,), "images [N, C, H, W]", "ImageFidelity")
-        for name, minimum in (("ssim", SSIM_MIN_SIZE), ("sharpness", SHARPNESS_MIN_SIZE)):
-            if name in self.figures and min(preds.shape[-2:]) < minimum:
+        for name in self.figures:
+            minimum = MIN_SIZES[name]
+            if min(preds.shape[-2:]) < minimum:
                 raise ValueError(
                     f"{name}: needs images of at least {minimum}x{minimum} pixels, got {tuple(preds.shape[-2:])} "
                     f"(turn it off with {name}=False)"
@@ -165,13 +163,6 @@ class ImageFidelity(ExactSumMetric):
             "sharpness": float(sums[2] / sums[3]) if sums[3] else float("nan"),
         }
         return {name: torch.tensor(values[name], dtype=self._result_dtype, device=self.device) for name in self.figures}
-
-    def set_dtype(self, dst_type: torch.dtype) -> ImageFidelity:
-        """The dtype of the results: torch's default unless set; the exact state is not changed."""
-        if not isinstance(dst_type, torch.dtype) or not dst_type.is_floating_point:
-            raise TypeError(f"dst_type: expected a floating point torch.dtype, got {dst_type!r}")
-        self._result_dtype, self._computed = dst_type, None
-        return self
 
 
 def ssim_per_image(preds: Tensor, target: Tensor, data_range: tuple[float, float], clamps: bool) -> Tensor:

@@ -114,7 +114,6 @@ class PerceptionMSE(ExactSumMetric):
         # Held outside the module tree: never in state_dict, parameters() or an optimizer; moved by _apply.
         self.__dict__["_space"] = resolved
         self._add_configuration_checksum()
-        self._result_dtype = torch.get_default_dtype()  # as torchmetrics' metrics return; set_dtype changes it
 
     @property
     def space(self) -> Space:
@@ -194,24 +193,6 @@ class PerceptionMSE(ExactSumMetric):
         total = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")
         self._forward_cache = total.to(self._result_dtype)
         return self._forward_cache
-
-    def set_dtype(self, dst_type: torch.dtype) -> PerceptionMSE:
-        """The dtype of the results (``compute``, ``compute_summary``, ``forward``): torch's default (float32) unless
-        set, as torchmetrics' metrics return; ``torch.float64`` gives the exact value rounded to float64. The exact
-        state is not changed (it stays int64); every dtype gives the same number on every machine and split.
-
-        Example:
-            >>> import torch
-            >>> metric = PerceptionMSE().set_dtype(torch.float64)
-            >>> metric.update(torch.full((1, 3), 0.1), torch.zeros(1, 3))
-            >>> metric.compute()
-            tensor(0.0100, dtype=torch.float64)
-        """
-        if not isinstance(dst_type, torch.dtype) or not dst_type.is_floating_point:
-            raise TypeError(f"dst_type: expected a floating point torch.dtype, got {dst_type!r}")
-        self._result_dtype = dst_type
-        self._computed = None
-        return self
 
     @property
     def _settings(self) -> tuple[Any, ...]:

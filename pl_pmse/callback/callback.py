@@ -448,15 +448,15 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if stage.profiles and stage.profiles[index].fits(preds):
             stage.profiles[index].update(preds, target)
         keep_fixed = index == 0 and trainer.is_global_zero and self.num_panel_samples > 0
+        names = self._figure_names
         worst = stage.worst[index]
         for row, value, components in candidates(measured.stats, self.space.component_weights):
             fixed = keep_fixed and self._fixed.offer(batch_idx, row)
             position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
-            if self._panel_set.figures_panels and ("ssim" in image_values or self.data_range is not None):
-                stage.figures[index].append(
-                    [position, label, value, *self._sample_figures(components, image_values, row)]
-                )
+            if names:
+                values = self._sample_figures(names, components, image_values, row)
+                stage.figures[index].append([position, label, value, *values])
             among_worst = worst.wants(value, position)
             if not (fixed or among_worst):
                 continue  # only samples a panel keeps are copied to the CPU
@@ -488,19 +488,24 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         fidelity.accumulate(values)
         return {name: value.tolist() for name, value in values.items()}
 
-    def _sample_figures(self, components: Mapping[str, float], image_values: Mapping[str, list], row: int) -> list:
-        """A sample's PSNR (of its raw MSE, with a data range) and SSIM (when measured), for the comparison panel."""
+    @property
+    def _figure_names(self) -> tuple[str, ...]:
+        """The per-sample values beside Perception MSE for the set's figures panels: PSNR (with a data range), SSIM."""
+        if not self._panel_set.figures_panels:
+            return ()
+        return ("psnr",) * (self.data_range is not None) + ("ssim",) * ("ssim" in self._fidelity_figures)
+
+    def _sample_figures(
+        self, names: tuple[str, ...], components: Mapping[str, float], image_values: Mapping[str, list], row: int
+    ) -> list[float]:
+        """A sample's ``names`` values: PSNR of its raw MSE; SSIM (NaN in a batch the figures left out)."""
         figures = []
-        if self.data_range is not None:
+        if "psnr" in names:
             raw, span = components[self.space.raw_name], self.data_range[1] - self.data_range[0]
             figures.append(10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf)
-        if "ssim" in self._fidelity_figures:  # NaN for a batch the figures left out: the rows keep their columns
+        if "ssim" in names:
             figures.append(image_values["ssim"][row] if "ssim" in image_values else math.nan)
         return figures
-
-    def _figure_columns(self, stage: _Stage) -> tuple[str, ...]:
-        names = ("psnr",) * (self.data_range is not None) + ("ssim",) * ("ssim" in self._fidelity_figures)
-        return ("sample", "pmse", *names) if self._panel_set.figures_panels and stage.figures and names else ()
 
     def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
         """The model input for the panels' input column: ``outputs[input_key]`` when it is a batch of images."""
@@ -555,7 +560,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return
         profiles = [SyncedProfile(profile, profile.synced_state()) for profile in stage.profiles]  # collectives
         worst = [samples.gathered(trainer.strategy.root_device) for samples in stage.worst]  # collectives: every rank
-        columns = self._figure_columns(stage)
+        names = self._figure_names
+        columns = ("sample", "pmse", *names) if names else ()
         rows = [self._gathered_rows(trainer, rows) for rows in stage.figures] if columns else []  # collectives
         if not trainer.is_global_zero:
             return

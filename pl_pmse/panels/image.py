@@ -93,17 +93,14 @@ def comparison_panel(figures: SetFigures) -> tuple[np.ndarray, list[str]]:
     columns = figures.columns
     pmse = np.asarray([row[columns.index("pmse")] for row in figures.rows], dtype=np.float64)
     plots, gaps = [], np.zeros(len(pmse))
-    for name, better in (("psnr", -1), ("ssim", -1)):
-        if name not in columns:
-            continue
+    for name in columns[2:]:  # PSNR and/or SSIM: higher is better, where a lower Perception MSE is
         other = np.asarray([row[columns.index(name)] for row in figures.rows], dtype=np.float64)
-        worse_pmse, worse_other = _ranks(pmse), _ranks(better * other)  # 0: the best sample, by each measure
+        worse_pmse, worse_other = _ranks(pmse), _ranks(-other)  # 0: the best sample, by each measure
         rho = _spearman(worse_pmse, worse_other)
         gaps = np.maximum(gaps, np.abs(worse_pmse - worse_other))
-        title = f"pmse vs {name} per sample (Spearman {rho:+.2f}: {'+1' if better < 0 else '-1'} when they agree)"
+        title = f"pmse vs {name} per sample (Spearman {rho:+.2f}: +1 when they agree)"
         plots.append(line_plot([], {"samples": (pmse, other)}, title, "pmse", log_y=False, points=True))
-    picture = stack(plots, axis=0) if plots else line_plot([], {"samples": (pmse, pmse)}, "pmse", "pmse",
-                                                           log_y=False, points=True)  # fmt: skip
+    picture = stack(plots, axis=0)
     order = np.argsort(-gaps, kind="stable")[:5]
     return picture, [figures.rows[i][0] for i in order if gaps[i] > 0]
 

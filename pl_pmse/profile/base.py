@@ -102,6 +102,10 @@ class ErrorProfile(ExactSumMetric):
         self.__dict__["analysis"] = analysis  # outside the module tree: its tensors are no state
         self._add_configuration_checksum()
 
+    def set_dtype(self, dst_type: Any) -> ErrorProfile:
+        """A no-op: the results are float64, the arrays the panels draw (the state is exact integers)."""
+        return self
+
     def configuration(self) -> dict[str, str]:
         options = {"modality": self.modality, "data_range": self.data_range, **self.analysis.options}
         return {**super().configuration(), **{name: repr(value) for name, value in options.items()}}

@@ -17,6 +17,11 @@ _BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 _YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
+def _ycbcr(x: Tensor) -> list[Tensor]:
+    """BT.601 luma, Cb and Cr planes ``[N, H, W]`` of RGB ``[N, 3, H, W]`` (elementwise: exact on every device)."""
+    return [sum(weight * x[:, c] for c, weight in enumerate(row)) for row in _YCBCR]
+
+
 class ImageSpace(Space):
     """Image batches ``[N, C, H, W]``, float in [0, 1] by default."""
 
@@ -103,7 +108,7 @@ class LaplacianPyramid(ImageSpace):
     def features(self, x: Tensor) -> dict[str, Tensor]:
         if not self.luma_chroma:
             return dict(zip(self.component_names[1:], self.pyramid(x), strict=True))
-        ycbcr = torch.stack([sum(weight * x[:, c] for c, weight in enumerate(row)) for row in _YCBCR], 1)
+        ycbcr = torch.stack(_ycbcr(x), 1)
         bands = [*self.pyramid(ycbcr[:, :1]), *self.pyramid(ycbcr[:, 1:])]
         return dict(zip(self.component_names[1:], bands, strict=True))
 
@@ -282,7 +287,7 @@ class ImageAspects(ImageSpace):
         return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
-        luma, cb, cr = (sum(weight * x[:, c] for c, weight in enumerate(row)) for row in _YCBCR)
+        luma, cb, cr = _ycbcr(x)
         first = _blocked(luma, _down_size(luma.shape[-2:]), _blur_down)  # the first Gaussian level
         texture = _blocked(luma, luma.shape[-2:], _band, first)
         low = first
