@@ -167,7 +167,10 @@ def line_plot(
         elif len(drawn) > 1:
             draw.line(drawn, fill=colour, width=2)
         legend_y = top + 10 + 14 * index
-        draw.line([(width - right - 130, legend_y), (width - right - 110, legend_y)], fill=colour, width=3)
+        if points:  # the legend shows what the plot draws: a dot, or a line
+            draw.ellipse([width - right - 123, legend_y - 3, width - right - 117, legend_y + 3], fill=colour)
+        else:
+            draw.line([(width - right - 130, legend_y), (width - right - 110, legend_y)], fill=colour, width=3)
         draw.text((width - right - 104, legend_y - 6), name, fill=colour, font=font)
     return np.asarray(image)
 
