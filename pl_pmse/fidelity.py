@@ -176,7 +176,7 @@ def ssim_per_image(preds: Tensor, target: Tensor, data_range: tuple[float, float
     step = max(1, BLOCK_ELEMENTS // (height * width))  # CPU: planes per block, its temporaries stay in cache
     if not reduction.works_in_cache_blocks(preds.device):
         step = max(1, ACCELERATOR_BLOCK // (height * width))  # an accelerator: few large kernels, bounded memory
-    window = _gaussian(preds.dtype)
+    window = _TAPS[preds.dtype]
     sums = [
         _ssim_map_sums(p, t, window, c1, c2) for p, t in zip(planes[0].split(step), planes[1].split(step), strict=True)
     ]
@@ -200,12 +200,15 @@ def _ssim_map_sums(preds: Tensor, target: Tensor, window: list[float], c1: float
 ACCELERATOR_BLOCK = 1 << 24  # pixels per block on accelerators: the 5 windowed moments stay below ~1 GB
 
 
-@functools.lru_cache(maxsize=8)
-def _gaussian(dtype: torch.dtype) -> list[float]:
+def _gaussian_taps(dtype: torch.dtype) -> list[float]:
     """torchmetrics' 1-D Gaussian window, in its dtype: ``exp(-(x / sigma)**2 / 2)`` normalised to sum 1."""
-    x = torch.arange((1 - SSIM_WINDOW) / 2, (1 + SSIM_WINDOW) / 2, step=1, dtype=dtype)
+    x = torch.arange((1 - SSIM_WINDOW) / 2, (1 + SSIM_WINDOW) / 2, step=1, dtype=dtype, device="cpu")
     gauss = torch.exp(-torch.pow(x / SSIM_SIGMA, 2) / 2)
     return (gauss / gauss.sum()).tolist()
+
+
+# built at import, on the CPU: no tensor is read back in an update (any default device, FakeTensorMode)
+_TAPS = {dtype: _gaussian_taps(dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def _window_means(x: Tensor, taps: list[float]) -> Tensor:
@@ -255,14 +258,10 @@ def _band_weights(height: int, width: int, cutoff: float, device: torch.device) 
     """Per frequency of the half spectrum: how many frequencies of the full spectrum it stands for (2 for columns
     with a mirror image, else 1) where its radius is at least ``cutoff``, else 0. The radius test is made in exact
     integers (``(ky W)**2 + (kx H)**2 >= (cutoff H W)**2``, the cutoff as an exact fraction)."""
-    ky = torch.fft.fftfreq(height, 1 / height, dtype=torch.float64).round().long()
-    kx = torch.arange(width // 2 + 1)
     fraction = Fraction(cutoff)
-    radius = (ky[:, None] * width) ** 2 + (kx[None, :] * height) ** 2
-    above = [[radius_ * fraction.denominator**2 >= (fraction.numerator * height * width) ** 2 for radius_ in row]
-             for row in radius.tolist()]  # fmt: skip
-    mirrored = torch.full((width // 2 + 1,), 2.0)
-    mirrored[0] = 1.0
-    if width % 2 == 0:
-        mirrored[-1] = 1.0
-    return (torch.tensor(above, dtype=torch.float32) * mirrored).to(device)
+    edge, scale = (fraction.numerator * height * width) ** 2, fraction.denominator**2
+    signed = [ky if ky < (height + 1) // 2 else ky - height for ky in range(height)]  # as fftfreq orders them
+    mirrored = [1.0] + [2.0] * ((width - 1) // 2) + [1.0] * (width % 2 == 0)  # the Nyquist column has no mirror
+    weights = [[m * (((ky * width) ** 2 + (kx * height) ** 2) * scale >= edge) for kx, m in enumerate(mirrored)]
+               for ky in signed]  # fmt: skip  # Python integers: exact, and no tensor read back
+    return torch.tensor(weights, dtype=torch.float32, device=device)
