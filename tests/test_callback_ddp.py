@@ -84,6 +84,10 @@ def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monk
     worst = [row["val/pmse/panels/worst/captions"][0] for row in rows if "val/pmse/panels/worst/captions" in row]
     # k=10 from every rank, but only the 9 samples of the set: the repeat that pads rank 1 is not a candidate
     assert len(worst) == 2 and "(rank 1)" in worst[-1] and worst[-1].count("batch ") == 9
+    compared = [
+        row["val/pmse/panels/comparison/captions"][0] for row in rows if "val/pmse/panels/comparison/captions" in row
+    ]
+    assert len(compared) == 2 and all(c.startswith("9 samples;") for c in compared)  # both ranks' rows, no repeat
     panels = list(tmp_path.rglob("files/media/images/**/*.png"))
     assert len([p for p in panels if "/panels/" in str(p)]) == 10  # 5 panels x 2 epochs, drawn once (rank 0)
     # every file the history refers to is beside the record, where `wandb sync` reads it (before: under WANDB_DIR)

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import checks
-from ..distributed import all_gather_bytes, check_same_everywhere, dataloaders_of, own_samples, sampler_of
+from ..distributed import (
+    check_same_everywhere,
+    collective_device,
+    dataloaders_of,
+    own_samples,
+    receive_bytes,
+    sampler_of,
+    send_bytes,
+)
 from ..fidelity import ImageFidelity
 from ..lightning_compat import CALLBACK_BASES
 from ..metric import PerceptionMSE
@@ -592,10 +600,15 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @staticmethod
     def _gathered_rows(trainer: pl.Trainer, rows: list[list[Any]]) -> tuple[tuple[Any, ...], ...]:
-        """Every rank's per-sample figures, in the sampler's order over all ranks (one all_gather under DDP)."""
+        """Every rank's per-sample figures on rank zero, in the sampler's order over all ranks (``()`` elsewhere):
+        under DDP each rank sends its rows to rank zero (point to point), which alone draws them."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            payloads = all_gather_bytes(json.dumps(rows).encode(), trainer.strategy.root_device)
-            rows = [row for payload in payloads for row in json.loads(payload)]
+            device = collective_device(trainer.strategy.root_device)
+            if dist.get_rank():
+                send_bytes(json.dumps(rows).encode(), 0, device)
+                return ()
+            rows = rows + [row for source in range(1, dist.get_world_size())
+                           for row in json.loads(receive_bytes(source, device))]  # fmt: skip
         return tuple(tuple(row[1:]) for row in sorted(rows, key=lambda row: row[0]))
 
     @property
