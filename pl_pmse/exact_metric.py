@@ -9,7 +9,8 @@ torchmetrics internals overridden (tested against the torchmetrics version the p
 - ``_wrap_update`` (here): torchmetrics counts an update (``_update_count``, ``_computed``) before running it; a
   rejected update restores both, so the metric is as it was.
 - ``persistent`` (here): the configuration checksum, a state only so that ``MetricCollection``'s compute groups never
-  merge metrics built differently, is never saved.
+  merge metrics built differently, is never saved; ``_defaults`` (here) lists it first, since torchmetrics 1.6 compares
+  only the first tensor state when it forms compute groups.
 - ``_load_from_state_dict`` (here): a loaded state is checked (int64, no negative entry, same configuration) and
   copied, as torchmetrics would otherwise adopt the caller's tensor.
 - ``_wrap_compute``, ``_apply``, ``_forward_cache``, ``_is_synced``, ``_update_count``, ``_computed``
@@ -80,6 +81,8 @@ class ExactSumMetric(Metric):
         text = json.dumps(self.configuration(), sort_keys=True).encode()
         checksum = torch.tensor([zlib.crc32(text), zlib.adler32(text)], dtype=torch.int64)
         self.add_state("configuration_checksum", checksum, dist_reduce_fx="max", persistent=False)
+        # first among the states: torchmetrics 1.6's _equal_metric_states decides on the first tensor state alone
+        self._defaults = {"configuration_checksum": self._defaults.pop("configuration_checksum"), **self._defaults}
 
     def persistent(self, mode: bool = False) -> None:
         """torchmetrics' ``persistent`` for the exact state; the configuration checksum is never saved (a saved state
