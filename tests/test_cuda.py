@@ -28,7 +28,9 @@ RANDOM = {"weights": "random"}
 SPACES = [  # (space, options, data_range, audio)
     ("pixel", {}, None, False),
     ("pyramid", {}, None, False),
+    ("aspects", {}, None, False),
     ("vgg16", RANDOM, None, False),
+    ("vgg19", RANDOM, None, False),
     ("alexnet", RANDOM, None, False),
     ("squeezenet", RANDOM, None, False),
     ("lpips-alex", RANDOM, 1.0, False),
@@ -39,7 +41,7 @@ SPACES = [  # (space, options, data_range, audio)
     ("mrstft", {}, None, True),
 ]
 # on CUDA, exact-feature spaces sum in integers (1e-11 of the float64 sum) and cuDNN / cuFFT / cuBLAS round otherwise
-TOLERANCE = {"pixel": 1e-6, "pyramid": 1e-6, "waveform": 1e-6}
+TOLERANCE = {"pixel": 1e-6, "pyramid": 1e-6, "aspects": 1e-6, "waveform": 1e-6}
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +87,23 @@ def test_every_space_on_cuda_gives_its_cpu_values(name, options, data_range, aud
             assert torch.equal(split[key], value), (name, key, split[key], value)
         else:
             torch.testing.assert_close(split[key], value, rtol=tolerance, atol=1e-12)
+
+
+def test_ssim_and_sharpness_on_cuda_give_their_cpu_values_and_the_same_bits_for_any_split() -> None:
+    from pl_pmse import ImageFidelity
+
+    preds, target = _inputs(False)
+
+    def measured(device: torch.device, split) -> dict[str, torch.Tensor]:
+        fidelity = ImageFidelity().set_dtype(torch.float64).to(device)
+        for p, t in zip(preds.split(split), target.split(split), strict=True):
+            fidelity.update(p.to(device), t.to(device))
+        return {key: value.cpu() for key, value in fidelity.compute().items()}
+
+    reference, whole = measured(torch.device("cpu"), 6), measured(DEVICE, 6)
+    for key, value in reference.items():
+        torch.testing.assert_close(whole[key], value, rtol=1e-5, atol=1e-12, msg=key)
+    assert measured(DEVICE, [1, 2, 3]) == whole  # elementwise windows, fixed FFT chunks: one value per image
 
 
 @pytest.mark.parametrize("name", ["pixel", "pyramid", "squeezenet", "mel"])
