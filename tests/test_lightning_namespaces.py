@@ -51,8 +51,9 @@ def test_the_callback_tests_pass_under_the_other_namespace() -> None:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_callback.py",
                "tests/test_faults.py", "tests/test_mlflow.py"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PL_PMSE_TEST_LIGHTNING": OTHER})  # fmt: skip
-    assert done.returncode == 0, f"under {OTHER}:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+                          env={**os.environ, "PL_PMSE_TEST_LIGHTNING": OTHER,
+                               "PYTHONFAULTHANDLER": "1"})  # fmt: skip  # an abort at exit names its threads
+    assert done.returncode == 0, f"under {OTHER}:\n{done.stdout[-6000:]}\n{done.stderr[-8000:]}"
     assert " passed" in done.stdout.splitlines()[-1]
 
 
