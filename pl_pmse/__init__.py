@@ -2,7 +2,7 @@
 
 Public API: :class:`PerceptionMSE` (a torchmetrics Metric), :func:`perception_mse` (differentiable),
 :func:`perception_mse_components`, :class:`PerceptionMSECallback` (Lightning), :class:`ErrorProfile`,
-:class:`ImageFidelity` (SSIM and sharpness) and :mod:`pl_pmse.spaces`.
+:class:`ImageFidelity` (SSIM and sharpness), :class:`MelCepstralDistortion` and :mod:`pl_pmse.spaces`.
 """
 
 import importlib
@@ -19,6 +19,7 @@ _LAZY = {
     "PerceptionMSE": ".metric",
     "ErrorProfile": ".profile",
     "ImageFidelity": ".fidelity",
+    "MelCepstralDistortion": ".mcd",
     "PerceptionMSECallback": ".callback",
     "ExactEvaluation": ".callback",
 }
@@ -40,6 +41,7 @@ __all__ = [
     "ErrorProfile",
     "ExactEvaluation",
     "ImageFidelity",
+    "MelCepstralDistortion",
     "PerceptionMSE",
     "PerceptionMSECallback",
     "Space",

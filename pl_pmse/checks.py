@@ -16,7 +16,7 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 NAN_STRATEGIES = ("error", "ignore", "warn")
-RESERVED_COMPONENT_NAMES = ("total", "psnr", "skipped", "ssim", "sharpness")  # the callback's other keys
+RESERVED_COMPONENT_NAMES = ("total", "psnr", "skipped", "ssim", "sharpness", "mcd")  # the callback's other keys
 
 
 def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:
@@ -24,6 +24,13 @@ def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{argument}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_sample_rate(sample_rate: Any, owner: str) -> int:
+    """A sample rate in Hz: a positive integer (``owner`` needs it: "space 'mel'")."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ValueError(f"sample_rate: {owner} needs the audio's sample rate in Hz (e.g. 16000), got {sample_rate!r}")
+    return sample_rate
 
 
 def check_data_range(data_range: Any) -> tuple[float, float] | None:

@@ -90,6 +90,11 @@ class ImageFidelity(ExactSumMetric):
         options = {"data_range": self.data_range, "clamps": self.clamps, "figures": self.figures, "cutoff": self.cutoff}
         return {**super().configuration(), **{name: repr(value) for name, value in options.items()}}
 
+    @property
+    def requirement(self) -> str:
+        """What :meth:`fits` asks of a batch, for messages."""
+        return f"images [N, C, H, W] of at least {max(MIN_SIZES[name] for name in self.figures)} pixels a side"
+
     def fits(self, x: Tensor) -> bool:
         """Whether a batch of this shape can be measured (the callback leaves other batches out, with a warning)."""
         return x.dim() == 4 and all(min(x.shape[-2:]) >= MIN_SIZES[name] for name in self.figures)
@@ -106,7 +111,7 @@ class ImageFidelity(ExactSumMetric):
                     f"(turn it off with {name}=False)"
                 )
 
-    def image_values(self, preds: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def sample_values(self, preds: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Each image's values, float64 ``[N]``: ``ssim``, and ``preds_power`` / ``target_power`` above the cutoff
         (sharpness of one image: their ratio). No checks (see :meth:`check`), no gradients."""
         dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
@@ -130,10 +135,10 @@ class ImageFidelity(ExactSumMetric):
             checks.check_mask(mask, preds)
             preds, target = preds[mask], target[mask]
         if preds.shape[0]:
-            self._accumulate(self.image_values(preds, target))
+            self._accumulate(self.sample_values(preds, target))
 
     def accumulate(self, values: dict[str, Tensor]) -> None:
-        """Add the images of :meth:`image_values` (those with a non-finite value are left out): the same state as
+        """Add the images of :meth:`sample_values` (those with a non-finite value are left out): the same state as
         :meth:`update` of the same images."""
         if self._is_synced:
             raise RuntimeError("ImageFidelity: accumulate called while the state is synced; call unsync() first")
@@ -163,6 +168,10 @@ class ImageFidelity(ExactSumMetric):
             "sharpness": float(sums[2] / sums[3]) if sums[3] else float("nan"),
         }
         return {name: torch.tensor(values[name], dtype=self._result_dtype, device=self.device) for name in self.figures}
+
+    def figure_values(self) -> dict[str, Tensor]:
+        """:meth:`compute` by figure name (the callback's common form with :class:`~pl_pmse.mcd.MelCepstralDistortion`)."""
+        return self.compute()
 
 
 def ssim_per_image(preds: Tensor, target: Tensor, data_range: tuple[float, float], clamps: bool) -> Tensor:

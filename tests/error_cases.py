@@ -27,6 +27,12 @@ def _with(x: torch.Tensor, value: float, index: tuple = (1, 0, 0, 0)) -> torch.T
     return x
 
 
+def _mcd_update(clips: torch.Tensor) -> None:
+    from pl_pmse import MelCepstralDistortion
+
+    MelCepstralDistortion(sample_rate=16000).update(clips, clips)
+
+
 def _squeezenet() -> str:
     path = TMP / "squeezenet.pth"
     if not path.exists():
@@ -172,6 +178,12 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("PerceptionMSE", "a weight for an unknown component", lambda: PerceptionMSE(component_weights={"relu1_2": 1.0})),
     ("PerceptionMSE", "a negative component weight", lambda: PerceptionMSE(component_weights={"pixel": -1})),
     ("PerceptionMSE", "mel without sample_rate", lambda: PerceptionMSE("mel")),
+    ("PerceptionMSE", "hubert with a zero sample_rate", lambda: PerceptionMSE("hubert", sample_rate=0)),
+    ("PerceptionMSE", "hubert base with layer 13", lambda: PerceptionMSE("hubert", sample_rate=16000, layers=[13])),
+    ("PerceptionMSE", "wav2vec2 with the weights of another network", lambda: PerceptionMSE("wav2vec2", sample_rate=16000, weights=_squeezenet())),
+    ("PerceptionMSE", "audio-aspects without sample_rate", lambda: PerceptionMSE("audio-aspects")),
+    ("PerceptionMSE", "audio-aspects with more cepstra than mel bands", lambda: PerceptionMSE("audio-aspects", sample_rate=16000, n_mels=20, n_cepstra=24)),
+    ("MelCepstralDistortion", "clips shorter than n_fft // 2 + 1", lambda: _mcd_update(torch.zeros(2, 100))),
     ("PerceptionMSE", "an lpips space without data_range", lambda: PerceptionMSE("lpips-squeeze", weights=_squeezenet())),
     ("metric.to", "the meta device", lambda: PerceptionMSE().to("meta")),
     ("metric.to", "an Apple MPS device (no float64)", lambda: PerceptionMSE().to("mps")),

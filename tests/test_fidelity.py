@@ -135,14 +135,14 @@ def test_bad_options_are_refused_by_name(options, error, message) -> None:
     assert ImageFidelity(data_range=None, ssim=False).figures == ("sharpness",)
 
 
-def test_image_values_read_no_tensor_back_on_an_accelerator() -> None:
+def test_sample_values_read_no_tensor_back_on_an_accelerator() -> None:
     """Under fake CUDA (FakeTensorMode) any host read of a tensor raises: the window taps and the band weights are
     built on the host (before: both were read back from the default device)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fidelity = ImageFidelity()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
-        values = fidelity.image_values(torch.rand(4, 3, 40, 36), torch.rand(4, 3, 40, 36))
+        values = fidelity.sample_values(torch.rand(4, 3, 40, 36), torch.rand(4, 3, 40, 36))
     assert {name: tuple(value.shape) for name, value in values.items()} == {
         "ssim": (4,),
         "preds_power": (4,),

@@ -34,11 +34,12 @@ from ..distributed import (
 )
 from ..fidelity import ImageFidelity
 from ..lightning_compat import CALLBACK_BASES
+from ..mcd import MelCepstralDistortion
 from ..metric import PerceptionMSE
 from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample, SetFigures
 from ..profile import ErrorProfile
 from ..sinks import Sink, sinks_for
-from ..spaces import Space, available_spaces, get_space
+from ..spaces import AudioAspects, Space, available_spaces, get_space
 from ..spaces.registry import space_options as space_options_of
 from .report import EpochReport, ReportPart, SyncedProfile, draw_report
 from .selection import FixedSamples, WorstSamples, candidates
@@ -57,7 +58,7 @@ class _Stage:
     prefix: str
     metrics: list[PerceptionMSE]
     profiles: list[ErrorProfile]
-    fidelity: list[ImageFidelity]  # per dataloader for images with SSIM or sharpness, else empty
+    fidelity: list[ImageFidelity | MelCepstralDistortion]  # per dataloader: SSIM / sharpness, MCD; or empty
     worst: list[WorstSamples] = field(default_factory=list)
     fixed: list[Sample] = field(default_factory=list)
     own: list[int | None] = field(default_factory=list)  # per dataloader: this rank's own samples (None: unknown)
@@ -94,7 +95,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     Scalars (through ``pl_module.log``, so ``ModelCheckpoint(monitor="val/pmse")`` and ``EarlyStopping`` work):
     ``val/pmse``, ``val/pmse_<component>``, ``val/pmse_psnr`` (with ``data_range``), ``val/pmse_skipped`` (when
     ``nan_strategy`` skips samples); for images ``val/pmse_ssim`` (with ``data_range``) and ``val/pmse_sharpness``
-    (:class:`~pl_pmse.fidelity.ImageFidelity`); with several dataloaders each key ends in ``/dataloader_idx_<i>``.
+    (:class:`~pl_pmse.fidelity.ImageFidelity`); for audio ``val/pmse_mcd`` (with a sample rate; the mel-cepstral
+    distortion in dB, :class:`~pl_pmse.mcd.MelCepstralDistortion`); with several dataloaders each key ends in ``/dataloader_idx_<i>``.
     The test loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` (torchmetrics' SSIM) over the
     whole set, on every rank.
 
@@ -131,6 +133,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         profile: accumulate the dataset error map / spectra / mel-band profile.
         ssim, sharpness: log the set's SSIM (needs ``data_range``) and sharpness for images (see
             :mod:`pl_pmse.fidelity`): sharpness below 1 means blurrier predictions than targets, above 1 noisier.
+        mcd: log the set's mel-cepstral distortion for audio (needs ``sample_rate``; on the ``audio-aspects``
+            space's own cepstrum analysis, else its defaults).
         modality: ``"image"``, ``"audio"`` or ``"auto"`` (audio for audio spaces or when ``sample_rate`` is given).
         sample_rate: of the audio (for spectrograms, clips and the mel profile); taken from a ``mel`` space.
         prog_bar: show ``val/pmse`` in the progress bar.
@@ -160,6 +164,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         profile: bool = True,
         ssim: bool = True,
         sharpness: bool = True,
+        mcd: bool = True,
         error_map_grid: int = 32,
         spectrum_bands: int = 32,
         modality: str = "auto",
@@ -204,7 +209,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         ):
             raise ValueError(f"panel_timeout: expected a finite number of seconds > 0, got {panel_timeout!r}")
         for argument, value in (("panels", panels), ("background_panels", background_panels), ("profile", profile),
-                                ("ssim", ssim), ("sharpness", sharpness), ("prog_bar", prog_bar)):  # fmt: skip
+                                ("ssim", ssim), ("sharpness", sharpness), ("mcd", mcd),
+                                ("prog_bar", prog_bar)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{argument}: expected True or False, got {value!r}")
         if sinks is not None and (
@@ -227,7 +233,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         self.prefixes = {"validate": prefix, "test": test_prefix}
         self.panels, self.num_panel_samples, self.worst_k = panels, num_panel_samples, worst_k
         self.panels_every_n_epochs, self.profile = panels_every_n_epochs, profile
-        self.ssim, self.sharpness = ssim, sharpness
+        self.ssim, self.sharpness, self.mcd = ssim, sharpness, mcd
         self.background_panels = background_panels
         self.error_map_grid, self.spectrum_bands, self.prog_bar = error_map_grid, spectrum_bands, prog_bar
         if sample_rate is None:  # the space says its sample rate where it knows it (mel)
@@ -295,7 +301,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         """Every option that shapes the callback's collectives and logged keys, and its metrics' configuration:
         compared across ranks once per fit/validate/test, at setup."""
         options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile", "ssim",
-                   "sharpness", "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
+                   "sharpness", "mcd", "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
         metric = self._new_metric().configuration()
         return {"callback": type(self).__name__, **{name: repr(getattr(self, name)) for name in options}, **metric}
 
@@ -418,17 +424,21 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @property
     def _fidelity_figures(self) -> tuple[str, ...]:
-        """The image figures logged beside Perception MSE: SSIM (with a data range) and sharpness."""
+        """The set's figures logged beside Perception MSE: for images SSIM (with a data range) and sharpness, for
+        audio the mel-cepstral distortion (with a sample rate)."""
+        if self.modality == "audio":
+            return ("mcd",) if self.mcd and self.sample_rate else ()
         wanted = (self.ssim and self.data_range is not None, self.sharpness)
-        return tuple(
-            name for name, on in zip(("ssim", "sharpness"), wanted, strict=True) if on and self.modality == "image"
-        )
+        return tuple(name for name, on in zip(("ssim", "sharpness"), wanted, strict=True) if on)
 
-    def _new_fidelity(self) -> ImageFidelity:
+    def _new_fidelity(self) -> ImageFidelity | MelCepstralDistortion:
         figures = self._fidelity_figures
-        return ImageFidelity(self._metric_data_range, "ssim" in figures, "sharpness" in figures).set_dtype(
-            torch.float64
-        )
+        if figures == ("mcd",):
+            options = self.space.cepstrum.options if isinstance(self.space, AudioAspects) else {}
+            metric = MelCepstralDistortion(**{"sample_rate": self.sample_rate, **options})
+        else:
+            metric = ImageFidelity(self._metric_data_range, "ssim" in figures, "sharpness" in figures)
+        return metric.set_dtype(torch.float64)
 
     @property
     def _profiles_drawn(self) -> bool:
@@ -450,7 +460,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         metric = stage.metrics[index]
         measured = metric.batch_stats(preds, target)
         metric.accumulate(measured)
-        image_values = self._image_figures(stage, index, preds, target)
+        sample_values = self._set_figures(stage, index, preds, target)
         if not self._draws_panels(trainer, loop):
             return
         if stage.profiles and stage.profiles[index].fits(preds):
@@ -463,7 +473,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             position = (first + row) * trainer.world_size + trainer.global_rank  # DistributedSampler's interleaving
             label = f"batch {batch_idx} item {row}" + (f" (rank {trainer.global_rank})" if trainer.global_rank else "")
             if names:
-                values = self._sample_figures(names, components, image_values, row)
+                values = self._sample_figures(names, components, sample_values, row)
                 stage.figures[index].append([position, label, value, *values])
             among_worst = worst.wants(value, position)
             if not (fixed or among_worst):
@@ -476,9 +486,9 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             if among_worst:
                 worst.add(sample)
 
-    def _image_figures(self, stage: _Stage, index: int, preds: Tensor, target: Tensor) -> dict[str, list[float]]:
-        """Accumulate SSIM / sharpness of a batch of images; their per-image values (lists). A batch that cannot be
-        measured (not ``[N, C, H, W]``, or too small) is left out, with one warning."""
+    def _set_figures(self, stage: _Stage, index: int, preds: Tensor, target: Tensor) -> dict[str, list[float]]:
+        """Accumulate the set's figures (SSIM / sharpness, MCD) of a batch; their per-sample values (lists). A batch
+        that cannot be measured (images not ``[N, C, H, W]``, too small, too short) is left out, with one warning."""
         if not stage.fidelity or not preds.shape[0]:  # (a batch of padding repeats only is empty now)
             return {}
         fidelity = stage.fidelity[index]
@@ -487,12 +497,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 self._warned.add("fidelity")
                 rank_zero_warn(
                     f"PerceptionMSECallback: {' and '.join(fidelity.figures)} leave out batches of shape "
-                    f"{tuple(preds.shape)}: they need images [N, C, H, W] of at least 8x8 pixels (ssim=False / "
-                    f"sharpness=False turn them off)",
+                    f"{tuple(preds.shape)}: they need {fidelity.requirement} "
+                    f"({' / '.join(f'{name}=False' for name in fidelity.figures)} to turn them off)",
                     category=UserWarning,
                 )
             return {}
-        values = fidelity.image_values(preds, target)
+        values = fidelity.sample_values(preds, target)
         fidelity.accumulate(values)
         return {name: value.tolist() for name, value in values.items()}
 
@@ -504,7 +514,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         return ("psnr",) * (self.data_range is not None) + ("ssim",) * ("ssim" in self._fidelity_figures)
 
     def _sample_figures(
-        self, names: tuple[str, ...], components: Mapping[str, float], image_values: Mapping[str, list], row: int
+        self, names: tuple[str, ...], components: Mapping[str, float], sample_values: Mapping[str, list], row: int
     ) -> list[float]:
         """A sample's ``names`` values: PSNR of its raw MSE; SSIM (NaN in a batch the figures left out)."""
         figures = []
@@ -512,7 +522,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             raw, span = components[self.space.raw_name], self.data_range[1] - self.data_range[0]
             figures.append(10 * (2 * math.log10(span) - math.log10(raw)) if raw > 0 else math.inf)
         if "ssim" in names:
-            figures.append(image_values["ssim"][row] if "ssim" in image_values else math.nan)
+            figures.append(sample_values["ssim"][row] if "ssim" in sample_values else math.nan)
         return figures
 
     def _input_of(self, outputs: Any, preds: Tensor) -> Tensor | None:
@@ -556,7 +566,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 # keeps the bits and leaves it nothing to advise, without a filter on the process's warnings
                 pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1,
                               add_dataloader_idx=False, prog_bar=self.prog_bar and name == "total")  # fmt: skip
-        figures = [fidelity.compute() for fidelity in stage.fidelity]  # collectives: every rank
+        figures = [fidelity.figure_values() for fidelity in stage.fidelity]  # collectives: every rank
         for index, values in enumerate(figures):
             if all(math.isnan(value) for value in values.values()):  # no image measured on any rank: no key
                 figures[index] = {}

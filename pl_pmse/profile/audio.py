@@ -21,8 +21,7 @@ class AudioAnalysis(Analysis):
     def __init__(
         self, sample_rate: int | None = None, n_fft: int = 1024, hop_length: int | None = None, n_mels: int = 64
     ) -> None:
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-            raise ValueError(f"sample_rate: the audio profile needs the sample rate in Hz, got {sample_rate!r}")
+        checks.check_sample_rate(sample_rate, "the audio profile")
         check_fft(n_fft, hop_length, None)
         check_count("n_mels", n_mels, 1024)
         self.sample_rate, self.n_fft, self.hop_length, self.n_mels = (

@@ -11,15 +11,20 @@
 | ``waveform`` | ``waveform`` (1) |
 | ``mel`` | ``waveform`` (0), ``mel`` (1) |
 | ``mrstft`` | ``waveform`` (0), ``stft512``, ``stft1024``, ``stft2048`` (1 each) |
+| ``audio-aspects`` | ``waveform`` (0), ``timbre``, ``pitch``, ``rhythm`` (1 each) |
+| ``wav2vec2`` / ``hubert`` / ``wavlm`` | ``waveform`` (0), transformer layers ``layer1`` ... ``layer8`` (1 each; base) |
 """
 
 from .audio import AudioSpace, MelSpace, MultiResolutionSTFT, WaveformSpace
+from .audio_aspects import AudioAspects
 from .backbones import Backbone, LPIPSSpace, imagenet_weights_path, load_backbone, lpips_calibration
 from .base import Space
 from .image import ImageAspects, ImageSpace, LaplacianPyramid, PixelSpace
 from .registry import available_spaces, get_space, register_space
+from .speech import SpeechModelSpace, load_speech_model, speech_weights_path
 
 __all__ = [
+    "AudioAspects",
     "AudioSpace",
     "Backbone",
     "ImageAspects",
@@ -30,11 +35,14 @@ __all__ = [
     "MultiResolutionSTFT",
     "PixelSpace",
     "Space",
+    "SpeechModelSpace",
     "WaveformSpace",
     "available_spaces",
     "get_space",
     "imagenet_weights_path",
     "load_backbone",
+    "load_speech_model",
     "lpips_calibration",
     "register_space",
+    "speech_weights_path",
 ]

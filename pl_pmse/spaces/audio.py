@@ -94,10 +94,7 @@ class MelSpace(AudioSpace):
         eps: float = 1e-5,
         component_weights: Mapping[str, float] | None = None,
     ) -> None:
-        if sample_rate is None or isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-            raise ValueError(
-                f"sample_rate: space 'mel' needs the audio's sample rate in Hz (e.g. 16000), got {sample_rate!r}"
-            )
+        checks.check_sample_rate(sample_rate, "space 'mel'")
         check_fft(n_fft, hop_length, win_length)
         if f_max is not None and not f_min < f_max <= sample_rate / 2:
             raise ValueError(f"f_max: expected f_min < f_max <= sample_rate / 2 = {sample_rate / 2}, got {f_max}")
@@ -180,35 +177,26 @@ class MelAnalysis(nn.Module):
         return self.filters(_power_spectrogram(self.spectrogram, x))
 
 
-class MelFilterBank(nn.Module):
-    """Triangular mel filters ``[..., n_freqs, frames] -> [..., n_mels, frames]``, applied as a dot product over each
-    band's own window of frequencies: per group of neighbouring bands (widths grow with frequency), a strided view, one
+class BandFilters(nn.Module):
+    """Contiguous band filters ``[..., n_freqs, frames] -> [..., bands, frames]`` given as a dense ``fb``
+    (``[n_freqs, bands]``, each band non-zero on one run of neighbouring frequencies), applied as a dot product over
+    each band's own window of frequencies: per group of neighbouring bands (similar widths), a strided view, one
     gather of the windows and one ``vecdot`` (torch's own reduction: the same order on every x86 CPU, and a fixed
-    number of operations on any device; MKL's matrix product orders its sums by CPU). ``fb`` is the dense
-    ``[n_freqs, n_mels]`` matrix of :func:`mel_filter_bank`, for plots and references.
+    number of operations on any device; MKL's matrix product orders its sums by CPU). ``fb`` is kept for plots,
+    references and the gradient on accelerators.
     """
 
     GROUPS = 4  # more groups waste less of the windows on narrow bands, at 3 operations each
 
-    def __init__(
-        self,
-        n_freqs: int,
-        f_min: float,
-        f_max: float | None,
-        n_mels: int,
-        sample_rate: int,
-        norm: str | None = None,
-        mel_scale: str = "htk",
-    ) -> None:
+    def __init__(self, fb: Tensor) -> None:
         super().__init__()
-        self.f_max = float(f_max if f_max is not None else sample_rate // 2)
-        fb = mel_filter_bank(n_freqs, f_min, self.f_max, n_mels, sample_rate, norm, mel_scale)
+        n_freqs, n_bands = fb.shape
         used = fb > 0
         widths = used.sum(0).clamp(min=1)  # bands are contiguous: each lies in a window of its width
         first = torch.where(used.any(0), used.int().argmax(0), 0)  # each band's lowest frequency bin
         self.register_buffer("fb", fb, persistent=False)
         self.groups = 0
-        for bands in torch.arange(n_mels).tensor_split(min(self.GROUPS, n_mels)):  # neighbours have similar widths
+        for bands in torch.arange(n_bands).tensor_split(min(self.GROUPS, n_bands)):  # neighbours: similar widths
             width = int(widths[bands].max())
             start = first[bands].clamp(max=max(n_freqs - width, 0))  # a top band's window ends at the last bin
             self.register_buffer(f"start{self.groups}", start, persistent=False)
@@ -233,16 +221,34 @@ class MelFilterBank(nn.Module):
         return torch.cat(bands, -1).transpose(-1, -2)
 
 
+class MelFilterBank(BandFilters):
+    """torchaudio's triangular mel filters (:func:`mel_filter_bank`) as :class:`BandFilters`."""
+
+    def __init__(
+        self,
+        n_freqs: int,
+        f_min: float,
+        f_max: float | None,
+        n_mels: int,
+        sample_rate: int,
+        norm: str | None = None,
+        mel_scale: str = "htk",
+    ) -> None:
+        top = float(f_max if f_max is not None else sample_rate // 2)
+        super().__init__(mel_filter_bank(n_freqs, f_min, top, n_mels, sample_rate, norm, mel_scale))
+        self.f_max = top
+
+
 class _DenseBackward(torch.autograd.Function):
-    """:meth:`MelFilterBank.per_band` with the gradient of the dense product, ``fb @ grad``: on an accelerator
+    """:meth:`BandFilters.per_band` with the gradient of the dense product, ``fb @ grad``: on an accelerator
     ``index_select``'s backward adds atomically (run-to-run different bits); a matrix product does not."""
 
     @staticmethod
-    def forward(power: Tensor, filters: MelFilterBank) -> Tensor:
+    def forward(power: Tensor, filters: BandFilters) -> Tensor:
         return filters.per_band(power)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, MelFilterBank], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, BandFilters], output: Tensor) -> None:
         ctx.save_for_backward(inputs[1].fb)
 
     @staticmethod

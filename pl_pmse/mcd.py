@@ -1,0 +1,130 @@
+"""MelCepstralDistortion: the standard voice-conversion and speech-synthesis figure, over a whole set, exactly.
+
+Per frame, ``MCD = 10 / ln(10) * sqrt(2 * sum_k (c_k - c'_k) ** 2)`` dB over the mel-cepstral coefficients
+``c1 ... cK`` of the prediction and the target (natural-log amplitude cepstra, ``c0``, the loudness, left out): the
+frames of the ``audio-aspects`` space's ``timbre`` component (:class:`~pl_pmse.spaces.audio_aspects.MelCepstrum`).
+A clip's value is the mean over its frames (and channels); the set's, the mean over clips, kept in the exact
+accumulators of :mod:`pl_pmse.exact` (the same bits for any batch split, update order or number of processes). The
+pair is compared frame by frame as it is: no time warping (a prediction of the target's own timing, as enhancement,
+vocoders and codecs give; a system that changes the timing needs an alignment first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .exact_metric import TORCHMETRICS_OPTIONS, ExactSumMetric
+from .precision import own_precision
+from .spaces.audio_aspects import CEPSTRUM_DEFAULTS, MelCepstrum
+
+MCD_SCALE = 10 / math.log(10) * math.sqrt(2)  # dB per unit of cepstral distance (natural-log amplitude)
+
+
+class MelCepstralDistortion(ExactSumMetric):
+    """Mel-cepstral distortion in dB of predicted clips against their targets, over the whole set (module doc).
+
+    Args:
+        sample_rate: of the audio in Hz (required).
+        n_fft, hop_length, n_mels, n_cepstra, floor_db: the mel cepstrum, as in the ``audio-aspects`` space
+            (defaults: 1024, ``n_fft // 4``, 80, 24, 60 dB).
+        options: ``torchmetrics.Metric``'s keyword options.
+
+    Example:
+        >>> import torch
+        >>> mcd = MelCepstralDistortion(sample_rate=16000)
+        >>> target = torch.randn(2, 16000, generator=torch.manual_seed(0)) * 0.1
+        >>> mcd.update(target * 0.5, target)  # a gain change: no distortion
+        >>> round(mcd.compute().item(), 3)
+        0.0
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, sample_rate: int | None = None, **options: Any) -> None:
+        analysis = {name: options.pop(name, default) for name, default in CEPSTRUM_DEFAULTS.items()}
+        unknown = sorted(set(options) - set(TORCHMETRICS_OPTIONS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of MelCepstralDistortion")
+        checks.check_sample_rate(sample_rate, "MelCepstralDistortion")
+        cepstrum = MelCepstrum(sample_rate, **analysis)  # checks its options
+        super().__init__(num_sums=1, num_counts=1, **options)
+        self.cepstrum = cepstrum
+        self.min_length = analysis["n_fft"] // 2 + 1
+        self._add_configuration_checksum()
+
+    def configuration(self) -> dict[str, str]:
+        return {**super().configuration(), **{name: repr(value) for name, value in self.cepstrum.options.items()}}
+
+    figures = ("mcd",)
+
+    @property
+    def requirement(self) -> str:
+        """What :meth:`fits` asks of a batch, for messages."""
+        return f"audio [N, T] or [N, C, T] of at least {self.min_length} samples"
+
+    def fits(self, x: Tensor) -> bool:
+        """Whether a batch of this shape can be measured (the callback leaves other batches out, with a warning)."""
+        return x.dim() in (2, 3) and x.shape[-1] >= self.min_length
+
+    def check(self, preds: Tensor, target: Tensor) -> None:
+        """Raise on a pair that cannot be measured, naming what was expected."""
+        checks.check_tensor_pair(preds, target, (-1.0, 1.0))  # integers welcome: the figure ignores the gain
+        checks.check_ndim(preds, (2, 3), "audio [N, T] or [N, C, T]", "MelCepstralDistortion")
+        if preds.shape[-1] < self.min_length:
+            raise ValueError(
+                f"preds and target: MelCepstralDistortion needs clips of at least n_fft // 2 + 1 = {self.min_length} "
+                f"samples, got {preds.shape[-1]} (shape {tuple(preds.shape)})"
+            )
+
+    def sample_values(self, preds: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Each clip's mean MCD over its frames (and channels), float64 ``[N]``. No checks, no gradients."""
+        dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
+        with torch.no_grad(), own_precision(preds.device, inner_products=False):
+            both = torch.cat([preds, target]).to(dtype)
+            cepstra = self.cepstrum.cepstrum(self.cepstrum.log_mel(both)).chunk(2)
+            per_frame = MCD_SCALE * (cepstra[0] - cepstra[1]).square().sum(-1).sqrt()  # [N, (C,) frames]
+            frames = per_frame.reshape(preds.shape[0], -1)
+            return {"mcd": torch.cumsum(frames, 1, dtype=torch.float64)[:, -1] / frames.shape[1]}
+
+    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Accumulate a batch of clips; clips with NaN/Inf are left out, and those ``mask`` (bool ``[N]``) leaves out
+        (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
+        self.check(preds, target)
+        checks.check_state_device(preds, type(self).__name__, self.totals.device)
+        mask = self._padding_mask(preds.shape[0], mask, preds.device)
+        if mask is not None:
+            checks.check_mask(mask, preds)
+            preds, target = preds[mask], target[mask]
+        if preds.shape[0]:
+            self._accumulate(self.sample_values(preds, target))
+
+    def accumulate(self, values: dict[str, Tensor]) -> None:
+        """Add the clips of :meth:`sample_values` (non-finite ones left out): the same state as :meth:`update`."""
+        if self._is_synced:
+            raise RuntimeError("MelCepstralDistortion: accumulate called while the state is synced; call unsync()")
+        self._accumulate(values)
+        self._update_count += 1
+        self._computed = None
+
+    def _accumulate(self, values: dict[str, Tensor]) -> None:
+        mcd = values["mcd"]
+        mcd = mcd[mcd.isfinite()]
+        if mcd.numel():
+            self._add(mcd[None], [mcd.numel()])
+
+    def compute(self) -> Tensor:
+        """The mean MCD in dB over the clips accumulated (synced across processes); NaN before any clip."""
+        (clips,) = self._counts()
+        (value,) = self._sums([clips])
+        return torch.tensor(value, dtype=self._result_dtype, device=self.device)
+
+    def figure_values(self) -> dict[str, Tensor]:
+        """``{"mcd": compute()}`` (the callback's common form with :class:`~pl_pmse.fidelity.ImageFidelity`)."""
+        return {"mcd": self.compute()}
