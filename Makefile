@@ -30,7 +30,7 @@ test-torchmetrics-floor: $(STAMP)
 	PYTHONPATH=$(FLOOR_DIR) $(PY) -c "import torchmetrics, sys; sys.exit(torchmetrics.__version__ != '$(TORCHMETRICS_FLOOR)')"
 	PYTHONPATH=$(FLOOR_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_metric.py tests/test_functional.py \
 		tests/test_same_number.py tests/test_properties.py tests/test_accelerator_shape.py tests/test_profile.py \
-		tests/test_torchmetrics_interop.py tests/test_fidelity.py
+		tests/test_torchmetrics_interop.py tests/test_fidelity.py tests/test_audio_aspects.py
 
 # The Lightning-facing tests against the lowest Lightning pyproject.toml allows (keep the two equal; before 2.5.3
 # Lightning refuses the callback's own /dataloader_idx_<i> keys): pytorch-lightning, lightning and lightning-fabric

@@ -728,6 +728,69 @@ def _fidelity_rows(shape: tuple[int, ...], device: torch.device, ssim_class: Any
     return [(str(shape), name, f"{s * 1e3:.1f}", f"{base / s:.2f}x") for name, s in seconds.items()]
 
 
+def audio(quick: bool, device: torch.device) -> str:
+    """Speech and aspects spaces: a hubert update and loss step vs the same torchaudio model's features by hand (one
+    forward over both halves, per-layer MSE; the target under no_grad in the loss); audio-aspects vs mel."""
+    import torchaudio
+
+    from pl_pmse.spaces import get_space
+
+    n, length = (2, 4000) if quick else (4, 16000)
+    generator = torch.Generator().manual_seed(0)
+    target = (0.3 * torch.randn(n, length, generator=generator)).clamp(-1, 1).to(device)
+    preds = (target + 0.05 * torch.randn(n, length, generator=generator).to(device)).clamp(-1, 1)
+    hubert = get_space("hubert", sample_rate=16000, weights="random").to(device)
+    reference = torchaudio.models.hubert_base()
+    reference.load_state_dict(hubert.network.state_dict())
+    reference = reference.eval().requires_grad_(False).to(device)
+    depth = max(hubert.layer_numbers)
+
+    def by_hand_update() -> float:
+        with torch.no_grad():
+            layers, _ = reference.extract_features(torch.cat([preds, target]), num_layers=depth)
+        return sum(float(((f[:n] - f[n:]) ** 2).mean()) for f in layers)
+
+    def by_hand_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            constant, _ = reference.extract_features(t, num_layers=depth)
+        tracked, _ = reference.extract_features(p, num_layers=depth)
+        return sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(tracked, constant, strict=True))
+
+    layers = (torch.nn.Unflatten(1, (1, -1)), torch.nn.Conv1d(1, 8, 9, padding=4), torch.nn.Tanh(),
+              torch.nn.Conv1d(8, 1, 9, padding=4), torch.nn.Flatten(), torch.nn.Tanh())  # fmt: skip
+    model = torch.nn.Sequential(*layers).to(device)
+    metrics = {name: PerceptionMSE(name, sample_rate=16000, **({"weights": "random"} if name == "hubert" else {}))
+               for name in ("hubert", "audio-aspects", "mel")}  # fmt: skip
+    metrics["hubert"] = PerceptionMSE(hubert).to(device)
+    spaces = {name: metric.to(device).space for name, metric in metrics.items()}
+    repeats = 3 if quick else 7
+    updates = interleaved({
+        "hubert: torchaudio by hand": by_hand_update,
+        "hubert: pl-pmse update": lambda: metrics["hubert"].update(preds, target),
+        "mel: pl-pmse update": lambda: metrics["mel"].update(preds, target),
+        "audio-aspects: pl-pmse update": lambda: metrics["audio-aspects"].update(preds, target),
+    }, repeats=repeats, warmup=1)  # fmt: skip
+    steps = interleaved({
+        "hubert: torchaudio by hand": _training_step(model, preds, target, by_hand_loss),
+        "hubert: pl-pmse perception_mse": _training_step(model, preds, target,
+                                                        lambda p, t: perception_mse(p, t, spaces["hubert"])),
+        "mel: pl-pmse perception_mse": _training_step(model, preds, target,
+                                                     lambda p, t: perception_mse(p, t, spaces["mel"])),
+        "audio-aspects: pl-pmse perception_mse": _training_step(
+            model, preds, target, lambda p, t: perception_mse(p, t, spaces["audio-aspects"])),
+    }, repeats=repeats, warmup=1)  # fmt: skip
+    rows = []
+    for what, seconds in (("update", updates), ("loss step", steps)):
+        names = list(seconds)
+        for name in names:
+            base = seconds[names[0]] if name.startswith("hubert") else seconds[names[2]]
+            versus = "hand-written" if name.startswith("hubert") else "mel"
+            rows.append((what, name, f"{seconds[name] * 1e3:.1f}", f"{seconds[name] / base:.2f}x vs {versus}"))
+    title = (f"### Audio: hubert (layers 1-{depth}, random weights) vs torchaudio by hand; audio-aspects vs mel; "
+             f"{n} clips x {length / 16000:g} s at 16 kHz\n\n")  # fmt: skip
+    return title + table(rows, ("", "", "ms", "time"))
+
+
 SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "pixel": pixel,
     "small-batch": small_batch,
@@ -743,6 +806,7 @@ SECTIONS: dict[str, Callable[[bool, torch.device], str]] = {
     "launches": launches,
     "imports": imports,
     "fidelity": fidelity,
+    "audio": audio,
 }
 
 

@@ -1,8 +1,9 @@
 """Audio enhancement: remove noise and band-limiting, validated with log-mel Perception MSE and audio panels.
 
-By default the data is synthesised in code (harmonic tones with vibrato, chirps, noise bursts), so nothing is
-downloaded. Pass a folder of your own .wav files with ``--data.root``: they are read with soundfile, mixed to
-mono, resampled to ``sample_rate`` and cut into segments.
+By default the data is synthesised in code: speech-like clips from a source-filter model (syllables of vowels with
+their formants, an intonation contour, fricative bursts), so nothing is downloaded. Pass a folder of your own .wav
+files with ``--data.root``: they are read with soundfile, mixed to mono, resampled to ``sample_rate`` and cut into
+segments.
 
     python examples/audio_enhancement.py fit --config configs/audio_enhancement.yaml
     python examples/audio_enhancement.py fit --config configs/audio_enhancement.yaml --data.root ~/my_wavs
@@ -23,23 +24,64 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.common import run_cli
 
+# formant frequencies F1, F2, F3 (Hz) of five vowels (Peterson & Barney, 1952, adult male averages)
+VOWELS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (270, 2290, 3010), "o": (570, 840, 2410),
+          "u": (300, 870, 2240)}  # fmt: skip
+FORMANT_BANDWIDTHS = (80.0, 100.0, 140.0)  # Hz
+
 
 def synthetic_clip(length: int, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
-    """One clip in [-1, 1]: a harmonic tone with vibrato, a chirp, or a tone over a few noise bursts."""
-    t = torch.arange(length) / sample_rate
-    kind = int(torch.randint(3, (), generator=generator))
-    pitch = 110 * 2 ** (3 * float(torch.rand((), generator=generator)))  # 110 Hz .. 880 Hz
-    if kind == 1:  # chirp: instantaneous frequency rises linearly
-        end = pitch * (1 + 3 * float(torch.rand((), generator=generator)))
-        phase = 2 * math.pi * (pitch * t + (end - pitch) * t**2 / (2 * t[-1]))
-        return 0.5 * torch.sin(phase)
-    vibrato = 1 + 0.01 * torch.sin(2 * math.pi * 5 * t)
-    phase = 2 * math.pi * pitch * torch.cumsum(vibrato, 0) / sample_rate
-    tone = sum(torch.sin(k * phase) / k**1.5 for k in range(1, 9)) * 0.3
-    if kind == 2:  # noise bursts
-        envelope = (torch.rand(8, generator=generator) > 0.6).float().repeat_interleave(math.ceil(length / 8))[:length]
-        tone = tone + 0.3 * envelope * torch.randn(length, generator=generator)
-    return tone.clamp(-1, 1)
+    """A speech-like clip in [-1, 1], made by a source-filter model: syllables at 3-6 per second, each a vowel
+    (its three formants, moving smoothly from one vowel to the next) on a glottal source whose pitch follows an
+    intonation contour (falling over the clip, with a rise on stressed syllables), some begun by a fricative's
+    noise burst, with pauses between phrases, over a quiet room's noise. Additive synthesis: every harmonic of the
+    pitch below the Nyquist frequency, weighted by the formant filter at its frequency (-6 dB per octave of source
+    tilt)."""
+    rand = lambda: float(torch.rand((), generator=generator))  # noqa: E731
+    t = torch.arange(length, dtype=torch.float64) / sample_rate
+    duration = length / sample_rate
+    # syllables: boundaries, vowels, stress, fricative onsets; a pause after some
+    bounds, vowels, stressed, fricative, pause = [0.0], [], [], [], []
+    while bounds[-1] < duration:
+        bounds.append(bounds[-1] + 0.16 + 0.17 * rand())
+        vowels.append(list(VOWELS)[int(5 * rand()) % 5])
+        stressed.append(rand() < 0.35)
+        fricative.append(rand() < 0.3)
+        pause.append(len(pause) > 0 and rand() < 0.12)
+    edges = torch.tensor(bounds, dtype=torch.float64)
+    syllable = torch.bucketize(t, edges[1:-1], right=True)  # each sample's syllable
+    position = (t - edges[syllable]) / (edges[syllable + 1] - edges[syllable])  # 0..1 within it
+    # formants: each syllable's vowel, crossfaded over the first third of the next
+    targets = torch.tensor([VOWELS[v] for v in vowels], dtype=torch.float64)
+    previous = targets[(syllable - 1).clamp(min=0)]
+    blend = (position / 0.33).clamp(max=1.0)[:, None]
+    formants = previous + (targets[syllable] - previous) * (0.5 - 0.5 * torch.cos(torch.pi * blend))
+    # pitch: a speaker's base, a declination over the clip, a rise on stressed syllables, a little jitter
+    base = 95 + 130 * rand()
+    stress = torch.tensor(stressed, dtype=torch.float64)[syllable] * torch.sin(torch.pi * position)
+    pitch = base * (1.15 - 0.25 * t / duration) * (1 + 0.18 * stress)
+    pitch = pitch * (1 + 0.004 * torch.randn(length, generator=generator, dtype=torch.float64).cumsum(0).div(
+        math.sqrt(length)))  # fmt: skip
+    phase = 2 * math.pi * torch.cumsum(pitch, 0) / sample_rate
+    harmonics = torch.arange(1, int(sample_rate / 2 / float(pitch.min())) + 1, dtype=torch.float64)
+    frequency = harmonics[:, None] * pitch[None]  # [K, T]
+    gain = torch.ones_like(frequency)
+    for index, bandwidth in enumerate(FORMANT_BANDWIDTHS):
+        centre = formants[:, index][None]
+        gain = gain / torch.sqrt((1 - (frequency / centre) ** 2) ** 2 + (frequency * bandwidth / centre**2) ** 2)
+    gain = gain * (frequency < sample_rate / 2) / harmonics[:, None]
+    voiced = (gain * torch.sin(harmonics[:, None] * phase[None])).sum(0)
+    # the syllable's loudness: a rise and a fall; a fricative's noise burst in its first 60 ms
+    envelope = torch.sin(torch.pi * position).clamp(min=0) ** 0.6
+    envelope = envelope * (1 - torch.tensor(pause, dtype=torch.float64)[syllable])
+    seconds_in = t - edges[syllable]
+    burst = torch.tensor(fricative, dtype=torch.float64)[syllable] * (seconds_in < 0.06)
+    noise = torch.randn(length, generator=generator, dtype=torch.float64)
+    hiss = torchaudio.functional.highpass_biquad(noise.float(), sample_rate, min(3500.0, sample_rate / 2.5)).double()
+    voiced_part = voiced * envelope * (1 - burst)
+    room = 3e-4 * torch.randn(length, generator=generator, dtype=torch.float64)  # a quiet room: no digital silence
+    clip = voiced_part / voiced_part.abs().max().clamp(min=1e-9) * 0.5 + 0.15 * burst * hiss + room
+    return clip.float().clamp(-1, 1)
 
 
 def degrade(clean: torch.Tensor, sample_rate: int, noise: float, cutoff: float, generator: torch.Generator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,22 +13,29 @@ from pytorch_lightning.loggers import WandbLogger
 
 
 class EpochTable(pl.Callback):
-    """Prints one line per validation epoch with Perception MSE and its components (rank zero only).
+    """Prints one line per validation epoch with Perception MSE and its components (rank zero only): every key
+    under ``prefix``, or the ``keys`` given (each column named by the key's last word: ``val/aspects_pitch`` ->
+    ``pitch``).
 
     At the end of ``fit`` it says where the W&B run lives and how to upload it.
     """
 
-    def __init__(self, prefix: str = "val/pmse") -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str = "val/pmse", keys: list[str] | None = None) -> None:
+        self.prefix, self.keys = prefix, keys
         self._columns: list[str] | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
+        wanted = (lambda k: k in self.keys) if self.keys else (lambda k: k.startswith(self.prefix))
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if wanted(k)}
         if self._columns is None:
-            self._columns = sorted(values, key=lambda k: (k != self.prefix, k))
-            names = [k[len(self.prefix) :].lstrip("/_") or "pmse" for k in self._columns]
+            if self.keys:
+                self._columns = list(self.keys)
+                names = [re.split(r"[/_]", key)[-1] for key in self._columns]
+            else:
+                self._columns = sorted(values, key=lambda k: (k != self.prefix, k))
+                names = [k[len(self.prefix) :].lstrip("/_") or "pmse" for k in self._columns]
             print("\n" + " ".join(f"{n:>10.10s}" for n in ["epoch", *names]), flush=True)
         row = [f"{trainer.current_epoch:>10d}"] + [f"{values.get(k, float('nan')):>10.4g}" for k in self._columns]
         print(" ".join(row), flush=True)

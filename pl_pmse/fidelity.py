@@ -170,7 +170,8 @@ class ImageFidelity(ExactSumMetric):
         return {name: torch.tensor(values[name], dtype=self._result_dtype, device=self.device) for name in self.figures}
 
     def figure_values(self) -> dict[str, Tensor]:
-        """:meth:`compute` by figure name (the callback's common form with :class:`~pl_pmse.mcd.MelCepstralDistortion`)."""
+        """:meth:`compute` by figure name (the callback's form, as
+        :meth:`MelCepstralDistortion.figure_values <pl_pmse.mcd.MelCepstralDistortion.figure_values>`)."""
         return self.compute()
 
 

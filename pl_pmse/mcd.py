@@ -30,8 +30,8 @@ class MelCepstralDistortion(ExactSumMetric):
 
     Args:
         sample_rate: of the audio in Hz (required).
-        n_fft, hop_length, n_mels, n_cepstra, floor_db: the mel cepstrum, as in the ``audio-aspects`` space
-            (defaults: 1024, ``n_fft // 4``, 80, 24, 60 dB).
+        n_fft, hop_length, n_mels, n_cepstra, floor_db, range_db: the mel cepstrum, as in the ``audio-aspects``
+            space (defaults: 1024, ``n_fft // 4``, 80, 24, 60 dB, 80 dB).
         options: ``torchmetrics.Metric``'s keyword options.
 
     Example:

@@ -45,6 +45,7 @@ def measurements(network: bool = False) -> dict[str, list[int]]:
             (noisy, clean),
         ),
         "mrstft": ("mrstft", {"fft_sizes": (128, 512)}, (noisy, clean)),
+        "audio-aspects": ("audio-aspects", {"sample_rate": 16000, "n_fft": 512}, (noisy, clean)),
     }
     if network:
         cases["squeezenet"] = ("squeezenet", {"weights": "random"}, images)

@@ -28,6 +28,8 @@ LAUNCH_CASES = [
     ("waveform", {}, (16000, 160000), 40),
     ("mel", {"sample_rate": 16000}, (16000, 160000), 40),
     ("mrstft", {}, (16000, 64000), 40),
+    ("audio-aspects", {"sample_rate": 16000}, (16000, 160000), 40),
+    ("hubert", {"sample_rate": 16000, **RANDOM}, (16000, 64000), 60),  # 9 components: 42
     ("vgg16", RANDOM, (64, 1024), 40),
     ("alexnet", RANDOM, (64, 1024), 40),
     ("squeezenet", RANDOM, (64, 1024), 40),

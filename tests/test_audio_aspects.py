@@ -17,10 +17,10 @@ RATE = 16000
 
 
 def _voice(pitch: float, seconds: float = 1.0, harmonics: int = 12) -> torch.Tensor:
-    """A harmonic tone with a falling 1/k spectrum and a slight 5 Hz vibrato (a sung vowel, roughly)."""
+    """A steady harmonic tone with a falling 1/k spectrum (a sung vowel, roughly; no vibrato, which is a 5 Hz
+    modulation of its own)."""
     time = torch.arange(int(seconds * RATE), dtype=torch.float64) / RATE
-    phase = 2 * math.pi * pitch * (time + 0.0005 * torch.sin(2 * math.pi * 5 * time))  # +-1.6 %: 0.27 semitone
-    return (0.15 * sum(torch.sin(k * phase) / k for k in range(1, harmonics + 1))).float()
+    return (0.15 * sum(torch.sin(2 * math.pi * k * pitch * time) / k for k in range(1, harmonics + 1))).float()
 
 
 def _mfcc(x: torch.Tensor, n_cepstra: int = 24) -> torch.Tensor:
@@ -71,7 +71,10 @@ def test_mcd_is_the_same_for_any_batch_split_and_zero_for_a_gain() -> None:
 # each change and the aspect it is made to move
 CHANGES = {
     "semitone up": ("pitch", lambda t, f0: _voice(f0 * 2 ** (1 / 12))),
-    "4 Hz tremolo": ("rhythm", lambda t, f0: t * (0.6 + 0.4 * torch.sin(2 * math.pi * 4 * torch.arange(t.numel()) / RATE))),
+    "4 Hz tremolo": (
+        "rhythm",
+        lambda t, f0: t * (0.6 + 0.4 * torch.sin(2 * math.pi * 4 * torch.arange(t.numel()) / RATE)),
+    ),
     "added noise": ("timbre", lambda t, f0: t + _noise(t.shape, 5, 0.03)),
     "gain": (None, lambda t, f0: 0.5 * t),
 }
@@ -124,8 +127,7 @@ def test_the_onset_envelope_rises_where_notes_start() -> None:
     for start in starts:
         clip[start : start + 3000] = _voice(330.0, 3000 / RATE)
     envelope = space.features(clip[None] + _noise((1, RATE), 6, 1e-4))["rhythm"][0]
-    peaks = envelope.topk(2).indices.sort().values + 1  # envelope[t] is the rise into frame t + 1
-    assert [abs(int(p) * space.hop_length - s) <= 2 * space.hop_length for p, s in zip(peaks, starts, strict=True)]
+    peaks = envelope.topk(2).indices.sort().values + 1 + space.edge_frames  # the rise into frame t + 1 + edge
     assert all(abs(int(p) * space.hop_length - s) <= 2 * space.hop_length for p, s in zip(peaks, starts, strict=True))
 
 
@@ -184,7 +186,11 @@ def test_mcd_bad_inputs_name_what_was_expected_and_leave_the_state_alone() -> No
     metric.update(target + 0.01, target)
     before = metric.compute()
     for preds, target_, message in (
-        (torch.zeros(2, 100), torch.zeros(2, 100), r"MelCepstralDistortion needs clips of at least n_fft // 2 \+ 1 = 513 samples, got 100"),
+        (
+            torch.zeros(2, 100),
+            torch.zeros(2, 100),
+            r"MelCepstralDistortion needs clips of at least n_fft // 2 \+ 1 = 513 samples, got 100",
+        ),
         (torch.zeros(2, 1, 1, 600), torch.zeros(2, 1, 1, 600), r"expects audio \[N, T\] or \[N, C, T\]"),
         (torch.zeros(2, 600), torch.zeros(3, 600), r"shape"),
     ):

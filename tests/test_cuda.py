@@ -39,6 +39,8 @@ SPACES = [  # (space, options, data_range, audio)
     ("waveform", {}, None, True),
     ("mel", {"sample_rate": 16000}, None, True),
     ("mrstft", {}, None, True),
+    ("audio-aspects", {"sample_rate": 16000}, None, True),
+    ("hubert", {"sample_rate": 16000, "layers": [1, 2], **RANDOM}, None, True),
 ]
 # on CUDA, exact-feature spaces sum in integers (1e-11 of the float64 sum) and cuDNN / cuFFT / cuBLAS round otherwise
 TOLERANCE = {"pixel": 1e-6, "pyramid": 1e-6, "aspects": 1e-6, "waveform": 1e-6}

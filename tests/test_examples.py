@@ -81,10 +81,16 @@ def test_audio_enhancement_example_with_a_wav_folder(tmp_path, monkeypatch) -> N
     run, rows = offline_run(tmp_path)
     seen = f"{len(rows)} history rows with keys {sorted({key for row in rows for key in row})}"  # if this fails
     assert len([row for row in rows if "val/pmse_mel" in row]) == 2, seen
-    clips = list((run / "files/media/audio").rglob("*.wav"))
-    assert len(clips) == 2 * 2 * (2 + 2)  # epochs x (target, prediction) x (2 fixed + 2 worst)
-    data, rate = soundfile.read(clips[0])
+    keys = {key for row in rows for key in row}
+    assert {"val/aspects_timbre", "val/aspects_pitch", "val/aspects_rhythm", "val/aspects_mcd"} <= keys, seen
+    assert {f"val/wav2vec2_layer{n}" for n in range(1, 9)} <= keys and "val/pmse_mcd" not in keys, seen
+    media = run / "files/media"
+    clips = {prefix: list((media / "audio/val" / prefix).rglob("*.wav")) for prefix in ("pmse", "aspects", "wav2vec2")}
+    # epochs x (target, prediction) x (2 fixed + 2 worst); wav2vec2: the 2 worst only
+    assert {prefix: len(found) for prefix, found in clips.items()} == {"pmse": 16, "aspects": 16, "wav2vec2": 8}
+    data, rate = soundfile.read(clips["pmse"][0])
     assert rate == 16000 and data.shape == (8000,)
+    assert len(list((media / "images/val/aspects/panels").glob("worst_views_*.png"))) == 2
 
 
 def test_perception_loss_example(tmp_path, monkeypatch) -> None:
@@ -109,3 +115,28 @@ def test_ddp_config_runs_two_processes_on_cpu(tmp_path) -> None:
     assert "distributed_backend=gloo" in done.stderr and "All distributed processes registered" in done.stderr
     (run,) = run_dirs(tmp_path / "runs")
     assert any("val/pmse" in row for row in history(run))
+
+
+def test_the_audio_examples_clips_are_speech_like() -> None:
+    """Voiced at a speaking pitch (80-300 Hz), in syllables (2-7 loudness peaks a second: 3-6 syllables, some
+    paused), with formants (the spectral envelope peaks below 1 kHz and again between 1 and 3 kHz)."""
+    from examples.audio_enhancement import synthetic_clip
+
+    rate, seconds = 16000, 4
+    for seed in range(3):
+        clip = synthetic_clip(seconds * rate, rate, torch.Generator().manual_seed(seed)).double()
+        frames = clip.reshape(-1, 400)  # 25 ms frames
+        loudness = frames.square().mean(1)
+        loud = frames[loudness > 0.1 * loudness.max()]
+        lags = torch.stack([(loud[:, :-lag] * loud[:, lag:]).sum(1) for lag in range(40, 201)], 1)  # 80-400 Hz
+        pitch = rate / (40 + lags.median(0).values.argmax().item())
+        assert 80 <= pitch <= 300, pitch
+        level = 10 * torch.log10(loudness + 1e-12)
+        peaks = (level[1:-1] > level[:-2]) & (level[1:-1] >= level[2:]) & (level[1:-1] > level.max() - 30)
+        centres = peaks.nonzero().flatten().tolist()
+        syllables = [c for i, c in enumerate(centres) if i == 0 or c - centres[i - 1] >= 4]  # 100 ms apart
+        assert 2 * seconds <= len(syllables) <= 7 * seconds, len(syllables)
+        power = torch.fft.rfft(loud * torch.hann_window(400, dtype=torch.float64)).abs().square().mean(0)
+        hertz = torch.fft.rfftfreq(400, 1 / rate)
+        low, high = power[(hertz > 200) & (hertz < 1000)].max(), power[(hertz > 1000) & (hertz < 3000)].max()
+        assert high > 1e-3 * low and power[hertz > 5000].max() < high  # formants above the first, falling after

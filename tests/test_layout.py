@@ -17,8 +17,10 @@ ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "checks": (("checks",), ()),
     "arithmetic": (("exact", "precision", "reduction", "distributed"), ("checks",)),
     "spaces": (("spaces",), ("checks", "arithmetic")),
-    "metrics": (("functional", "exact_metric", "metric", "profile", "fidelity", "mcd"),
-                ("checks", "arithmetic", "spaces")),
+    "metrics": (
+        ("functional", "exact_metric", "metric", "profile", "fidelity", "mcd"),
+        ("checks", "arithmetic", "spaces"),
+    ),
     "panels": (("panels",), ()),
     "sinks": (("sinks",), ("panels",)),
     "callback": (("callback", "lightning_compat"), ("checks", "arithmetic", "spaces", "metrics", "panels", "sinks")),

@@ -126,6 +126,8 @@ BUILT_IN_SPACES = [
     ("waveform", {}, _full_scale_audio, None),
     ("mel", {"sample_rate": 16000}, _full_scale_audio, None),
     ("mrstft", {"fft_sizes": (256, 512)}, _full_scale_audio, None),
+    ("audio-aspects", {"sample_rate": 16000}, _full_scale_audio, None),
+    ("hubert", {"sample_rate": 16000, "weights": "random", "layers": [1, 2]}, _full_scale_audio, None),
 ]
 
 

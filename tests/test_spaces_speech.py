@@ -9,7 +9,7 @@ import torch
 import torchaudio
 
 from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
-from pl_pmse.spaces import SpeechModelSpace, get_space, load_speech_model, speech_weights_path
+from pl_pmse.spaces import get_space, load_speech_model, speech_weights_path
 
 TORCHAUDIO_BUILDERS = {"wav2vec2": torchaudio.models.wav2vec2_base, "hubert": torchaudio.models.hubert_base,
                        "wavlm": torchaudio.models.wavlm_base}  # fmt: skip
@@ -120,7 +120,10 @@ def test_each_channel_is_measured_as_a_clip_of_its_own() -> None:
 
 
 def test_models_that_normalise_the_waveform_do_it_per_clip(weights_files) -> None:
-    assert torchaudio.pipelines.HUBERT_LARGE._normalize_waveform and not torchaudio.pipelines.HUBERT_BASE._normalize_waveform
+    assert (
+        torchaudio.pipelines.HUBERT_LARGE._normalize_waveform
+        and not torchaudio.pipelines.HUBERT_BASE._normalize_waveform
+    )
     space = get_space("hubert", sample_rate=16000, weights=weights_files["hubert"], layers=[1])
     assert space.normalize_waveform is False
     space.normalize_waveform = True  # as for the large models, on the base one's weights
@@ -184,12 +187,14 @@ def test_bad_options_name_the_option(options, error, message) -> None:
 
 
 def test_a_state_dict_of_another_model_is_refused(tmp_path, weights_files) -> None:
-    with pytest.raises(ValueError, match=r"weights: .*wavlm.pt is not a state_dict of torchaudio's hubert base model: "
-                                         r"missing \['encoder.transformer.layers.0.attention.k_proj.bias'"):  # fmt: skip
+    expected = r"weights: .*wavlm.pt is not a state_dict of torchaudio's hubert base model: missing \['encoder"
+    with pytest.raises(ValueError, match=expected):
         get_space("hubert", sample_rate=16000, weights=weights_files["wavlm"])
     large = tmp_path / "not_a_model.pt"
     torch.save({"features.0.weight": torch.zeros(3)}, large)
-    with pytest.raises(ValueError, match=r"weights: .* missing \['encoder.feature_projection.*unexpected \['features.0.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"weights: .* missing \['encoder.feature_projection.*unexpected \['features.0.weight'\]"
+    ):
         get_space("wav2vec2", sample_rate=16000, weights=large)
     torch.save([1, 2], large)
     with pytest.raises(ValueError, match=r"weights: .* holds a list"):

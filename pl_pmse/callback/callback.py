@@ -37,6 +37,7 @@ from ..lightning_compat import CALLBACK_BASES
 from ..mcd import MelCepstralDistortion
 from ..metric import PerceptionMSE
 from ..panels.sets import PANEL_SETS, PanelOptions, PanelSet, Sample, SetFigures
+from ..precision import own_precision
 from ..profile import ErrorProfile
 from ..sinks import Sink, sinks_for
 from ..spaces import AudioAspects, Space, available_spaces, get_space
@@ -96,7 +97,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
     ``val/pmse``, ``val/pmse_<component>``, ``val/pmse_psnr`` (with ``data_range``), ``val/pmse_skipped`` (when
     ``nan_strategy`` skips samples); for images ``val/pmse_ssim`` (with ``data_range``) and ``val/pmse_sharpness``
     (:class:`~pl_pmse.fidelity.ImageFidelity`); for audio ``val/pmse_mcd`` (with a sample rate; the mel-cepstral
-    distortion in dB, :class:`~pl_pmse.mcd.MelCepstralDistortion`); with several dataloaders each key ends in ``/dataloader_idx_<i>``.
+    distortion in dB, :class:`~pl_pmse.mcd.MelCepstralDistortion`); with several dataloaders each key ends in
+    ``/dataloader_idx_<i>``.
     The test loop logs the same under ``test/pmse``. Values equal ``PerceptionMSE`` (torchmetrics' SSIM) over the
     whole set, on every rank.
 
@@ -301,7 +303,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         """Every option that shapes the callback's collectives and logged keys, and its metrics' configuration:
         compared across ranks once per fit/validate/test, at setup."""
         options = ("prefixes", "panels", "num_panel_samples", "worst_k", "panels_every_n_epochs", "profile", "ssim",
-                   "sharpness", "mcd", "error_map_grid", "spectrum_bands", "modality", "sample_rate", "prog_bar")  # fmt: skip
+                   "sharpness", "mcd", "error_map_grid", "spectrum_bands", "modality", "sample_rate",
+                   "prog_bar")  # fmt: skip
         metric = self._new_metric().configuration()
         return {"callback": type(self).__name__, **{name: repr(getattr(self, name)) for name in options}, **metric}
 
@@ -480,11 +483,20 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 continue  # only samples a panel keeps are copied to the CPU
             copies = [x[row].to("cpu", torch.float32, copy=True) if x is not None else None
                       for x in (preds, target, inputs)]  # fmt: skip  # the panel thread's own
-            sample = Sample(value, -position, label, components, *copies)
+            sample = Sample(value, -position, label, components, *copies, self._views(preds[row], target[row]))
             if fixed:
                 stage.fixed.append(sample)
             if among_worst:
                 worst.add(sample)
+
+    def _views(self, preds: Tensor, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """The space's views of one kept sample (:meth:`Space.views`), ``{title: (target, prediction)}`` CPU copies."""
+        if type(self.space).views is Space.views:
+            return {}
+        pair = self.space.to_expected_range(torch.stack([target, preds]), self.data_range)
+        with torch.no_grad(), own_precision(pair.device):
+            views = self.space.views(pair)
+        return {title: tuple(view.to("cpu", torch.float32, copy=True).unbind()) for title, view in views.items()}
 
     def _set_figures(self, stage: _Stage, index: int, preds: Tensor, target: Tensor) -> dict[str, list[float]]:
         """Accumulate the set's figures (SSIM / sharpness, MCD) of a batch; their per-sample values (lists). A batch

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, line_plot, magma, stack, titled
+from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, heatmap, line_plot, magma, stack, titled
 from .sets import (
     PANEL_SETS,
     Clips,
@@ -158,6 +158,44 @@ def playable_clips(key: str, samples: Sequence[Sample], options: PanelOptions, s
     ))  # fmt: skip
 
 
+def feature_views(key: str, samples: Sequence[Sample], options: PanelOptions, scale: float | None) -> Drawn:
+    """Per sample, the space's views of target and prediction (``Space.views``; ``audio-aspects``: pitch-class
+    profiles and onset envelopes): maps one above the other on one scale, curves overlaid, over the clip's duration.
+    Nothing for spaces without views."""
+    drawn = [s for s in samples if s.views]
+    if not drawn:
+        return Drawn(())
+    blocks = [
+        titled(stack([view_picture(title, *pair, s.target.shape[-1] / options.sample_rate)
+                      for title, pair in s.views.items()], axis=0), s.title())
+        for s in drawn
+    ]  # fmt: skip
+    return Drawn((Picture(key, stack(blocks, axis=0), "; ".join(s.caption() for s in drawn)),))
+
+
+def view_picture(title: str, target: Tensor, preds: Tensor, seconds: float, width: int = 640) -> np.ndarray:
+    """One view of target and prediction: a map ``[rows, frames]`` drawn twice on one scale (lowest row at the
+    bottom), or a curve ``[frames]`` of both.
+
+    Example:
+        >>> import torch
+        >>> view_picture("onset strength", torch.rand(50), torch.rand(50), 1.0).shape[2]
+        3
+    """
+    if target.dim() == 1:
+        x = np.linspace(0.0, seconds, target.numel()).tolist()
+        series = {"target": as_float(target), "prediction": as_float(preds)}
+        return line_plot(x, series, title, "time (s)", log_y=False, size=(width + AXIS_MARGIN, 180), first_colour=1)
+    top = float(torch.maximum(target.max(), preds.max()))
+    height = max(48, 6 * target.shape[0])
+    rows = [
+        titled(np.pad(_stretch(heatmap(x.flip(0), top), height, width), [(0, 0), (AXIS_MARGIN, 0), (0, 0)],
+                      constant_values=BACKGROUND), f"{title}: {role} (0 to {top:.3g})")
+        for role, x in (("target", target), ("prediction", preds))
+    ]  # fmt: skip
+    return stack(rows, axis=0)
+
+
 def mel_profile(key: str, profile: Mapping[str, Tensor], options: PanelOptions, scale: float | None) -> Drawn:
     """Per mel band over the whole set: the error, and the power of target and prediction."""
     caption = "per mel band: squared log-mel error; target and prediction power"
@@ -166,7 +204,11 @@ def mel_profile(key: str, profile: Mapping[str, Tensor], options: PanelOptions, 
 
 PANEL_SETS["audio"] = PanelSet(
     modality="audio",
-    sample_panels=(SamplePanel("panels/{set}", sample_rows), SamplePanel("audio/{set}", playable_clips)),
+    sample_panels=(
+        SamplePanel("panels/{set}", sample_rows),
+        SamplePanel("audio/{set}", playable_clips),
+        SamplePanel("panels/{set}_views", feature_views),
+    ),
     profile_panels=(
         ProfilePanel("panels/mel_profile", mel_profile),
         ProfilePanel("charts/mel_profile", profile_chart("per mel band, mean over the set", "frequency (Hz)")),

@@ -30,6 +30,8 @@ class Sample:
     preds: Tensor = field(compare=False)
     target: Tensor = field(compare=False)
     input: Tensor | None = field(default=None, compare=False)  # the model input, when validation_step returns it
+    # the space's views of target and prediction (Space.views: {title: (target, prediction)}), where it has any
+    views: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False)
 
     def caption(self) -> str:
         parts = ", ".join(f"{name} {value:.4g}" for name, value in self.components.items())

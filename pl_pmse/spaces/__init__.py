@@ -12,7 +12,7 @@
 | ``mel`` | ``waveform`` (0), ``mel`` (1) |
 | ``mrstft`` | ``waveform`` (0), ``stft512``, ``stft1024``, ``stft2048`` (1 each) |
 | ``audio-aspects`` | ``waveform`` (0), ``timbre``, ``pitch``, ``rhythm`` (1 each) |
-| ``wav2vec2`` / ``hubert`` / ``wavlm`` | ``waveform`` (0), transformer layers ``layer1`` ... ``layer8`` (1 each; base) |
+| ``wav2vec2`` / ``hubert`` / ``wavlm`` | ``waveform`` (0), the transformer layers ``layer1`` ... ``layer8`` (base) |
 """
 
 from .audio import AudioSpace, MelSpace, MultiResolutionSTFT, WaveformSpace

@@ -180,8 +180,8 @@ class MelAnalysis(nn.Module):
 class BandFilters(nn.Module):
     """Contiguous band filters ``[..., n_freqs, frames] -> [..., bands, frames]`` given as a dense ``fb``
     (``[n_freqs, bands]``, each band non-zero on one run of neighbouring frequencies), applied as a dot product over
-    each band's own window of frequencies: per group of neighbouring bands (similar widths), a strided view, one
-    gather of the windows and one ``vecdot`` (torch's own reduction: the same order on every x86 CPU, and a fixed
+    each band's own window of frequencies: per group of neighbouring bands (similar widths), one gather of the
+    windows (an index: on a CPU its gradient is a sequential ``index_put`` of the windows only) and one ``vecdot`` (torch's own reduction: the same order on every x86 CPU, and a fixed
     number of operations on any device; MKL's matrix product orders its sums by CPU). ``fb`` is kept for plots,
     references and the gradient on accelerators.
     """
@@ -199,8 +199,9 @@ class BandFilters(nn.Module):
         for bands in torch.arange(n_bands).tensor_split(min(self.GROUPS, n_bands)):  # neighbours: similar widths
             width = int(widths[bands].max())
             start = first[bands].clamp(max=max(n_freqs - width, 0))  # a top band's window ends at the last bin
-            self.register_buffer(f"start{self.groups}", start, persistent=False)
-            weight = fb.T[bands].gather(1, start[:, None] + torch.arange(width))
+            positions = start[:, None] + torch.arange(width)  # [bands, width]: each band's frequencies
+            self.register_buffer(f"positions{self.groups}", positions, persistent=False)
+            weight = fb.T[bands].gather(1, positions)
             self.register_buffer(f"weight{self.groups}", weight, persistent=False)
             self.groups += 1
 
@@ -215,8 +216,8 @@ class BandFilters(nn.Module):
         frequencies_last = power.transpose(-1, -2)  # [..., frames, n_freqs] (torch.stft's memory order)
         bands = []
         for group in range(self.groups):
-            start, weight = getattr(self, f"start{group}"), getattr(self, f"weight{group}").to(power.dtype)
-            windows = frequencies_last.unfold(-1, weight.shape[1], 1).index_select(-2, start)  # [..., bands, width]
+            positions, weight = getattr(self, f"positions{group}"), getattr(self, f"weight{group}").to(power.dtype)
+            windows = frequencies_last[..., positions]  # [..., bands, width]
             bands.append(torch.linalg.vecdot(windows, weight))
         return torch.cat(bands, -1).transpose(-1, -2)
 

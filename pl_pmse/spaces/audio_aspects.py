@@ -4,17 +4,20 @@
   the log mel amplitude ``0.5 * ln(mel power + floor)``: the spectral envelope, the quantity behind the mel-cepstral
   distortion (:class:`~pl_pmse.mcd.MelCepstralDistortion`). ``c0``, the frame's loudness, is left out.
 - ``pitch``: each frame's pitch-class profile (chroma): the power in semitone bands from C2 (65.4 Hz) up to B7
-  (3951 Hz; at lower sample rates the whole octaves whose B lies below the Nyquist frequency), triangular on the log-frequency axis, the
-  octaves folded onto 12 classes, scaled to unit root-mean-square over the classes (frames far below the clip's
-  loudest fade to zero).
+  (3951 Hz; at lower sample rates the whole octaves whose B lies below the Nyquist frequency), triangular on the
+  log-frequency axis, the octaves folded onto 12 classes, scaled to unit root-mean-square over the classes (frames
+  more than 30 dB below the clip's loudest fade to zero).
 - ``rhythm``: the onset-strength envelope, the mean over mel bands of the rise of the log mel power from one frame
-  to the next, ``mean_b max(0, L[b, t] - L[b, t - 1])`` (spectral flux, as librosa's ``onset_strength``, in nepers).
+  to the next, ``mean_b max(0, L[b, t] - L[b, t - 1])`` (spectral flux, as librosa's ``onset_strength``, in nepers),
+  without the frames at the clip's ends whose window reaches past it.
 
-A gain change registers in none of them: the log floor is ``floor_db`` below each frame's loudest mel band, so a
-gain adds one constant to every log (cancelled by the DCT's ``c1 ... cK`` and by the frame differences) and scales a
-frame's pitch profile, which the normalisation removes. With the floor per frame a loudness envelope (a tremolo)
-leaves ``timbre`` alone too: it shows in ``rhythm``. The mel analysis is the ``mel`` space's (the same bits on every
-machine); the semitone bands run through the same per-band filters, the DCT as one dot product per coefficient.
+A gain change registers in none of them: the log floor is ``floor_db`` below each frame's loudest mel band plus
+``range_db`` below the clip's, so a gain adds one constant to every log (cancelled by the DCT's ``c1 ... cK`` and by
+the frame differences) and scales a frame's pitch profile, which the normalisation removes. With the floor per frame
+a loudness envelope (a tremolo) leaves ``timbre`` alone too: it shows in ``rhythm``; the clip's floor bounds the
+rise out of digital silence (``range_db / 10 * ln(10)`` nepers at most). The mel analysis is the ``mel`` space's
+(the same bits on every machine); the semitone bands run through the same per-band filters, the DCT as one dot
+product per coefficient.
 """
 
 from __future__ import annotations
@@ -35,11 +38,20 @@ PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"
 LOWEST_PITCH, OCTAVES = 36, 6  # MIDI note numbers: C2 (65.4 Hz) and six octaves, to B7 (3951 Hz)
 
 
-CEPSTRUM_DEFAULTS = {"n_fft": 1024, "hop_length": None, "n_mels": 80, "n_cepstra": 24, "floor_db": 60.0}
+CEPSTRUM_DEFAULTS = {
+    "n_fft": 1024,
+    "hop_length": None,
+    "n_mels": 80,
+    "n_cepstra": 24,
+    "floor_db": 60.0,
+    "range_db": 80.0,
+}
+PITCH_RANGE_DB = 30.0  # pitch profiles of frames more than this below the clip's loudest fade to zero
 
 
 class MelCepstrum(nn.Module):
-    """Log mel amplitude and mel-cepstral coefficients, with the log floor ``floor_db`` below each frame's peak band.
+    """Log mel amplitude and mel-cepstral coefficients; the log floor: ``floor_db`` below each frame's peak band plus
+    ``range_db`` below the clip's.
 
     ``log_mel(x)``: ``0.5 * ln(mel power + floor)``, ``[..., n_mels, frames]``; ``cepstrum(log_mel)``: ``c1 ... cK``,
     ``[..., frames, n_cepstra]`` (the orthonormal DCT-II over the bands, without ``c0``). ``options``: the
@@ -54,27 +66,31 @@ class MelCepstrum(nn.Module):
         n_mels: int = 80,
         n_cepstra: int = 24,
         floor_db: float = 60.0,
+        range_db: float = 80.0,
     ) -> None:
         super().__init__()
         check_fft(n_fft, hop_length, None)
         for argument, value, most in (("n_mels", n_mels, 512), ("n_cepstra", n_cepstra, n_mels - 1)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise ValueError(f"{argument}: expected an integer from 1 to {most}, got {value!r}")
-        if isinstance(floor_db, bool) or not isinstance(floor_db, (int, float)) or not 0 < floor_db < 300:
-            raise ValueError(f"floor_db: expected dB below the peak in (0, 300), got {floor_db!r}")
+        for argument, value in (("floor_db", floor_db), ("range_db", range_db)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 300:
+                raise ValueError(f"{argument}: expected dB below the peak in (0, 300), got {value!r}")
         self.mel = MelAnalysis(sample_rate, n_fft, hop_length, n_mels=n_mels)
-        self.floor = 10.0 ** (-floor_db / 10)  # of the frame's peak mel power
+        self.frame_floor, self.clip_floor = 10.0 ** (-floor_db / 10), 10.0 ** (-range_db / 10)  # of the peaks
         self.n_cepstra = n_cepstra
         self.options = {"sample_rate": sample_rate, "n_fft": n_fft, "hop_length": self.mel.hop_length,
-                        "n_mels": n_mels, "n_cepstra": n_cepstra, "floor_db": float(floor_db)}  # fmt: skip
+                        "n_mels": n_mels, "n_cepstra": n_cepstra, "floor_db": float(floor_db),
+                        "range_db": float(range_db)}  # fmt: skip
         dct = [[math.cos(math.pi / n_mels * (band + 0.5) * k) * math.sqrt(2.0 / n_mels) for band in range(n_mels)]
                for k in range(1, n_cepstra + 1)]  # fmt: skip  # DCT-II, orthonormal (scalar libm: any machine)
         self.register_buffer("dct", torch.tensor(dct, dtype=torch.float32), persistent=False)
 
     def log_mel(self, x: Tensor) -> Tensor:
         power = self.mel(x)
-        peak = power.detach().amax(-2, keepdim=True)
-        return 0.5 * torch.log(power + self.floor * peak + torch.finfo(power.dtype).tiny)
+        frame_peak = power.detach().amax(-2, keepdim=True)
+        floor = self.frame_floor * frame_peak + self.clip_floor * frame_peak.amax(-1, keepdim=True)
+        return 0.5 * torch.log(power + floor + torch.finfo(power.dtype).tiny)
 
     def cepstrum(self, log_mel: Tensor) -> Tensor:
         frames = log_mel.transpose(-1, -2)  # [..., frames, n_mels]
@@ -120,15 +136,16 @@ class AudioAspects(AudioSpace):
             distortion).
         pitch_n_fft: the FFT of the pitch profile; default the smallest power of two of at least a quarter second
             (4096 at 16 kHz: 3.9 Hz bins, 1.0 semitone at C2).
-        floor_db: the log floor, in dB below each frame's loudest mel band (and, for ``pitch``, below the clip's
-            loudest frame, in root-mean-square: quieter frames fade to a zero profile).
+        floor_db, range_db: the log floor of ``timbre`` and ``rhythm``: ``floor_db`` below each frame's loudest mel
+            band plus ``range_db`` below the clip's. (``pitch``: the profiles of frames more than 30 dB below the
+            clip's loudest fade to zero.)
         component_weights: ``{component: weight}`` overrides.
 
     Example:
         >>> import torch
         >>> space = AudioAspects(sample_rate=16000)
         >>> {name: tuple(f.shape) for name, f in space.features(torch.zeros(2, 16000)).items()}
-        {'timbre': (2, 63, 24), 'pitch': (2, 63, 12), 'rhythm': (2, 62)}
+        {'timbre': (2, 63, 24), 'pitch': (2, 63, 12), 'rhythm': (2, 58)}
     """
 
     name = "audio-aspects"
@@ -142,6 +159,7 @@ class AudioAspects(AudioSpace):
         n_cepstra: int = 24,
         pitch_n_fft: int | None = None,
         floor_db: float = 60.0,
+        range_db: float = 80.0,
         component_weights: Mapping[str, float] | None = None,
     ) -> None:
         checks.check_sample_rate(sample_rate, "space 'audio-aspects'")
@@ -149,7 +167,7 @@ class AudioAspects(AudioSpace):
             pitch_n_fft = 2 ** math.ceil(math.log2(sample_rate / 4))
         check_fft(pitch_n_fft, None, None)
         octaves = pitch_octaves(sample_rate)
-        cepstrum = MelCepstrum(sample_rate, n_fft, hop_length, n_mels, n_cepstra, floor_db)  # checks its options
+        cepstrum = MelCepstrum(sample_rate, n_fft, hop_length, n_mels, n_cepstra, floor_db, range_db)  # checks them
         super().__init__(
             {"timbre": 1.0, "pitch": 1.0, "rhythm": 1.0}, raw_weight=0.0, component_weights=component_weights
         )
@@ -162,8 +180,8 @@ class AudioAspects(AudioSpace):
         del self.pitch_spectrogram.window  # a constant of the options: in no state_dict
         self.pitch_spectrogram.register_buffer("window", window, persistent=False)
         self.semitones = BandFilters(semitone_filters(pitch_n_fft // 2 + 1, sample_rate, octaves))
-        self.pitch_floor = 10.0 ** (-floor_db / 20)  # of the clip's loudest frame's profile, in root-mean-square
-        self.min_length = max(n_fft, pitch_n_fft) // 2 + 1
+        self.edge_frames = math.ceil(n_fft // 2 / self.hop_length)
+        self.min_length = max(max(n_fft, pitch_n_fft) // 2 + 1, self.hop_length * (2 * self.edge_frames + 1))
         self._sample_rate = sample_rate
 
     @property
@@ -180,14 +198,22 @@ class AudioAspects(AudioSpace):
         tiny = torch.finfo(classes.dtype).tiny
         classes = classes / (classes.detach().amax((-2, -1), keepdim=True) + tiny)  # the clip's peak 1: no underflow
         mean_square = classes.square().mean(-1, keepdim=True)
-        floor = self.pitch_floor**2 * mean_square.detach().amax(-2, keepdim=True)
+        floor = 10.0 ** (-2 * PITCH_RANGE_DB / 10) * mean_square.detach().amax(-2, keepdim=True)  # of power**2
         return classes / torch.sqrt(mean_square + floor + tiny)
 
-    @staticmethod
-    def onset_strength(log_mel: Tensor) -> Tensor:
-        """The onset-strength envelope of a log mel amplitude ``[..., n_mels, frames]``: ``[..., frames - 1]``,
-        the mean over bands of the rise in log power."""
-        return (2 * log_mel.diff(dim=-1)).clamp(min=0).mean(-2)
+    def onset_strength(self, log_mel: Tensor) -> Tensor:
+        """The onset-strength envelope of a log mel amplitude ``[..., n_mels, frames]``: the mean over bands of the
+        rise in log power into each frame, ``[..., frames - 1 - 2 * edge]``: the ``edge`` frames at each end whose
+        window reaches past the clip are left out (the centred STFT pads them by reflection, a click)."""
+        rises = (2 * log_mel.diff(dim=-1)).clamp(min=0).mean(-2)
+        return rises[..., self.edge_frames : rises.shape[-1] - self.edge_frames]
+
+    def views(self, x: Tensor) -> dict[str, Tensor]:
+        """The pitch-class profile (``[N, 12, frames]``, C at the bottom) and the onset-strength envelope of each
+        sample's channel mean."""
+        mono = x.mean(1) if x.dim() == 3 else x
+        return {"pitch class (C to B, bottom to top)": self.pitch_profile(mono).transpose(-1, -2),
+                "onset strength": self.onset_strength(self.cepstrum.log_mel(mono))}  # fmt: skip
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         log_mel = self.cepstrum.log_mel(x)

@@ -167,6 +167,11 @@ class Space(nn.Module):
         """Derived components of a batch ``x`` already mapped to ``expected_range``: ``{name: [N, ...]}``."""
         return {}
 
+    def views(self, x: Tensor) -> dict[str, Tensor]:
+        """What the space sees in each sample, for the callback's panels: ``{title: [N, rows, frames]}`` (drawn as a
+        map, lowest row at the bottom) or ``[N, frames]`` (a curve) over the sample's duration; none here."""
+        return {}
+
     def check_input(self, x: Tensor) -> None:
         """Space-specific shape checks on ``preds`` (which has the same shape as ``target``)."""
         if self.allowed_ndim is not None:
