@@ -181,9 +181,9 @@ class BandFilters(nn.Module):
     """Contiguous band filters ``[..., n_freqs, frames] -> [..., bands, frames]`` given as a dense ``fb``
     (``[n_freqs, bands]``, each band non-zero on one run of neighbouring frequencies), applied as a dot product over
     each band's own window of frequencies: per group of neighbouring bands (similar widths), one gather of the
-    windows (an index: on a CPU its gradient is a sequential ``index_put`` of the windows only) and one ``vecdot`` (torch's own reduction: the same order on every x86 CPU, and a fixed
-    number of operations on any device; MKL's matrix product orders its sums by CPU). ``fb`` is kept for plots,
-    references and the gradient on accelerators.
+    windows (an index: on a CPU its gradient is a sequential ``index_put`` of the windows only) and one ``vecdot``
+    (torch's own reduction: the same order on every x86 CPU, and a fixed number of operations on any device; MKL's
+    matrix product orders its sums by CPU). ``fb`` is kept for plots, references and the gradient on accelerators.
     """
 
     GROUPS = 4  # more groups waste less of the windows on narrow bands, at 3 operations each
