@@ -153,11 +153,8 @@ class ImageFidelity(ExactSumMetric):
             [ssim.clamp(min=0), (-ssim).clamp(min=0), values.get("preds_power", zeros),
              values.get("target_power", zeros)]
         )  # fmt: skip
-        finite = rows.isfinite().all(0)
-        if not bool(finite.all()):
-            rows = rows[:, finite]
-        if rows.shape[1]:
-            self._add(rows, [rows.shape[1]])
+        finite = rows.isfinite().all(0)  # no data-dependent shape: no host synchronisation on an accelerator
+        self._add(torch.where(finite, rows, 0.0), finite.sum().reshape(1))
 
     def compute(self) -> dict[str, Tensor]:
         """``{"ssim": mean SSIM, "sharpness": power ratio}`` over everything accumulated (synced across processes),

@@ -12,6 +12,7 @@ vocoders and codecs give; a system that changes the timing needs an alignment fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class MelCepstralDistortion(ExactSumMetric):
         checks.check_sample_rate(sample_rate, "MelCepstralDistortion")
         cepstrum = MelCepstrum(sample_rate, **analysis)  # checks its options
         super().__init__(num_sums=1, num_counts=1, **options)
-        self.cepstrum = cepstrum
+        self.__dict__["cepstrum"] = cepstrum  # outside the module tree: moved with the metric, never cast (_apply)
         self.min_length = analysis["n_fft"] // 2 + 1
         self._add_configuration_checksum()
 
@@ -115,15 +116,23 @@ class MelCepstralDistortion(ExactSumMetric):
 
     def _accumulate(self, values: dict[str, Tensor]) -> None:
         mcd = values["mcd"]
-        mcd = mcd[mcd.isfinite()]
-        if mcd.numel():
-            self._add(mcd[None], [mcd.numel()])
+        finite = mcd.isfinite()  # no data-dependent shape: no host synchronisation on an accelerator
+        self._add(torch.where(finite, mcd, 0.0)[None], finite.sum().reshape(1))
 
     def compute(self) -> Tensor:
         """The mean MCD in dB over the clips accumulated (synced across processes); NaN before any clip."""
         (clips,) = self._counts()
         (value,) = self._sums([clips])
         return torch.tensor(value, dtype=self._result_dtype, device=self.device)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> MelCepstralDistortion:
+        """Device moves reach the cepstrum analysis, dtype casts of a parent (``.half()``, Lightning's ``16-true``)
+        do not: its values stay bit-identical, as a space's do."""
+        device = fn(torch.zeros(())).device
+        checks.check_measuring_device(device, "MelCepstralDistortion.to")
+        this = super()._apply(fn, *args, **kwargs)
+        self.cepstrum._apply(lambda t: t.to(device))
+        return this
 
     def figure_values(self) -> dict[str, Tensor]:
         """``{"mcd": compute()}`` (the callback's common form with :class:`~pl_pmse.fidelity.ImageFidelity`)."""

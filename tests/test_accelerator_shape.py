@@ -30,6 +30,7 @@ LAUNCH_CASES = [
     ("mrstft", {}, (16000, 64000), 40),
     ("audio-aspects", {"sample_rate": 16000}, (16000, 160000), 40),
     ("hubert", {"sample_rate": 16000, **RANDOM}, (16000, 64000), 60),  # 9 components: 42
+    ("hubert", {"sample_rate": 8000, "layers": [1], **RANDOM}, (16000, 64000), 40),  # resampled in the space
     ("vgg16", RANDOM, (64, 1024), 40),
     ("alexnet", RANDOM, (64, 1024), 40),
     ("squeezenet", RANDOM, (64, 1024), 40),
@@ -61,6 +62,19 @@ def test_launches_per_update_do_not_grow_with_the_input(name, options, sizes, al
     assert counts[0] - features <= allowed, (counts[0], features)
     reference = benchmark_common.fake_cuda_launches(torchmetrics.MeanSquaredError(), _shape(sizes[0]), update)
     assert reference <= 6  # the counter sees torchmetrics' few kernels: it counts what it claims to
+
+
+@pytest.mark.parametrize("figure", ["mcd", "image fidelity"])
+def test_the_set_figures_update_reads_nothing_back_on_an_accelerator(figure) -> None:
+    """MelCepstralDistortion's and ImageFidelity's updates under fake CUDA (a host read or a data-dependent shape would
+    raise there), the same launches at both sizes."""
+    from pl_pmse import ImageFidelity, MelCepstralDistortion
+
+    warnings.filterwarnings("ignore", message=".*data_ptr.*")
+    build, shapes = {"mcd": (lambda: MelCepstralDistortion(sample_rate=16000), ((4, 16000), (4, 64000))),
+                     "image fidelity": (ImageFidelity, ((4, 3, 32, 32), (4, 3, 128, 128)))}[figure]  # fmt: skip
+    counts = [benchmark_common.fake_cuda_launches(build(), shape, lambda m, p, t: m.update(p, t)) for shape in shapes]
+    assert counts[0] == counts[1] > 0, counts
 
 
 @pytest.fixture

@@ -469,15 +469,17 @@ def test_half_precision_inputs_that_are_already_inf_get_a_clear_error_and_change
         assert torch.equal(skipping.compute(), reference.compute())
 
 
-def test_the_mel_filters_dense_backward_equals_autograds() -> None:
-    """On an accelerator the mel filters back-propagate through the dense product (reproducible there); its gradient
-    equals autograd's through the per-band gather."""
-    from pl_pmse.spaces.audio import MelFilterBank, _DenseBackward
+def test_the_band_filters_written_out_gradients_equal_autograds() -> None:
+    """The mel filters back-propagate by adding each band's windows into their frequencies on a CPU (the same bits as
+    autograd's gradient through the per-band gather, without its zero-filled tensor of every window) and by the dense
+    product on an accelerator (reproducible there): both equal autograd's."""
+    from pl_pmse.spaces.audio import MelFilterBank, _BandGradient
 
     filters = MelFilterBank(257, 0.0, 8000.0, 40, 16000).double()
     power = torch.rand(2, 257, 30, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(2, 40, 30, dtype=torch.float64)
     (expected,) = torch.autograd.grad((filters.per_band(power) * weights).sum(), power)
-    (got,) = torch.autograd.grad((_DenseBackward.apply(power, filters) * weights).sum(), power)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    assert torch.equal(_DenseBackward.apply(power, filters), filters.per_band(power))
+    (got,) = torch.autograd.grad((_BandGradient.apply(power, filters) * weights).sum(), power)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(torch.matmul(filters.fb, weights), expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(_BandGradient.apply(power, filters), filters.per_band(power))

@@ -70,6 +70,9 @@ def test_other_sample_rates_are_resampled_by_torchaudio_to_16_khz(weights_files)
                                rtol=1e-5, atol=0)  # fmt: skip
     assert space.min_length == 200  # the 400-sample receptive field at 16 kHz
     assert not space.state_dict()  # the resampling kernel is a constant of the options
+    for length in (999, 1234, 4000):  # torchaudio's Resample, its output length in Python integers
+        clips = torch.randn(2, length)
+        assert torch.equal(space._resampled(clips), space.resampler(clips))
 
 
 def test_default_layers_are_the_first_two_thirds_and_the_forward_stops_after_the_deepest() -> None:
@@ -111,6 +114,19 @@ def test_the_network_is_frozen_and_outside_the_module_tree_and_the_loss_has_a_gr
     torch.testing.assert_close(metric.compute(), loss.detach(), rtol=1e-5, atol=0)
 
 
+def test_a_speech_space_pickles_for_ddp_spawn_and_measures_the_same_after() -> None:
+    import pickle
+
+    from pl_pmse import PerceptionMSECallback
+
+    space = get_space("hubert", sample_rate=8000, weights="random", layers=[1])
+    preds, target = (x[:, ::2].contiguous() for x in _clips(n=2))
+    copy = pickle.loads(pickle.dumps(space))
+    assert torch.equal(perception_mse(preds, target, space=copy), perception_mse(preds, target, space=space))
+    callback = pickle.loads(pickle.dumps(PerceptionMSECallback(space, sample_rate=8000)))
+    assert torch.equal(perception_mse(preds, target, space=callback.space), perception_mse(preds, target, space=space))
+
+
 def test_each_channel_is_measured_as_a_clip_of_its_own() -> None:
     space = get_space("hubert", sample_rate=16000, weights="random", layers=[1])
     (p0, p1), (t0, t1) = (x.split(1) for x in _clips(n=2))
@@ -148,8 +164,14 @@ def test_pretrained_weights_load_from_torchs_hub_cache(monkeypatch, tmp_path, we
     path.write_bytes(weights_files["hubert"].read_bytes())
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
     space = get_space("hubert", sample_rate=16000, layers=[1])  # weights="pretrained" is the default
-    expected = torch.load(weights_files["hubert"], weights_only=True)
-    assert all(torch.equal(value, expected[key]) for key, value in space.network.state_dict().items())
+    clip = _clips(n=1)[1]
+    with torch.no_grad():
+        expected = _reference_model("hubert", weights_files["hubert"]).extract_features(clip, num_layers=1)[0][0]
+    assert torch.equal(space.features(clip)["layer1"], expected)
+    path.write_bytes(b"not a checkpoint")  # a corrupt cached file: said so, not "not in the cache"
+    with pytest.raises(RuntimeError, match=r"the hubert base weights are in torch's hub cache \(.*\) but could not be "
+                                           r"read \(.*\); delete that file to download it again"):  # fmt: skip
+        get_space("hubert", sample_rate=16000, layers=[1])
 
 
 def _no_download(url, *args, **kwargs):

@@ -180,10 +180,11 @@ class MelAnalysis(nn.Module):
 class BandFilters(nn.Module):
     """Contiguous band filters ``[..., n_freqs, frames] -> [..., bands, frames]`` given as a dense ``fb``
     (``[n_freqs, bands]``, each band non-zero on one run of neighbouring frequencies), applied as a dot product over
-    each band's own window of frequencies: per group of neighbouring bands (similar widths), one gather of the
-    windows (an index: on a CPU its gradient is a sequential ``index_put`` of the windows only) and one ``vecdot``
-    (torch's own reduction: the same order on every x86 CPU, and a fixed number of operations on any device; MKL's
-    matrix product orders its sums by CPU). ``fb`` is kept for plots, references and the gradient on accelerators.
+    each band's own window of frequencies: per group of neighbouring bands (similar widths), a strided view, one
+    gather of the windows and one ``vecdot`` (torch's own reduction: the same order on every x86 CPU, and a fixed
+    number of operations on any device; MKL's matrix product orders its sums by CPU). The gradient
+    (:class:`_BandGradient`) adds each band's windows back into its frequencies on a CPU and is the dense product
+    ``fb @ grad`` on accelerators; ``fb`` is kept for it, for plots and for references.
     """
 
     GROUPS = 4  # more groups waste less of the windows on narrow bands, at 3 operations each
@@ -199,25 +200,22 @@ class BandFilters(nn.Module):
         for bands in torch.arange(n_bands).tensor_split(min(self.GROUPS, n_bands)):  # neighbours: similar widths
             width = int(widths[bands].max())
             start = first[bands].clamp(max=max(n_freqs - width, 0))  # a top band's window ends at the last bin
-            positions = start[:, None] + torch.arange(width)  # [bands, width]: each band's frequencies
-            self.register_buffer(f"positions{self.groups}", positions, persistent=False)
-            weight = fb.T[bands].gather(1, positions)
+            self.register_buffer(f"start{self.groups}", start, persistent=False)
+            weight = fb.T[bands].gather(1, start[:, None] + torch.arange(width))
             self.register_buffer(f"weight{self.groups}", weight, persistent=False)
             self.groups += 1
 
     def forward(self, power: Tensor) -> Tensor:
         tracked = power.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if tracked and power.device.type != "cpu":  # index_select's backward adds atomically there: not reproducible
-            return _DenseBackward.apply(power, self)
-        return self.per_band(power)
+        return _BandGradient.apply(power, self) if tracked else self.per_band(power)
 
     def per_band(self, power: Tensor) -> Tensor:
         """The filters applied band by band (see the class docstring)."""
         frequencies_last = power.transpose(-1, -2)  # [..., frames, n_freqs] (torch.stft's memory order)
         bands = []
         for group in range(self.groups):
-            positions, weight = getattr(self, f"positions{group}"), getattr(self, f"weight{group}").to(power.dtype)
-            windows = frequencies_last[..., positions]  # [..., bands, width]
+            start, weight = getattr(self, f"start{group}"), getattr(self, f"weight{group}").to(power.dtype)
+            windows = frequencies_last.unfold(-1, weight.shape[1], 1).index_select(-2, start)  # [..., bands, width]
             bands.append(torch.linalg.vecdot(windows, weight))
         return torch.cat(bands, -1).transpose(-1, -2)
 
@@ -240,9 +238,11 @@ class MelFilterBank(BandFilters):
         self.f_max = top
 
 
-class _DenseBackward(torch.autograd.Function):
-    """:meth:`BandFilters.per_band` with the gradient of the dense product, ``fb @ grad``: on an accelerator
-    ``index_select``'s backward adds atomically (run-to-run different bits); a matrix product does not."""
+class _BandGradient(torch.autograd.Function):
+    """:meth:`BandFilters.per_band` with its gradient written out. On a CPU each band's windows are added back into
+    their frequencies by ``index_add`` (sequential: the same bits every run; autograd's own gradient of the strided
+    view would first fill a zero tensor of every window of every frequency). On an accelerator ``index_select``'s
+    backward adds atomically (run-to-run different bits); the dense product ``fb @ grad`` does not."""
 
     @staticmethod
     def forward(power: Tensor, filters: BandFilters) -> Tensor:
@@ -250,12 +250,28 @@ class _DenseBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, BandFilters], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[1].fb)
+        ctx.filters, ctx.n_freqs = inputs[1], inputs[0].shape[-2]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (fb,) = ctx.saved_tensors
-        return torch.matmul(fb.to(grad.dtype), grad), None  # [n_freqs, n_mels] @ [..., n_mels, frames]
+        if grad.device.type != "cpu":
+            return torch.matmul(ctx.filters.fb.to(grad.dtype), grad), None  # [n_freqs, bands] @ [..., bands, frames]
+        return _BandGradient.windowed(ctx.filters, grad, ctx.n_freqs), None
+
+    @staticmethod
+    def windowed(filters: BandFilters, grad: Tensor, n_freqs: int) -> Tensor:
+        """The CPU gradient: each band's windows, weighted by ``grad``, added into their frequencies."""
+        bands_last = grad.transpose(-1, -2)  # [..., frames, bands]
+        result = bands_last.new_zeros(*bands_last.shape[:-1], n_freqs)
+        first = 0
+        for group in range(filters.groups):
+            start, weight = getattr(filters, f"start{group}"), getattr(filters, f"weight{group}").to(grad.dtype)
+            count, width = weight.shape
+            windows = bands_last[..., first : first + count, None] * weight  # [..., frames, bands, width]
+            positions = (start[:, None] + torch.arange(width, device=start.device)).flatten()
+            result.index_add_(-1, positions, windows.flatten(-2))
+            first += count
+        return result.transpose(-1, -2)
 
 
 def mel_filter_bank(

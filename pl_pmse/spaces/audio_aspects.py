@@ -1,21 +1,24 @@
 """The ``audio-aspects`` space: timbre, pitch and rhythm, each an MSE in a differentiable, gain-invariant transform.
 
-- ``timbre``: mel-cepstral coefficients ``c1 ... cK`` of each frame, the orthonormal DCT-II over the mel bands of
-  the log mel amplitude ``0.5 * ln(mel power + floor)``: the spectral envelope, the quantity behind the mel-cepstral
-  distortion (:class:`~pl_pmse.mcd.MelCepstralDistortion`). ``c0``, the frame's loudness, is left out.
+- ``timbre``: mel-cepstral coefficients ``c1 ... cK`` of each frame's log mel amplitude ``L_b = 0.5 * ln(mel power
+  + floor)`` over its ``M`` bands, ``c_k = 2 / M * sum_b L_b cos(pi k (b + 1/2) / M)`` (so that ``L`` is about
+  ``c0 / 2 + sum_k c_k cos(...)`` on the mel axis: the convention of the mel-cepstral distortion literature, SPTK's;
+  torchaudio's ``MFCC(norm="ortho")`` is ``sqrt(M / 2)`` times larger, and of the log power): the spectral envelope,
+  the quantity behind the mel-cepstral distortion (:class:`~pl_pmse.mcd.MelCepstralDistortion`). ``c0``, the
+  frame's loudness, is left out.
 - ``pitch``: each frame's pitch-class profile (chroma): the power in semitone bands from C2 (65.4 Hz) up to B7
   (3951 Hz; at lower sample rates the whole octaves whose B lies below the Nyquist frequency), triangular on the
   log-frequency axis, the octaves folded onto 12 classes, scaled to unit root-mean-square over the classes (frames
   more than 30 dB below the clip's loudest fade to zero).
 - ``rhythm``: the onset-strength envelope, the mean over mel bands of the rise of the log mel power from one frame
-  to the next, ``mean_b max(0, L[b, t] - L[b, t - 1])`` (spectral flux, as librosa's ``onset_strength``, in nepers),
-  without the frames at the clip's ends whose window reaches past it.
+  to the next, ``mean_b max(0, 2 L[b, t] - 2 L[b, t - 1])`` (spectral flux, as librosa's ``onset_strength``, in
+  natural-log units of power), without the frames at the clip's ends whose window reaches past it.
 
 A gain change registers in none of them: the log floor is ``floor_db`` below each frame's loudest mel band plus
 ``range_db`` below the clip's, so a gain adds one constant to every log (cancelled by the DCT's ``c1 ... cK`` and by
 the frame differences) and scales a frame's pitch profile, which the normalisation removes. With the floor per frame
 a loudness envelope (a tremolo) leaves ``timbre`` alone too: it shows in ``rhythm``; the clip's floor bounds the
-rise out of digital silence (``range_db / 10 * ln(10)`` nepers at most). The mel analysis is the ``mel`` space's
+rise out of digital silence (``range_db / 10 * ln(10)`` at most: 18.4 at 80 dB). The mel analysis is the ``mel`` space's
 (the same bits on every machine); the semitone bands run through the same per-band filters, the DCT as one dot
 product per coefficient.
 """
@@ -54,7 +57,8 @@ class MelCepstrum(nn.Module):
     ``range_db`` below the clip's.
 
     ``log_mel(x)``: ``0.5 * ln(mel power + floor)``, ``[..., n_mels, frames]``; ``cepstrum(log_mel)``: ``c1 ... cK``,
-    ``[..., frames, n_cepstra]`` (the orthonormal DCT-II over the bands, without ``c0``). ``options``: the
+    ``[..., frames, n_cepstra]`` (the DCT-II over the bands scaled by ``2 / n_mels``, see the module doc; without
+    ``c0``). ``options``: the
     arguments, ``hop_length`` resolved.
     """
 
@@ -82,8 +86,8 @@ class MelCepstrum(nn.Module):
         self.options = {"sample_rate": sample_rate, "n_fft": n_fft, "hop_length": self.mel.hop_length,
                         "n_mels": n_mels, "n_cepstra": n_cepstra, "floor_db": float(floor_db),
                         "range_db": float(range_db)}  # fmt: skip
-        dct = [[math.cos(math.pi / n_mels * (band + 0.5) * k) * math.sqrt(2.0 / n_mels) for band in range(n_mels)]
-               for k in range(1, n_cepstra + 1)]  # fmt: skip  # DCT-II, orthonormal (scalar libm: any machine)
+        dct = [[math.cos(math.pi / n_mels * (band + 0.5) * k) * 2.0 / n_mels for band in range(n_mels)]
+               for k in range(1, n_cepstra + 1)]  # fmt: skip  # DCT-II, the cepstrum's scale (scalar libm: any machine)
         self.register_buffer("dct", torch.tensor(dct, dtype=torch.float32), persistent=False)
 
     def log_mel(self, x: Tensor) -> Tensor:
@@ -195,11 +199,12 @@ class AudioAspects(AudioSpace):
         """Each frame's pitch-class profile, ``[..., frames, 12]`` (C first), unit root-mean-square."""
         bands = self.semitones(_power_spectrogram(self.pitch_spectrogram, x))  # [..., 12 * octaves, frames]
         classes = bands.unflatten(-2, (-1, 12)).sum(-3).transpose(-1, -2)  # octaves folded: [..., frames, 12]
-        tiny = torch.finfo(classes.dtype).tiny
-        classes = classes / (classes.detach().amax((-2, -1), keepdim=True) + tiny)  # the clip's peak 1: no underflow
+        peak = classes.detach().amax((-2, -1), keepdim=True)
+        classes = classes / torch.where(peak > 0, peak, 1.0)  # the clip's peak 1: no underflow below
         mean_square = classes.square().mean(-1, keepdim=True)
         floor = 10.0 ** (-2 * PITCH_RANGE_DB / 10) * mean_square.detach().amax(-2, keepdim=True)  # of power**2
-        return classes / torch.sqrt(mean_square + floor + tiny)
+        norm = mean_square + floor
+        return classes * torch.rsqrt(torch.where(norm > 0, norm, 1.0))  # silence: a zero profile, a finite gradient
 
     def onset_strength(self, log_mel: Tensor) -> Tensor:
         """The onset-strength envelope of a log mel amplitude ``[..., n_mels, frames]``: the mean over bands of the
@@ -209,11 +214,13 @@ class AudioAspects(AudioSpace):
         return rises[..., self.edge_frames : rises.shape[-1] - self.edge_frames]
 
     def views(self, x: Tensor) -> dict[str, Tensor]:
-        """The pitch-class profile (``[N, 12, frames]``, C at the bottom) and the onset-strength envelope of each
-        sample's channel mean."""
+        """The pitch-class profile (``[N, 12, frames]``, C at the bottom) and the onset-strength envelope (``[N,
+        frames]``, the rise into each frame; zero in the edge frames left out) of each sample's channel mean."""
         mono = x.mean(1) if x.dim() == 3 else x
+        onsets = self.onset_strength(self.cepstrum.log_mel(mono))  # on the frame grid: zero where left out
+        onsets = nn.functional.pad(onsets, (self.edge_frames + 1, self.edge_frames))
         return {"pitch class (C to B, bottom to top)": self.pitch_profile(mono).transpose(-1, -2),
-                "onset strength": self.onset_strength(self.cepstrum.log_mel(mono))}  # fmt: skip
+                "onset strength": onsets}  # fmt: skip
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         log_mel = self.cepstrum.log_mel(x)

@@ -78,13 +78,17 @@ def load_speech_model(family: str, size: str = "base", weights: str | os.PathLik
         model = build(**bundle._params)
     model = model.to_empty(device="cpu")
     if isinstance(weights, str) and weights == "pretrained":
+        cached = speech_weights_path(family, size)
         try:
             state = _download_state(bundle)
-        except Exception as error:  # no network, proxy, HTTP errors, a corrupt partial file...
+        except Exception as error:  # no network, proxy, HTTP errors, a corrupt file...
+            first_line = str(error).splitlines()[0][:160] if str(error) else ""
+            why = (f"are in torch's hub cache ({cached}) but could not be read ({type(error).__name__}: {first_line});"
+                   f" delete that file to download it again" if cached.is_file() else
+                   f"are not in torch's hub cache ({cached}) and could not be downloaded ({error})")  # fmt: skip
             raise RuntimeError(
-                f"weights='pretrained': the {family} {size} weights are not in torch's hub cache "
-                f"({speech_weights_path(family, size)}) and could not be downloaded ({error}). On an offline machine "
-                f"copy that file there, or pass weights=<path to a torchaudio {family} {size} state_dict>."
+                f"weights='pretrained': the {family} {size} weights {why}. On an offline machine copy the file "
+                f"there, or pass weights=<path to a torchaudio {family} {size} state_dict>."
             ) from error
     else:
         state = _state_from_file(weights, f"torchaudio {family} {size}", named="'pretrained', 'random'")
@@ -167,7 +171,7 @@ class SpeechModelSpace(AudioSpace):
         self.name, self.normalize_layers, self.layer_numbers = model, normalize_layers, chosen
         self._sample_rate = sample_rate
         self.normalize_waveform = bundle._normalize_waveform
-        network = load_speech_model(model, size, weights).requires_grad_(False).eval()
+        network = _folded(load_speech_model(model, size, weights)).requires_grad_(False).eval()
         self.__dict__["network"] = network  # outside the module tree: see Space
         self.min_length = math.ceil(receptive_field(network) * sample_rate / MODEL_SAMPLE_RATE)
         self.resampler: nn.Module | None = None
@@ -196,7 +200,7 @@ class SpeechModelSpace(AudioSpace):
     def features(self, x: Tensor) -> dict[str, Tensor]:
         clips = x.reshape(-1, x.shape[-1])  # each channel a clip of its own
         if self.resampler is not None:
-            clips = self.resampler(clips)
+            clips = self._resampled(clips)
         if self.normalize_waveform:
             clips = nn.functional.layer_norm(clips, clips.shape[-1:])
         outputs, _ = self.network.extract_features(clips, num_layers=max(self.layer_numbers))
@@ -208,8 +212,32 @@ class SpeechModelSpace(AudioSpace):
             features[f"layer{number}"] = feature.reshape(*x.shape[:-1], *feature.shape[1:])
         return features
 
+    def _resampled(self, clips: Tensor) -> Tensor:
+        """torchaudio's ``Resample`` of ``[N, T]`` (its kernel and its steps), with the output length in Python
+        integers: torchaudio computes it as a tensor and slices by it, a host synchronisation on an accelerator."""
+        resampler = self.resampler
+        orig, new = resampler.orig_freq // resampler.gcd, resampler.new_freq // resampler.gcd
+        padded = nn.functional.pad(clips, (resampler.width, resampler.width + orig))
+        frames = nn.functional.conv1d(padded[:, None], resampler.kernel.to(clips.dtype), stride=orig)
+        return frames.transpose(1, 2).reshape(clips.shape[0], -1)[:, : -(-new * clips.shape[-1] // orig)]
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layer_numbers}, {super().extra_repr()}"
+
+
+def _folded(network: nn.Module) -> nn.Module:
+    """The network with its parametrizations (the positional convolution's weight norm) computed once into plain
+    weights: the same values, and a network that pickles (``ddp_spawn`` pickles the callback and its space)."""
+    from torch.nn.utils import parametrize
+
+    for module in network.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            hooks = module._load_state_dict_pre_hooks  # weight_norm's hook for old checkpoints: a local function
+            for key in [k for k, h in hooks.items() if "weight_norm" in getattr(h.hook, "__qualname__", "")]:
+                del hooks[key]
+    return network
 
 
 def _layer_numbers(layers: Sequence[int | str] | None, depth: int) -> list[int]:
