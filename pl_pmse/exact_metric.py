@@ -313,3 +313,50 @@ class ExactSumMetric(Metric):
                 raise
 
         return guarded
+
+
+class SampleFiguresMetric(ExactSumMetric):
+    """Base of the exact metrics of per-sample figures beside Perception MSE (:class:`~pl_pmse.fidelity.ImageFidelity`,
+    :class:`~pl_pmse.mcd.MelCepstralDistortion`): :meth:`sample_values` measures a batch (no checks, no gradients),
+    :meth:`rows` turns the values into the state's non-negative sums ``[num_sums, N]``, and the samples whose values
+    are all finite are added and counted (one count)."""
+
+    figures: tuple[str, ...] = ()
+
+    def check(self, preds: Tensor, target: Tensor) -> None:
+        """Raise on a pair that cannot be measured, naming what was expected."""
+        raise NotImplementedError
+
+    def sample_values(self, preds: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Each sample's values, float64 ``[N]`` by name."""
+        raise NotImplementedError
+
+    def rows(self, values: Mapping[str, Tensor]) -> Tensor:
+        """The sums ``[num_sums, N]`` of :meth:`sample_values`' values."""
+        raise NotImplementedError
+
+    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Accumulate a batch; samples with NaN/Inf are left out, and those ``mask`` (bool ``[N]``) leaves out (as in
+        :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
+        self.check(preds, target)
+        checks.check_state_device(preds, type(self).__name__, self.totals.device)
+        mask = self._padding_mask(preds.shape[0], mask, preds.device)
+        if mask is not None:
+            checks.check_mask(mask, preds)
+            preds, target = preds[mask], target[mask]
+        if preds.shape[0]:
+            self._accumulate(self.sample_values(preds, target))
+
+    def accumulate(self, values: Mapping[str, Tensor]) -> None:
+        """Add the samples of :meth:`sample_values` (those with a non-finite value are left out): the same state as
+        :meth:`update` of the same samples."""
+        if self._is_synced:
+            raise RuntimeError(f"{type(self).__name__}: accumulate called while the state is synced; call unsync()")
+        self._accumulate(values)
+        self._update_count += 1
+        self._computed = None
+
+    def _accumulate(self, values: Mapping[str, Tensor]) -> None:
+        rows = self.rows(values)
+        finite = rows.isfinite().all(0)  # no data-dependent shape: no host synchronisation on an accelerator
+        self._add(torch.where(finite, rows, 0.0), finite.sum().reshape(1))

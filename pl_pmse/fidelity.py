@@ -18,6 +18,7 @@ processes, and one ``all_reduce`` per compute.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 
 from . import checks, reduction
 from .exact import NUM_BINS, exact_sums
-from .exact_metric import TORCHMETRICS_OPTIONS, ExactSumMetric
+from .exact_metric import TORCHMETRICS_OPTIONS, SampleFiguresMetric
 from .precision import own_precision
 from .spaces.image import BLOCK_ELEMENTS
 
@@ -39,7 +40,7 @@ _FFT_CHUNK = 8  # images per FFT on accelerators: one plan shape whatever the ba
 FIGURES = ("ssim", "sharpness")
 
 
-class ImageFidelity(ExactSumMetric):
+class ImageFidelity(SampleFiguresMetric):
     """SSIM and sharpness of predicted images against their targets, over the whole set (see the module doc).
 
     Args:
@@ -125,36 +126,12 @@ class ImageFidelity(ExactSumMetric):
                 values["preds_power"], values["target_power"] = powers.chunk(2)
         return values
 
-    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Accumulate a batch of images ``[N, C, H, W]``; images with NaN/Inf are left out, and those ``mask`` (bool
-        ``[N]``) leaves out (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
-        self.check(preds, target)
-        checks.check_state_device(preds, type(self).__name__, self.totals.device)
-        mask = self._padding_mask(preds.shape[0], mask, preds.device)
-        if mask is not None:
-            checks.check_mask(mask, preds)
-            preds, target = preds[mask], target[mask]
-        if preds.shape[0]:
-            self._accumulate(self.sample_values(preds, target))
-
-    def accumulate(self, values: dict[str, Tensor]) -> None:
-        """Add the images of :meth:`sample_values` (those with a non-finite value are left out): the same state as
-        :meth:`update` of the same images."""
-        if self._is_synced:
-            raise RuntimeError("ImageFidelity: accumulate called while the state is synced; call unsync() first")
-        self._accumulate(values)
-        self._update_count += 1
-        self._computed = None
-
-    def _accumulate(self, values: dict[str, Tensor]) -> None:
+    def rows(self, values: Mapping[str, Tensor]) -> Tensor:
+        """SSIM's positive and negative parts, the prediction's and the target's power above the cutoff."""
         zeros = torch.zeros_like(next(iter(values.values())))
         ssim = values.get("ssim", zeros)
-        rows = torch.stack(
-            [ssim.clamp(min=0), (-ssim).clamp(min=0), values.get("preds_power", zeros),
-             values.get("target_power", zeros)]
-        )  # fmt: skip
-        finite = rows.isfinite().all(0)  # no data-dependent shape: no host synchronisation on an accelerator
-        self._add(torch.where(finite, rows, 0.0), finite.sum().reshape(1))
+        return torch.stack([ssim.clamp(min=0), (-ssim).clamp(min=0), values.get("preds_power", zeros),
+                            values.get("target_power", zeros)])  # fmt: skip
 
     def compute(self) -> dict[str, Tensor]:
         """``{"ssim": mean SSIM, "sharpness": power ratio}`` over everything accumulated (synced across processes),

@@ -12,21 +12,21 @@ vocoders and codecs give; a system that changes the timing needs an alignment fi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import checks
-from .exact_metric import TORCHMETRICS_OPTIONS, ExactSumMetric
+from .exact_metric import TORCHMETRICS_OPTIONS, SampleFiguresMetric
 from .precision import own_precision
 from .spaces.audio_aspects import CEPSTRUM_DEFAULTS, MelCepstrum
 
 MCD_SCALE = 10 / math.log(10) * math.sqrt(2)  # dB per unit of cepstral distance (natural-log amplitude)
 
 
-class MelCepstralDistortion(ExactSumMetric):
+class MelCepstralDistortion(SampleFiguresMetric):
     """Mel-cepstral distortion in dB of predicted clips against their targets, over the whole set (module doc).
 
     Args:
@@ -94,30 +94,9 @@ class MelCepstralDistortion(ExactSumMetric):
             frames = per_frame.reshape(preds.shape[0], -1)
             return {"mcd": torch.cumsum(frames, 1, dtype=torch.float64)[:, -1] / frames.shape[1]}
 
-    def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Accumulate a batch of clips; clips with NaN/Inf are left out, and those ``mask`` (bool ``[N]``) leaves out
-        (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
-        self.check(preds, target)
-        checks.check_state_device(preds, type(self).__name__, self.totals.device)
-        mask = self._padding_mask(preds.shape[0], mask, preds.device)
-        if mask is not None:
-            checks.check_mask(mask, preds)
-            preds, target = preds[mask], target[mask]
-        if preds.shape[0]:
-            self._accumulate(self.sample_values(preds, target))
-
-    def accumulate(self, values: dict[str, Tensor]) -> None:
-        """Add the clips of :meth:`sample_values` (non-finite ones left out): the same state as :meth:`update`."""
-        if self._is_synced:
-            raise RuntimeError("MelCepstralDistortion: accumulate called while the state is synced; call unsync()")
-        self._accumulate(values)
-        self._update_count += 1
-        self._computed = None
-
-    def _accumulate(self, values: dict[str, Tensor]) -> None:
-        mcd = values["mcd"]
-        finite = mcd.isfinite()  # no data-dependent shape: no host synchronisation on an accelerator
-        self._add(torch.where(finite, mcd, 0.0)[None], finite.sum().reshape(1))
+    def rows(self, values: Mapping[str, Tensor]) -> Tensor:
+        """The sum of the clips' MCD values."""
+        return values["mcd"][None]
 
     def compute(self) -> Tensor:
         """The mean MCD in dB over the clips accumulated (synced across processes); NaN before any clip."""

@@ -7,6 +7,7 @@ backbones' are (see :class:`~pl_pmse.spaces.base.Space`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -262,16 +263,7 @@ def _layer_numbers(layers: Sequence[int | str] | None, depth: int) -> list[int]:
 
 
 def _register(family: str) -> None:
-    def factory(
-        sample_rate: int | None = None,
-        size: str = "base",
-        weights: str | os.PathLike = "pretrained",
-        layers: Sequence[int | str] | None = None,
-        normalize_layers: bool = False,
-        component_weights: Mapping[str, float] | None = None,
-    ) -> SpeechModelSpace:
-        return SpeechModelSpace(family, sample_rate, size, weights, layers, normalize_layers, component_weights)
-
+    factory = functools.partial(SpeechModelSpace, family)
     factory.__doc__ = (
         f"torchaudio's {family} (size {', '.join(SPEECH_BUNDLES[family])}): transformer layers 'layer1'... as "
         f"components, the first two thirds by default; see SpeechModelSpace."
