@@ -516,6 +516,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             return {}
         values = fidelity.sample_values(preds, target)
         fidelity.accumulate(values)
+        if not self._figure_names:  # no per-sample figures panel (audio): no read back of the values
+            return {}
         return {name: value.tolist() for name, value in values.items()}
 
     @property
