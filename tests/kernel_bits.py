@@ -37,6 +37,7 @@ def measurements(network: bool = False) -> dict[str, list[int]]:
         "pixel float16": ("pixel", {}, (preds.half(), target.half())),
         "pixel uint8": ("pixel", {}, ((preds * 255).byte(), (target * 255).byte())),
         "pyramid": ("pyramid", {"levels": 4, "luma_chroma": True}, images),
+        "aspects": ("aspects", {}, images),
         "waveform": ("waveform", {}, (noisy, clean)),
         "mel": ("mel", {"sample_rate": 16000, "n_fft": 512}, (noisy, clean)),
         "mel slaney": (
