@@ -168,8 +168,9 @@ class Space(nn.Module):
         return {}
 
     def views(self, x: Tensor) -> dict[str, Tensor]:
-        """What the space sees in each sample, for the callback's panels: ``{title: [N, rows, frames]}`` (drawn as a
-        map, lowest row at the bottom) or ``[N, frames]`` (a curve) over the sample's duration; none here."""
+        """What the space sees in each sample, for the callback's panels (the audio set's ``panels/{set}_views``):
+        ``{title: [N, rows, frames]}`` (drawn as a map, lowest row at the bottom) or ``[N, frames]`` (a curve) over
+        the sample's duration; none here."""
         return {}
 
     def check_input(self, x: Tensor) -> None:
