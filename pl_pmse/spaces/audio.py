@@ -29,6 +29,7 @@ class AudioSpace(Space):
     layout = "audio [N, T] or [N, C, T]"
     allowed_ndim = (2, 3)
     min_length = 1
+    length_dims = "signals (samples along the last dimension)"  # what min_length counts, for the message
     range_hint = "e.g. data_range=(-32768, 32767) for 16-bit audio"
 
     def layout_hint(self, x: Tensor) -> str:
@@ -38,7 +39,7 @@ class AudioSpace(Space):
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
-        checks.check_min_size(x, self.min_length, "signals (samples along the last dimension)", self.name)
+        checks.check_min_size(x, self.min_length, self.length_dims, self.name)
 
 
 @register_space("waveform")
@@ -121,6 +122,16 @@ class MelSpace(AudioSpace):
         return {"mel": torch.log(self.analysis(x) + self.eps)}
 
 
+def constant_buffers(module: nn.Module, *names: str) -> nn.Module:
+    """``module`` (a torchaudio transform) with its buffers ``names`` made constants of its options: they move with
+    it, but are in no ``state_dict`` of a model that holds the space."""
+    for name in names:
+        value = getattr(module, name)
+        delattr(module, name)
+        module.register_buffer(name, value, persistent=False)
+    return module
+
+
 def _drop_constants_saved_by_0_2(state_dict: dict, prefix: str, *args: Any) -> None:
     """0.2 saved the window and the filter bank of its torchaudio ``MelSpectrogram`` (``transform.*``) with a model
     holding the space; they are constants of the options, saved no more: a checkpoint of 0.2 still loads strictly."""
@@ -161,12 +172,8 @@ class MelAnalysis(nn.Module):
         self.sample_rate, self.n_fft, self.n_mels = sample_rate, n_fft, n_mels
         from torchaudio.transforms import Spectrogram  # loaded on first use: import pl_pmse stays light
 
-        self.spectrogram = Spectrogram(
-            n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0
-        )
-        window = self.spectrogram.window
-        del self.spectrogram.window  # a constant of the options: in no state_dict (as the filters)
-        self.spectrogram.register_buffer("window", window, persistent=False)
+        spectrogram = Spectrogram(n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0)
+        self.spectrogram = constant_buffers(spectrogram, "window")  # as the filters
         self.filters = MelFilterBank(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate, norm, mel_scale)
 
     @property

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from .audio import AudioSpace, BandFilters, MelAnalysis, _power_spectrogram, check_fft
+from .audio import AudioSpace, BandFilters, MelAnalysis, _power_spectrogram, check_fft, constant_buffers
 from .registry import register_space
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -179,10 +179,8 @@ class AudioAspects(AudioSpace):
         self.hop_length = self.cepstrum.mel.hop_length
         from torchaudio.transforms import Spectrogram  # loaded on first use
 
-        self.pitch_spectrogram = Spectrogram(n_fft=pitch_n_fft, hop_length=self.hop_length, power=2.0)
-        window = self.pitch_spectrogram.window
-        del self.pitch_spectrogram.window  # a constant of the options: in no state_dict
-        self.pitch_spectrogram.register_buffer("window", window, persistent=False)
+        spectrogram = Spectrogram(n_fft=pitch_n_fft, hop_length=self.hop_length, power=2.0)
+        self.pitch_spectrogram = constant_buffers(spectrogram, "window")
         self.semitones = BandFilters(semitone_filters(pitch_n_fft // 2 + 1, sample_rate, octaves))
         self.edge_frames = math.ceil(n_fft // 2 / self.hop_length)
         self.min_length = max(max(n_fft, pitch_n_fft) // 2 + 1, self.hop_length * (2 * self.edge_frames + 1))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from .audio import AudioSpace
+from .audio import AudioSpace, constant_buffers
 from .backbones import RANDOM_WEIGHTS_SEED, _PrivateGenerator, _state_from_file
 from .registry import register_space
 
@@ -179,10 +179,7 @@ class SpeechModelSpace(AudioSpace):
         if sample_rate != MODEL_SAMPLE_RATE:
             from torchaudio.transforms import Resample
 
-            self.resampler = Resample(sample_rate, MODEL_SAMPLE_RATE)
-            kernel = self.resampler.kernel
-            del self.resampler.kernel  # a constant of the options: in no state_dict
-            self.resampler.register_buffer("kernel", kernel, persistent=False)
+            self.resampler = constant_buffers(Resample(sample_rate, MODEL_SAMPLE_RATE), "kernel")
 
     @property
     def sample_rate(self) -> int:
@@ -191,12 +188,9 @@ class SpeechModelSpace(AudioSpace):
     def networks(self) -> tuple[nn.Module, ...]:
         return (self.network,)
 
-    def check_input(self, x: Tensor) -> None:
-        checks.check_ndim(x, self.allowed_ndim, self.layout, self.name)
-        checks.check_min_size(
-            x, self.min_length, f"signals (the model's receptive field at {self._sample_rate} Hz)", self.name
-        )
-        checks.check_device(x, self.tensors(), self.name)
+    @property
+    def length_dims(self) -> str:
+        return f"signals (the model's receptive field at {self._sample_rate} Hz)"
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         clips = x.reshape(-1, x.shape[-1])  # each channel a clip of its own
