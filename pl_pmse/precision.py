@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -50,21 +50,38 @@ def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractC
         yield
 
 
-# torch's current precision flags (mixing them with the legacy ``allow_tf32`` ones raises in torch)
-_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul,
-             torch.backends.mkldnn.conv)  # fmt: skip
+def _full_precision_settings() -> tuple[tuple[Callable[[], object], Callable[[object], None], object], ...]:
+    """``(read, write, full-precision value)`` for each process-wide float32 precision flag of this torch: the
+    ``fp32_precision`` flags where torch has them (mixing them with the legacy ones raises there), the legacy
+    ``allow_tf32`` flags and ``float32_matmul_precision`` before (torch < 2.9)."""
+
+    def flag(holder: object, name: str, value: object) -> tuple[Callable[[], object], Callable[[object], None], object]:
+        return (lambda: getattr(holder, name)), (lambda new: setattr(holder, name, new)), value
+
+    backends = torch.backends
+    if hasattr(backends.mkldnn, "conv") and hasattr(backends.cudnn, "conv"):
+        holders = (backends.cudnn.conv, backends.cuda.matmul, backends.mkldnn.matmul, backends.mkldnn.conv)
+        return tuple(flag(holder, "fp32_precision", "ieee") for holder in holders)
+    return (
+        flag(backends.cuda.matmul, "allow_tf32", False),
+        flag(backends.cudnn, "allow_tf32", False),
+        (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),  # oneDNN's bfloat16 too
+    )
+
+
+_SETTINGS = _full_precision_settings()
 _LOCK = threading.Lock()
 _ACTIVE = [0]  # measurements in progress in this process: the first sets the flags, the last restores them
-_SAVED: list[str] = []
+_SAVED: list[object] = []
 
 
 @contextlib.contextmanager
 def _ieee_float32() -> Iterator[None]:
     with _LOCK:
         if not _ACTIVE[0]:
-            _SAVED[:] = [setting.fp32_precision for setting in _SETTINGS]
-            for setting in _SETTINGS:
-                setting.fp32_precision = "ieee"
+            _SAVED[:] = [read() for read, _, _ in _SETTINGS]
+            for _, write, value in _SETTINGS:
+                write(value)
         _ACTIVE[0] += 1
     try:
         yield
@@ -72,5 +89,5 @@ def _ieee_float32() -> Iterator[None]:
         with _LOCK:
             _ACTIVE[0] -= 1
             if not _ACTIVE[0]:
-                for setting, value in zip(_SETTINGS, _SAVED, strict=True):
-                    setting.fp32_precision = value
+                for (_, write, _), value in reversed(list(zip(_SETTINGS, _SAVED, strict=True))):
+                    write(value)  # in reverse: the legacy matmul precision also writes cuda.matmul.allow_tf32

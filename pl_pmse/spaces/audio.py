@@ -141,8 +141,9 @@ def _drop_constants_saved_by_0_2(state_dict: dict, prefix: str, *args: Any) -> N
 
 class MelAnalysis(nn.Module):
     """Mel power spectrogram ``[..., T] -> [..., n_mels, frames]``: torchaudio's ``MelSpectrogram`` (centred,
-    reflect-padded Hann-windowed STFT, power 2, triangular filters), made the same bits on every x86 CPU with AVX2 or
-    AVX-512 (torch's scalar kernels round otherwise).
+    reflect-padded Hann-windowed STFT, power 2, triangular filters), the same bits on every CPU that runs the same
+    kernels; across CPUs equal to the FFT's float32 rounding (torch's CPU FFT is MKL's, whose code path differs
+    between Intel and AMD processors: README, "What is the same where").
 
     The STFT and the power are torchaudio's own operations (bit-identical to its ``Spectrogram``). The filters differ
     in two ways that change values at float32 rounding only (tested against torchaudio): their float32 steps are done

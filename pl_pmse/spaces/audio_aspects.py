@@ -18,9 +18,9 @@ A gain change registers in none of them: the log floor is ``floor_db`` below eac
 ``range_db`` below the clip's, so a gain adds one constant to every log (cancelled by the DCT's ``c1 ... cK`` and by
 the frame differences) and scales a frame's pitch profile, which the normalisation removes. With the floor per frame
 a loudness envelope (a tremolo) leaves ``timbre`` alone too: it shows in ``rhythm``; the clip's floor bounds the
-rise out of digital silence (``range_db / 10 * ln(10)`` at most: 18.4 at 80 dB). The mel analysis is the ``mel`` space's
-(the same bits on every machine); the semitone bands run through the same per-band filters, the DCT as one dot
-product per coefficient.
+rise out of digital silence (``range_db / 10 * ln(10)`` at most: 18.4 at 80 dB). The mel analysis is the ``mel``
+space's (its filters the same on every machine; the FFT equal to float32 rounding across CPUs); the semitone bands run
+through the same per-band filters, the DCT as one dot product per coefficient.
 """
 
 from __future__ import annotations
