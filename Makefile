@@ -4,9 +4,9 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-audio test test-torchmetrics-floor test-lightning-floor lint bench gpu-check clean
+.PHONY: demo demo-audio test test-floors dist-check lint bench gpu-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml pl_pmse/__init__.py  # the version is read from __init__.py at install
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
@@ -21,30 +21,42 @@ demo-audio: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The metric tests against the lowest torchmetrics pyproject.toml allows (the venv has the newest): pl-pmse overrides
-# torchmetrics internals, so both ends of the range are run in CI.
-TORCHMETRICS_FLOOR := 1.6.0
-FLOOR_DIR := $(VENV)/torchmetrics-$(TORCHMETRICS_FLOOR)
-test-torchmetrics-floor: $(STAMP)
-	test -d $(FLOOR_DIR) || $(PY) -m pip install --quiet --no-deps --target $(FLOOR_DIR) torchmetrics==$(TORCHMETRICS_FLOOR)
-	PYTHONPATH=$(FLOOR_DIR) $(PY) -c "import torchmetrics, sys; sys.exit(torchmetrics.__version__ != '$(TORCHMETRICS_FLOOR)')"
-	PYTHONPATH=$(FLOOR_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_metric.py tests/test_functional.py \
-		tests/test_same_number.py tests/test_properties.py tests/test_accelerator_shape.py tests/test_profile.py \
-		tests/test_torchmetrics_interop.py tests/test_fidelity.py tests/test_audio_aspects.py
+# The whole suite against the oldest release of every dependency pyproject.toml allows (.ci/floors.in: torch 2.4,
+# torchaudio 2.4, torchvision 0.19, torchmetrics 1.6, Lightning 2.5.3, wandb 0.17, ...), in a venv of its own
+# installed from .ci/floors.txt (those floors with everything they bring pinned). Tests that need a newer torch say so
+# in their skip reason (pytest -rs).
+FLOORS_VENV ?= .venv-floors
+FLOORS_STAMP := $(FLOORS_VENV)/.installed
+$(FLOORS_STAMP): .ci/floors.txt pyproject.toml
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -r .ci/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(FLOORS_STAMP)
 
-# The Lightning-facing tests against the lowest Lightning pyproject.toml allows (keep the two equal; before 2.5.3
-# Lightning refuses the callback's own /dataloader_idx_<i> keys): pytorch-lightning, lightning and lightning-fabric
-# (pytorch_lightning imports it). test_callback and test_faults run under pytorch_lightning here and under
-# lightning.pytorch inside test_lightning_namespaces.
-LIGHTNING_FLOOR := 2.5.3
-LIGHTNING_FLOOR_DIR := $(abspath $(VENV))/lightning-$(LIGHTNING_FLOOR)
-test-lightning-floor: $(STAMP)
-	test -d $(LIGHTNING_FLOOR_DIR) || $(PY) -m pip install --quiet --no-deps --target $(LIGHTNING_FLOOR_DIR) \
-		pytorch-lightning==$(LIGHTNING_FLOOR) lightning==$(LIGHTNING_FLOOR) lightning-fabric==$(LIGHTNING_FLOOR)
-	PYTHONPATH=$(LIGHTNING_FLOOR_DIR) $(PY) -c "import lightning, lightning_fabric, pytorch_lightning, sys; \
-		sys.exit({m.__version__ for m in (lightning, lightning_fabric, pytorch_lightning)} != {'$(LIGHTNING_FLOOR)'})"
-	PYTHONPATH=$(LIGHTNING_FLOOR_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_callback.py tests/test_faults.py \
-		tests/test_lightning_namespaces.py
+test-floors: $(FLOORS_STAMP)
+	$(FLOORS_VENV)/bin/python -c "import importlib.metadata as m, re, sys; \
+		floors = dict(re.findall(r'^([a-z-]+)==(\S+)$$', open('.ci/floors.in').read(), re.M)); \
+		found = {name: m.version(name) for name in floors}; print('floors:', found); sys.exit(found != floors)"
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# What a user installs: the sdist and wheel built (python -m build), checked (twine), and the wheel installed with only
+# its [mlflow] extra into a fresh venv outside the checkout, where the smoke tests run against it (the package
+# imported from site-packages, not from this folder) with Lightning's default MLFlowLogger among them.
+DIST_DIR := $(abspath dist)
+dist-check: $(STAMP)
+	rm -rf $(DIST_DIR) && $(PY) -m build --outdir $(DIST_DIR) . > /dev/null
+	$(PY) -m twine check --strict $(DIST_DIR)/*
+	set -e; where=$$(mktemp -d); trap 'rm -rf "$$where"' EXIT; \
+	$(PYTHON) -m venv $$where/venv; \
+	$$where/venv/bin/python -m pip install --quiet --upgrade pip; \
+	$$where/venv/bin/python -m pip install --quiet "$$(ls $(DIST_DIR)/*.whl)[mlflow]" pytest pytest-timeout hypothesis; \
+	cp -r tests pyproject.toml $$where/; cd $$where; \
+	venv/bin/python -c "import pl_pmse, sys; print('installed:', pl_pmse.__version__, pl_pmse.__file__); \
+		sys.exit('site-packages' not in pl_pmse.__file__)"; \
+	PL_PMSE_INSTALLED_WHEEL=1 venv/bin/python -m pytest -q -p no:cacheprovider tests/test_installed.py \
+		tests/test_functional.py tests/test_checks.py tests/test_profile.py tests/test_spaces_audio.py tests/test_mlflow.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -62,4 +74,4 @@ gpu-check: $(STAMP)
 		--only pixel --only pyramid --only features --only launches
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs runs .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) dist wandb lightning_logs runs .pytest_cache

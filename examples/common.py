@@ -60,8 +60,10 @@ class EpochTable(pl.Callback):
 def wandb_logger(project: str) -> dict[str, Any]:
     """A WandbLogger entry for ``trainer_defaults``: offline unless ``WANDB_MODE=online``."""
     online = os.environ.get("WANDB_MODE", "offline") == "online"
+    save_dir = os.path.abspath("runs")
+    os.makedirs(save_dir, exist_ok=True)  # W&B 0.17-0.18 put the run in the system temp folder if it is missing
     return {"class_path": "pytorch_lightning.loggers.WandbLogger",
-            "init_args": {"project": project, "save_dir": os.path.abspath("runs"), "offline": not online}}  # fmt: skip
+            "init_args": {"project": project, "save_dir": save_dir, "offline": not online}}  # fmt: skip
 
 
 def run_cli(model: type, data: type, project: str, args: Sequence[str] | None = None) -> LightningCLI:

@@ -7,11 +7,15 @@ Public API: :class:`PerceptionMSE` (a torchmetrics Metric), :func:`perception_ms
 
 import importlib
 
-from . import spaces
-from .functional import perception_mse, perception_mse_components
-from .spaces import Space, available_spaces, get_space, register_space
+from .versions import require
 
-__version__ = "0.1.0"
+require("torch")  # an older torch fails deep inside it: say so here
+
+from . import spaces  # noqa: E402
+from .functional import perception_mse, perception_mse_components  # noqa: E402
+from .spaces import Space, available_spaces, get_space, register_space  # noqa: E402
+
+__version__ = "0.2.0"
 
 # Names that load on first use: ``import pl_pmse`` imports torch only (not torchmetrics, torchvision, torchaudio,
 # Lightning, W&B or matplotlib); ``from pl_pmse import PerceptionMSE`` then imports torchmetrics.

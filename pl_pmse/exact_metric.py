@@ -32,12 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from . import checks
 from .distributed import check_same_everywhere, differences
 from .exact import NUM_BINS, add_exact, add_fixed, exact_ratios, host_bins
+from .versions import require
+
+require("torchmetrics")  # an older torchmetrics lacks internals overridden here: say so before using them
+from torchmetrics import Metric  # noqa: E402
+from torchmetrics.utilities.distributed import gather_all_tensors  # noqa: E402
 
 # the keyword options of torchmetrics' Metric that ExactSumMetric's subclasses pass on (the others are their own)
 TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .versions import require
+
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 
@@ -20,6 +22,7 @@ def _installed() -> tuple[ModuleType, ...]:
             packages.append(importlib.import_module(name))
         except ImportError:
             continue
+        require(name.split(".")[0])  # installed, but older than pl-pmse supports: a clear error
     if not packages:
         raise ImportError(
             "PerceptionMSECallback needs Lightning: pip install lightning (import lightning as L) or pytorch-lightning"

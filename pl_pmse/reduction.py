@@ -246,7 +246,8 @@ def _limbs(preds: Tensor, target: Tensor, count: int, wide: bool) -> list[Tensor
 
 def compute_dtype(preds: Tensor, target: Tensor | None = None) -> torch.dtype:
     """float64 when either input is float64, float32 otherwise (half, bfloat16 and integers included)."""
-    return torch.float64 if torch.float64 in (preds.dtype, getattr(target, "dtype", None)) else torch.float32
+    wide = preds.dtype == torch.float64 or (target is not None and target.dtype == torch.float64)
+    return torch.float64 if wide else torch.float32  # no getattr on a tensor: torch 2.4's compiler cannot trace it
 
 
 def _difference(preds: Tensor, target: Tensor | None) -> Tensor:

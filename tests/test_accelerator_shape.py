@@ -15,6 +15,7 @@ import torchmetrics
 
 from pl_pmse import PerceptionMSE, exact, perception_mse, reduction
 from pl_pmse.exact import NUM_BINS, add_exact, add_fixed, exact_sums, host_bins
+from tests.torch_support import needs_fake_cuda
 
 _COMMON = importlib.util.spec_from_file_location("benchmark_common", Path(__file__).parents[1] / "benchmarks/common.py")
 benchmark_common = importlib.util.module_from_spec(_COMMON)
@@ -44,6 +45,7 @@ def _shape(size: int) -> tuple[int, ...]:
     return (16, size) if size >= 16000 else (16, 3, size, size)
 
 
+@needs_fake_cuda
 @pytest.mark.parametrize(("name", "options", "sizes", "allowed"), LAUNCH_CASES, ids=[c[0] for c in LAUNCH_CASES])
 def test_launches_per_update_do_not_grow_with_the_input(name, options, sizes, allowed) -> None:
     """One update with validate_args=False on CUDA, counted under fake CUDA: the same count at both sizes, and at
@@ -64,6 +66,7 @@ def test_launches_per_update_do_not_grow_with_the_input(name, options, sizes, al
     assert reference <= 6  # the counter sees torchmetrics' few kernels: it counts what it claims to
 
 
+@needs_fake_cuda
 @pytest.mark.parametrize("figure", ["mcd", "image fidelity"])
 def test_the_set_figures_update_reads_nothing_back_on_an_accelerator(figure) -> None:
     """MelCepstralDistortion's and ImageFidelity's updates under fake CUDA (a host read or a data-dependent shape would
@@ -182,6 +185,7 @@ def test_the_accelerator_path_skips_non_finite_samples_as_the_cpu_path_does(acce
     torch.testing.assert_close(summary["total"], clean.compute(), rtol=1e-6, atol=0)
 
 
+@needs_fake_cuda
 def test_inputs_on_another_device_are_refused_before_anything_changes() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -8,6 +8,7 @@ from skimage import data as photographs
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from pl_pmse.fidelity import ImageFidelity, high_frequency_power
+from tests.torch_support import needs_fake_cuda
 
 
 def pairs(shape: tuple[int, ...], seed: int = 0, noise: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +136,7 @@ def test_bad_options_are_refused_by_name(options, error, message) -> None:
     assert ImageFidelity(data_range=None, ssim=False).figures == ("sharpness",)
 
 
+@needs_fake_cuda
 def test_sample_values_read_no_tensor_back_on_an_accelerator() -> None:
     """Under fake CUDA (FakeTensorMode) any host read of a tensor raises: the window taps and the band weights are
     built on the host (before: both were read back from the default device)."""

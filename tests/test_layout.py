@@ -14,18 +14,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pl_pmse"
 
 # room -> (its modules, the rooms of pl_pmse it may import besides itself); listed bottom up
 ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "checks": (("checks",), ()),
-    "arithmetic": (("exact", "precision", "reduction", "distributed"), ("checks",)),
-    "spaces": (("spaces",), ("checks", "arithmetic")),
+    "versions": (("versions",), ()),
+    "checks": (("checks",), ("versions",)),
+    "arithmetic": (("exact", "precision", "reduction", "distributed"), ("versions", "checks")),
+    "spaces": (("spaces",), ("versions", "checks", "arithmetic")),
     "metrics": (
         ("functional", "exact_metric", "metric", "profile", "fidelity", "mcd"),
-        ("checks", "arithmetic", "spaces"),
+        ("versions", "checks", "arithmetic", "spaces"),
     ),
-    "panels": (("panels",), ()),
-    "sinks": (("sinks",), ("panels",)),
-    "callback": (("callback", "lightning_compat"), ("checks", "arithmetic", "spaces", "metrics", "panels", "sinks")),
+    "panels": (("panels",), ("versions",)),
+    "sinks": (("sinks",), ("versions", "panels")),
+    "callback": (
+        ("callback", "lightning_compat"),
+        ("versions", "checks", "arithmetic", "spaces", "metrics", "panels", "sinks"),
+    ),
 }
-MEASUREMENT_ROOMS = ("checks", "arithmetic", "spaces", "metrics")
+MEASUREMENT_ROOMS = ("versions", "checks", "arithmetic", "spaces", "metrics")
 NOT_IN_MEASUREMENT = ("lightning", "pytorch_lightning", "lightning_utilities", "wandb", "PIL", "matplotlib",
                       "soundfile")  # fmt: skip
 

@@ -20,6 +20,7 @@ from pl_pmse import PerceptionMSE, perception_mse, perception_mse_components
 from pl_pmse.spaces import get_space
 from pl_pmse.spaces import image as image_spaces
 from pl_pmse.spaces.audio import _power_spectrogram
+from tests import torch_support
 
 _COMMON = importlib.util.spec_from_file_location("benchmark_common", Path(__file__).parents[1] / "benchmarks/common.py")
 benchmark_common = importlib.util.module_from_spec(_COMMON)
@@ -120,6 +121,8 @@ def test_validate_args_false_makes_no_host_synchronisation(name: str) -> None:
 
     # The metric's updates on an accelerator (a CPU reads its counts at no cost): under fake CUDA, where reading a
     # value back raises, with the detector on
+    if torch_support.WHY_NOT:
+        pytest.skip(torch_support.REASON)  # the CPU checks above have run
     on_device = PerceptionMSE(loss_case(name)[0], validate_args=False, **options)
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         on_device = on_device.to("cuda")
@@ -211,6 +214,7 @@ def test_validate_args_false_metric_forward_keeps_gradients_clean_and_refuses_pe
         PerceptionMSE(validate_args=False, dist_sync_on_step=True)
 
 
+@torch_support.needs_fullgraph_compile
 @pytest.mark.parametrize("name", LOSS_SPACES)
 def test_compile_fullgraph_equals_eager(name: str) -> None:
     """The whole loss in one graph (no break) through autograd (aot_eager: Dynamo + AOTAutograd, the compiler's
@@ -226,6 +230,7 @@ def test_compile_fullgraph_equals_eager(name: str) -> None:
     torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-9)
 
 
+@torch_support.needs_fullgraph_compile
 def test_compiled_by_inductor() -> None:
     """The default compiler (Inductor's generated C++ on CPU) gives eager's values to float32 rounding."""
     space, x, target, model = loss_case("mel", batch=2)

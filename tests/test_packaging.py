@@ -92,3 +92,42 @@ def test_every_declared_dependency_is_used() -> None:
         name = requirement.split(">")[0].split("=")[0].split("<")[0].strip()
         module = import_names.get(name, name)
         assert re.search(rf"\b(import|from) {module}\b|\"{module}\"", source), f"{name} is declared but never imported"
+
+
+def test_the_version_floors_checked_at_import_are_pyproject_s() -> None:
+    import tomllib
+
+    from pl_pmse.versions import MINIMUM, release
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["lightning"]
+    floors = {}
+    for requirement in requirements:
+        found = re.match(r"([A-Za-z0-9_-]+)\s*>=\s*([0-9.]+)", requirement)
+        assert found, requirement
+        floors[found.group(1)] = release(found.group(2))
+    assert {distribution: oldest for distribution, oldest in MINIMUM.values()} == {
+        name: floors[name] for name, _ in MINIMUM.values()
+    }
+    floors_installed_by_ci = (ROOT / ".ci/floors.in").read_text()
+    for distribution, oldest in MINIMUM.values():  # make test-floors runs exactly these
+        assert re.search(rf"^{distribution}=={'.'.join(map(str, oldest))}(\.0)?$", floors_installed_by_ci, re.M)
+
+
+def test_a_release_older_than_the_floor_is_named_with_the_one_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from pl_pmse.versions import require
+
+    old = types.ModuleType("torchaudio")
+    old.__version__, old.__file__ = "2.3.1", "/site-packages/torchaudio/__init__.py"
+    monkeypatch.setitem(sys.modules, "torchaudio", old)
+    with pytest.raises(ImportError, match=r"needs torchaudio >= 2\.4, found 2\.3\.1 .*pip install --upgrade"):
+        require.__wrapped__("torchaudio")
+    old.__version__ = "2.4.0+cpu"  # the floor itself, with a local build tag
+    assert require.__wrapped__("torchaudio") is old
+    # an old torch: the error comes when pl-pmse is imported, not as an AttributeError at first use
+    code = "import torch; torch.__version__ = '2.3.1+cu121'; import pl_pmse"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert "ImportError: pl-pmse needs torch >= 2.4, found 2.3.1+cu121" in done.stderr, done.stderr[-2000:]

@@ -75,19 +75,28 @@ def _parse(data: bytes) -> list[wandb_internal_pb2.Record]:
 
 
 def history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's history rows, ``{key: value}`` with nested keys joined by ``/``."""
+    """The run's history rows, ``{key: value}`` with nested keys joined by ``/`` (W&B 0.31 writes a media object
+    as one item per field, under ``nested_key``; W&B 0.17 as one item holding a JSON object: both read alike)."""
     run_dir = Path(run_dir)
     (log,) = run_dir.glob("run-*.wandb")
     rows = []
     for record in records(log):
         if record.WhichOneof("record_type") != "history":
             continue
-        row = {}
+        row: dict[str, Any] = {}
         for item in record.history.item:
             key = "/".join(item.nested_key) if item.nested_key else item.key
-            row[key] = json.loads(item.value_json)
+            _flatten(row, key, json.loads(item.value_json))
         rows.append(row)
     return rows
+
+
+def _flatten(row: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for field, inner in value.items():
+            _flatten(row, f"{key}/{field}", inner)
+    else:
+        row[key] = value
 
 
 def run_dirs(wandb_dir: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..versions import require
 from .render import BACKGROUND, SERIES_COLOURS, as_float, diverging, heatmap, line_plot, magma, stack, titled
 from .sets import (
     PANEL_SETS,
@@ -48,7 +49,8 @@ def clip(x: Tensor, data_range: tuple[float, float] | None) -> np.ndarray:
 def log_mel_db(x: Tensor, sample_rate: int, n_mels: int = 64) -> Tensor:
     """Log-mel power in dB, ``[n_mels, frames]``, with an FFT size that fits short clips."""
     n_fft = int(min(1024, 2 ** np.floor(np.log2(max(x.shape[-1], 2)))))
-    from torchaudio.transforms import MelSpectrogram  # loaded on first use
+    require("torchaudio")  # loaded on first use
+    from torchaudio.transforms import MelSpectrogram
 
     transform = MelSpectrogram(
         sample_rate, n_fft=n_fft, hop_length=max(1, n_fft // 4), n_mels=min(n_mels, n_fft // 4 + 1)

@@ -22,8 +22,8 @@ def encode_png(image: np.ndarray) -> bytes:
         >>> import io, numpy as np
         >>> from PIL import Image
         >>> picture = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
-        >>> (np.asarray(Image.open(io.BytesIO(encode_png(picture)))) == picture).all()
-        np.True_
+        >>> bool((np.asarray(Image.open(io.BytesIO(encode_png(picture)))) == picture).all())
+        True
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image: expected uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")

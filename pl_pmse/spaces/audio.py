@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
+from ..versions import require
 from .base import Space
 from .registry import register_space
 
@@ -103,7 +104,7 @@ class MelSpace(AudioSpace):
         self.eps = eps
         self.min_length = n_fft // 2 + 1
         self.analysis = MelAnalysis(sample_rate, n_fft, hop_length, win_length, n_mels, f_min, f_max, norm, mel_scale)
-        self._register_load_state_dict_pre_hook(_drop_constants_saved_by_0_2)
+        self._register_load_state_dict_pre_hook(_drop_constants_saved_by_0_1)
 
     @property
     def sample_rate(self) -> int:
@@ -132,9 +133,9 @@ def constant_buffers(module: nn.Module, *names: str) -> nn.Module:
     return module
 
 
-def _drop_constants_saved_by_0_2(state_dict: dict, prefix: str, *args: Any) -> None:
-    """0.2 saved the window and the filter bank of its torchaudio ``MelSpectrogram`` (``transform.*``) with a model
-    holding the space; they are constants of the options, saved no more: a checkpoint of 0.2 still loads strictly."""
+def _drop_constants_saved_by_0_1(state_dict: dict, prefix: str, *args: Any) -> None:
+    """0.1 saved the window and the filter bank of its torchaudio ``MelSpectrogram`` (``transform.*``) with a model
+    holding the space; they are constants of the options, saved no more: a checkpoint of 0.1 still loads strictly."""
     for key in [key for key in state_dict if key.startswith(prefix + "transform.")]:
         del state_dict[key]
 
@@ -171,7 +172,8 @@ class MelAnalysis(nn.Module):
     ) -> None:
         super().__init__()
         self.sample_rate, self.n_fft, self.n_mels = sample_rate, n_fft, n_mels
-        from torchaudio.transforms import Spectrogram  # loaded on first use: import pl_pmse stays light
+        require("torchaudio")  # loaded on first use: import pl_pmse stays light
+        from torchaudio.transforms import Spectrogram
 
         spectrogram = Spectrogram(n_fft=n_fft, win_length=win_length, hop_length=hop_length or n_fft // 4, power=2.0)
         self.spectrogram = constant_buffers(spectrogram, "window")  # as the filters
@@ -409,6 +411,7 @@ class MultiResolutionSTFT(AudioSpace):
         super().__init__({f"stft{n}": 1.0 for n in fft_sizes}, raw_weight=0.0, component_weights=component_weights)
         self.eps = eps
         self.min_length = max(fft_sizes) // 2 + 1
+        require("torchaudio")
         from torchaudio.transforms import Spectrogram
 
         self.spectrograms = nn.ModuleList(

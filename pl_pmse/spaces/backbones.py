@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import checks
+from ..versions import require
 from .image import ImageSpace
 from .registry import register_module_space, register_space
 
@@ -319,7 +320,7 @@ def imagenet_weights_path(architecture: str) -> Path:
         >>> imagenet_weights_path("vgg16").name
         'vgg16-397923af.pth'
     """
-    import torchvision  # loaded on first use: import pl_pmse stays light
+    torchvision = require("torchvision")  # loaded on first use: import pl_pmse stays light
 
     enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
@@ -333,7 +334,7 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
     alike, in one process or several, are equal; the global random state is not touched.
     """
     arch = ARCHITECTURES[architecture]
-    import torchvision
+    torchvision = require("torchvision")
 
     builder = getattr(torchvision.models, arch.builder)
     if isinstance(weights, str) and weights == "random":  # torchvision's own initialisation, seeded: reproducible
@@ -358,7 +359,7 @@ def load_backbone(architecture: str, weights: str | os.PathLike = "imagenet") ->
 
 
 def _imagenet_state(architecture: str) -> dict[str, Tensor]:
-    import torchvision  # loaded on first use: import pl_pmse stays light
+    torchvision = require("torchvision")  # loaded on first use: import pl_pmse stays light
 
     enum = torchvision.models.get_model_weights(ARCHITECTURES[architecture].builder).DEFAULT
     try:

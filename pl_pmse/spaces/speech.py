@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
+from ..versions import require
 from .audio import AudioSpace, constant_buffers
 from .backbones import RANDOM_WEIGHTS_SEED, _PrivateGenerator, _state_from_file
 from .registry import register_space
@@ -34,7 +35,7 @@ SPEECH_BUNDLES = {
 
 def _bundle(family: str, size: str) -> Any:
     checks.check_choice("size", size, tuple(SPEECH_BUNDLES[family]))
-    import torchaudio  # loaded on first use: import pl_pmse stays light
+    torchaudio = require("torchaudio")  # loaded on first use: import pl_pmse stays light
 
     return getattr(torchaudio.pipelines, SPEECH_BUNDLES[family][size])
 
