@@ -11,7 +11,6 @@ import torch
 import torchmetrics
 
 from pl_pmse.versions import release
-
 from tests.distributed import clean_environment
 
 ROOT = Path(__file__).resolve().parents[1]
