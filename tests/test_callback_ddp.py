@@ -45,8 +45,9 @@ class RankProbe(pl.Callback):
 
 
 def test_ddp_spawn_fit_is_exact_draws_once_and_gathers_both_ranks(tmp_path, monkeypatch, capfd) -> None:
-    # WANDB_DIR and save_dir apart (before: every W&B panel failed under ddp_spawn with FileNotFoundError)
+    # WANDB_DIR and save_dir apart: the child's media must follow the run's record under save_dir
     (tmp_path / "environment").mkdir()
+    (tmp_path / "saved").mkdir()  # W&B 0.17-0.18 put a run whose save_dir is missing in the system temp folder
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "environment"))
     logger = WandbLogger(project="pl-pmse-tests", save_dir=str(tmp_path / "saved"), offline=True)
     callback = PerceptionMSECallback("pixel", data_range=1.0, worst_k=10, num_panel_samples=2)

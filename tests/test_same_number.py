@@ -467,8 +467,8 @@ def test_the_same_number_with_the_cpu_kernels_of_other_machines() -> None:
                               env={**environment, **path}, check=True)  # fmt: skip
         there = json.loads(done.stdout)
         capability = there.pop("capability")
-        assert capability in ("AVX2", "AVX512", "DEFAULT"), path
-        check(there, capability == "DEFAULT", path)
+        assert capability in ("AVX2", "AVX512", "DEFAULT", "NO AVX"), path  # torch 2.4 calls the scalar kernels NO AVX
+        check(there, capability in ("DEFAULT", "NO AVX"), path)
     with Float64FFT():
         there = measurements()
     changed = {key for key in here if there[key] != here[key]}
