@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -253,19 +254,41 @@ def _finite_range(x: Tensor) -> tuple[float, float]:
 
 
 def check_value_range(
-    tensors: Sequence[Tensor], bounds: tuple[float, float], space: str, data_range: Any, range_hint: str
-) -> None:
-    """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]).
+    preds: Tensor, target: Tensor, bounds: tuple[float, float], space: str, data_range: Any, range_hint: str
+) -> Overshoot | None:
+    """Catch convention mismatches (0..255 data into a [0, 1] space, [-1, 1] into [0, 1]) on the target, and measure
+    what the predictions overshoot.
 
-    Values may overshoot the range a little (an unconstrained model output); more than half the span off
-    is a convention mismatch and raises.
+    The target says which convention the data uses: more than half the span outside ``bounds`` raises (a wrong
+    ``data_range``). Predictions are measured whatever their values (a model overshoots its range, at
+    initialisation most of all): their overshoot, when any value lies outside ``bounds``, is returned for a warning.
     """
-    found = values_outside(tensors, bounds)
+    found = values_outside([target], bounds)
     if found is not None:
         raise ValueError(
-            f"preds and target: space {space!r} expects values in [{bounds[0]:g}, {bounds[1]:g}] (data_range="
-            f"{data_range!r}), found values in [{found[0]:g}, {found[1]:g}]; pass the data_range your data uses, "
-            f"{range_hint}"
+            f"target: space {space!r} expects values in [{bounds[0]:g}, {bounds[1]:g}] (data_range={data_range!r}), "
+            f"found target values in [{found[0]:g}, {found[1]:g}]; pass the data_range your data uses, {range_hint}"
+        )
+    low, high = bounds
+    outside = ((preds < low) | (preds > high)).sum()
+    if not int(outside):
+        return None
+    lo, hi = _finite_range(preds.detach())
+    return Overshoot(lo, hi, int(outside) / preds.numel())
+
+
+@dataclass(frozen=True)
+class Overshoot:
+    """Predictions outside the space's range: their finite extremes and the fraction of values outside."""
+
+    low: float
+    high: float
+    fraction: float
+
+    def describe(self, bounds: tuple[float, float]) -> str:
+        return (
+            f"{self.fraction:.2%} of the predicted values lie outside [{bounds[0]:g}, {bounds[1]:g}] (found "
+            f"[{self.low:g}, {self.high:g}]): they are measured as they are"
         )
 
 

@@ -756,3 +756,25 @@ def test_batches_the_figures_cannot_measure_are_left_out_with_one_warning(monkey
     stage = callback._stages["validate"]
     assert len(said) == 1 and "ssim and sharpness leave out batches of shape (4, 10)" in said[0]
     assert stage.fidelity[0].compute()["ssim"].isnan() and stage.metrics[0].compute() > 0
+
+
+class _Overshooting(Denoiser):
+    """An unclamped residual denoiser at initialisation: some predicted pixels far above 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x) + 0.8 * (x > 0.6)
+
+
+@pytest.mark.parametrize("space", ["pyramid", "aspects"])
+def test_a_model_that_overshoots_its_range_is_measured_and_the_fit_completes(tmp_path, space) -> None:
+    recorder = Recorder()
+    callback = PerceptionMSECallback(space, data_range=1.0, panels=False)
+    trainer = cpu_trainer(tmp_path, [recorder, callback], logger=False, num_sanity_val_steps=2)
+    with pytest.warns(UserWarning, match=rf"preds: space '{space}': .*% of the predicted values lie outside \[0, 1\]"):
+        trainer.fit(_Overshooting(), ImageData())
+    assert trainer.current_epoch == 2 and trainer.callback_metrics["val/pmse"] > 0
+    ready = PerceptionMSE(space, data_range=1.0, validate_args=False)
+    assert not PerceptionMSECallback(ready).validate_args  # a ready metric keeps its options
+    assert not PerceptionMSECallback(space, data_range=1.0, validate_args=False).validate_args
+    with pytest.raises(TypeError, match="validate_args: expected True or False"):
+        PerceptionMSECallback(space, data_range=1.0, validate_args="no")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -227,3 +230,34 @@ def test_every_sample_skipped_gives_nan_with_a_warning() -> None:
     metric.update(torch.full((2, 3), float("nan")), torch.zeros(2, 3))
     with pytest.warns(UserWarning, match="every sample skipped"):
         assert metric.compute().isnan()
+
+
+@pytest.mark.parametrize("space", ["pyramid", "aspects", "mel"])
+def test_predictions_outside_the_range_are_measured_and_warned_once_targets_are_checked(space: str) -> None:
+    """A model overshoots its range (1.6 for [0, 1], 1e6 times the span too): measured, one warning naming the
+    fraction and extent; a target outside the range is a wrong data_range: refused naming target, state unchanged."""
+
+    audio = space == "mel"
+    options = {"sample_rate": 16000} if audio else {"data_range": 1.0}
+    target = torch.rand(2, 8000) * 2 - 1 if audio else torch.rand(2, 3, 64, 64)
+    preds = target.clone()
+    preds.view(-1)[:5] = 1.6
+    preds.view(-1)[-3:] = 2e6
+    metric = PerceptionMSE(space, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metric.update(preds, target)
+        metric.update(preds, target)
+    messages = [str(w.message) for w in caught if "predicted values" in str(w.message)]
+    bounds = r"\[-1, 1\]" if audio else r"\[0, 1\]"
+    assert len(messages) == 1 and re.search(
+        rf"of the predicted values lie outside {bounds} \(found \[.*, 2e\+06\]\)", messages[0]
+    )
+    unchecked = PerceptionMSE(space, validate_args=False, **options)
+    unchecked.update(preds, target)
+    unchecked.update(preds, target)
+    assert torch.isfinite(metric.compute()) and torch.equal(metric.compute(), unchecked.compute())
+    before = metric.totals.clone()
+    with pytest.raises(ValueError, match=rf"target: space '{space}' expects values in {bounds} .*found target values"):
+        metric.update(target, target * 255)
+    assert torch.equal(metric.totals, before) and metric.update_count == 2

@@ -175,7 +175,7 @@ def test_input_conventions(backbone_weights: dict[str, str]) -> None:
         (torch.rand(2, 2, 32, 32), r"expects RGB images \[N, 3, H, W\].*got 2 channels"),
         (torch.rand(2, 3, 16, 40), r"space 'alexnet' needs height and width of at least 31, got 16"),
         (torch.rand(2, 3, 32), r"space 'alexnet' expects images \[N, C, H, W\], got shape \(2, 3, 32\)"),
-        (torch.rand(2, 3, 32, 32) * 255, r"expects values in \[0, 1\].*found values in \[.*\]; pass the data_range"),
+        (torch.rand(2, 3, 32, 32) * 255, r"target: .* values in \[0, 1\].*found target values .*pass the data_range"),
     ],
 )
 def test_bad_image_inputs(preds: torch.Tensor, pattern: str, backbone_weights: dict[str, str]) -> None:

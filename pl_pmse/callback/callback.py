@@ -120,8 +120,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         prefix, test_prefix: key prefixes of the validation and test loops.
         extract: ``(outputs, batch) -> (preds, target)`` for any other layout (define it at module level for
             ``ddp_spawn``, which pickles the callback).
-        data_range, nan_strategy: as in :class:`PerceptionMSE`; ``data_range`` also scales the pictures
-            (default ``[0, 1]``) and clips (default ``[-1, 1]``).
+        data_range, nan_strategy, validate_args: as in :class:`PerceptionMSE` (a ready metric brings its own);
+            ``data_range`` also scales the pictures (default ``[0, 1]``) and clips (default ``[-1, 1]``).
         panels: draw panels at all; ``num_panel_samples`` fixed and ``worst_k`` worst samples per panel (at most 64
             each: a panel's rows).
         panels_every_n_epochs: draw every n-th validation epoch.
@@ -157,6 +157,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         extract: Extract | None = None,
         data_range: float | tuple[float, float] | None = None,
         nan_strategy: str = "error",
+        validate_args: bool = True,
         panels: bool = True,
         num_panel_samples: int = 4,
         worst_k: int = 4,
@@ -183,6 +184,7 @@ class PerceptionMSECallback(*CALLBACK_BASES):
                 raise ValueError(f"space options {sorted(space_options)} do not apply to a ready PerceptionMSE")
             ready = space
             data_range, nan_strategy, space = ready.data_range, ready.nan_strategy, ready.space
+            validate_args = ready.validate_args
             if data_range is not None and not ready.psnr_clamps:
                 data_range = data_range[1]  # the [0, d] form: PSNR without clamping, as the metric had it
         named = isinstance(space, str) and space in available_spaces()
@@ -212,9 +214,10 @@ class PerceptionMSECallback(*CALLBACK_BASES):
             raise ValueError(f"panel_timeout: expected a finite number of seconds > 0, got {panel_timeout!r}")
         for argument, value in (("panels", panels), ("background_panels", background_panels), ("profile", profile),
                                 ("ssim", ssim), ("sharpness", sharpness), ("mcd", mcd),
-                                ("prog_bar", prog_bar)):  # fmt: skip
+                                ("prog_bar", prog_bar), ("validate_args", validate_args)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{argument}: expected True or False, got {value!r}")
+        self.validate_args = validate_args
         if sinks is not None and (
             isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence)
             or not all(isinstance(sink, Sink) for sink in sinks)
@@ -419,7 +422,8 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     def _new_metric(self) -> PerceptionMSE:
         """The metric of one dataloader; its results in float64: the logged scalars carry the exact value's digits."""
-        return PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy).set_dtype(torch.float64)
+        metric = PerceptionMSE(self.space, self._metric_data_range, self.nan_strategy, self.validate_args)
+        return metric.set_dtype(torch.float64)
 
     def _new_profile(self) -> ErrorProfile:
         options = self._panel_set.profile_options(self._panel_options, self.space)

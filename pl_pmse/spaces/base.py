@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -218,7 +219,15 @@ class Space(nn.Module):
             return out
         mapped = [self.to_expected_range(x, data_range) for x in (preds, target)]
         if validate_args:
-            checks.check_value_range(mapped, self.expected_range, self.name, data_range, self.range_hint)
+            overshoot = checks.check_value_range(*mapped, self.expected_range, self.name, data_range, self.range_hint)
+            if overshoot is not None and not getattr(self, "_overshoot_warned", False):
+                self._overshoot_warned = True  # once per space: a fit's every batch may overshoot
+                warnings.warn(
+                    f"preds: space {self.name!r}: {overshoot.describe(self.expected_range)} (this warning is shown "
+                    f"once per space)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if self.linear:
             return {**out, **{name: (value, None) for name, value in self.features(mapped[0] - mapped[1]).items()}}
         graph = [torch.is_grad_enabled() and x.requires_grad for x in mapped]
