@@ -344,13 +344,23 @@ SINKS: dict[str, SinkFactory] = {
 _LIGHTNING_SINKS = frozenset(SINKS)  # the built-in names: matched in Lightning's own namespaces only
 
 
-def register_sink(logger_class_name: str, factory: SinkFactory) -> None:
+def register_sink(logger_class_name: str, factory: SinkFactory, replace: bool = False) -> None:
     """Panels for the loggers of a Lightning logger class (matched by name in either namespace, subclasses too):
-    ``factory(logger)`` returns its :class:`Sink`, or None for no panels."""
+    ``factory(logger)`` returns its :class:`Sink`, or None for no panels. A name registered already (the built-in
+    W&B, TensorBoard and MLflow sinks included) is refused unless ``replace=True``: it changes where every
+    callback of the process sends that logger's panels."""
     if not isinstance(logger_class_name, str) or not logger_class_name.isidentifier():
         raise ValueError(f"logger_class_name: expected a class name like 'CometLogger', got {logger_class_name!r}")
     if not callable(factory):
         raise TypeError(f"factory: expected a function logger -> Sink or None, got {factory!r}")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace: expected True or False, got {replace!r}")
+    if logger_class_name in SINKS and not replace:
+        built_in = " (a built-in sink)" if logger_class_name in _LIGHTNING_SINKS else ""
+        raise ValueError(
+            f"logger_class_name: {logger_class_name!r} has a sink already{built_in}; pass replace=True to replace "
+            f"it for this process"
+        )
     SINKS[logger_class_name] = factory
 
 

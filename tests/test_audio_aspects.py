@@ -199,7 +199,7 @@ BAD = [
     ({"sample_rate": RATE, "n_cepstra": 80}, r"n_cepstra: expected an integer from 1 to 79, got 80"),
     ({"sample_rate": RATE, "n_mels": 0}, r"n_mels: expected an integer from 1 to 512, got 0"),
     ({"sample_rate": RATE, "floor_db": 0}, r"floor_db: expected dB below the peak in \(0, 300\), got 0"),
-    ({"sample_rate": RATE, "pitch_n_fft": 1}, r"n_fft: expected at least 2"),
+    ({"sample_rate": RATE, "pitch_n_fft": 1}, r"n_fft: expected 2 \(one frequency besides 0\) to 65536"),
     ({"sample_rate": RATE, "hop_length": 0}, r"hop_length: expected a positive integer, got 0"),
 ]
 

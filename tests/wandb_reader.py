@@ -42,6 +42,7 @@ def records(path: str | Path, timeout: float = 20.0) -> list[wandb_internal_pb2.
 
 
 def _parse(data: bytes) -> list[wandb_internal_pb2.Record]:
+    assert len(data) >= HEADER.size, "no header yet"  # W&B 0.19 creates the file before its service writes to it
     magic, bee, _ = HEADER.unpack_from(data)
     assert magic == b":W&B" and bee == 0xBEE1, "not a W&B transaction log"
     position, pending, out = HEADER.size, b"", []

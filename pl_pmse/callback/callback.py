@@ -82,6 +82,9 @@ class _Stage:
         return key + (f"/dataloader_idx_{index}" if len(self.metrics) > 1 else "")
 
 
+_LONGEST_PANEL_TIMEOUT = 86400.0  # seconds; a wait far longer overflows the platform's timers
+
+
 class PerceptionMSECallback(*CALLBACK_BASES):
     """Log Perception MSE every validation (and test) epoch, and draw where the model fails.
 
@@ -209,9 +212,12 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         if (
             isinstance(panel_timeout, bool)
             or not isinstance(panel_timeout, (int, float))
-            or not (0 < panel_timeout < math.inf)
+            or not (0 < panel_timeout <= _LONGEST_PANEL_TIMEOUT)
         ):
-            raise ValueError(f"panel_timeout: expected a finite number of seconds > 0, got {panel_timeout!r}")
+            raise ValueError(
+                f"panel_timeout: expected a number of seconds > 0 and at most {_LONGEST_PANEL_TIMEOUT:g} (a day: the "
+                f"thread waits take no longer), got {panel_timeout!r}"
+            )
         for argument, value in (("panels", panels), ("background_panels", background_panels), ("profile", profile),
                                 ("ssim", ssim), ("sharpness", sharpness), ("mcd", mcd),
                                 ("prog_bar", prog_bar), ("validate_args", validate_args)):  # fmt: skip

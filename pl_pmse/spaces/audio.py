@@ -171,6 +171,9 @@ class MelAnalysis(nn.Module):
         mel_scale: str = "htk",
     ) -> None:
         super().__init__()
+        frequencies = n_fft // 2 + 1
+        if isinstance(n_mels, bool) or not isinstance(n_mels, int) or not 1 <= n_mels <= frequencies:
+            raise ValueError(f"n_mels: expected an integer from 1 to n_fft // 2 + 1 = {frequencies}, got {n_mels!r}")
         self.sample_rate, self.n_fft, self.n_mels = sample_rate, n_fft, n_mels
         require("torchaudio")  # loaded on first use: import pl_pmse stays light
         from torchaudio.transforms import Spectrogram
@@ -441,12 +444,18 @@ def _power_spectrogram(transform: Spectrogram, x: Tensor) -> Tensor:
     return frames.abs().pow(2.0).reshape(*x.shape[:-1], *frames.shape[-2:])
 
 
+MAX_N_FFT = 1 << 16
+
+
 def check_fft(n_fft: int, hop_length: int | None, win_length: int | None) -> None:
     """The STFT's sizes: positive integers, the window no longer than the FFT, at least 2 frequencies."""
     for argument, value in (("n_fft", n_fft), ("hop_length", hop_length), ("win_length", win_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
-    if n_fft < 2:
-        raise ValueError(f"n_fft: expected at least 2 (one frequency besides 0), got {n_fft}")
+    if not 2 <= n_fft <= MAX_N_FFT:
+        raise ValueError(
+            f"n_fft: expected 2 (one frequency besides 0) to {MAX_N_FFT} (4 s at 16 kHz: a longer window is a "
+            f"spectrum of the whole clip, and its frames would take gigabytes), got {n_fft}"
+        )
     if win_length is not None and win_length > n_fft:
         raise ValueError(f"win_length: expected at most n_fft = {n_fft}, got {win_length}")

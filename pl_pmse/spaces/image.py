@@ -54,6 +54,9 @@ class PixelSpace(Space):
         super().__init__(component_weights=component_weights)
 
 
+MAX_PYRAMID_LEVELS = 16
+
+
 @register_space("pyramid")
 class LaplacianPyramid(ImageSpace):
     """Laplacian pyramid (Burt & Adelson): band-pass levels from fine to coarse plus the low-pass residual.
@@ -81,8 +84,11 @@ class LaplacianPyramid(ImageSpace):
     def __init__(
         self, levels: int = 5, luma_chroma: bool = False, component_weights: Mapping[str, float] | None = None
     ) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-            raise ValueError(f"levels: expected an integer >= 2, got {levels!r}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= MAX_PYRAMID_LEVELS:
+            raise ValueError(
+                f"levels: expected an integer from 2 to {MAX_PYRAMID_LEVELS} (the coarsest level needs images of "
+                f"3 * 2**(levels - 2) pixels: 49152 at {MAX_PYRAMID_LEVELS}), got {levels!r}"
+            )
         self.levels = levels
         self.luma_chroma = bool(luma_chroma)
         names = [*(f"band{k}" for k in range(levels - 1)), "lowpass"]

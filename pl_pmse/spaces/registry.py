@@ -38,6 +38,11 @@ def register_space(name: str, replace: bool = False) -> Callable[[Callable[..., 
     """
     if not isinstance(name, str) or not name or not name.isprintable():
         raise ValueError(f"register_space: expected a non-empty printable name, got {name!r}")
+    if not isinstance(replace, bool):  # register_space("x", Factory) would put the factory here and register nothing
+        raise TypeError(
+            f"register_space: replace expected True or False, got {replace!r}; register a factory with "
+            f"register_space({name!r})(factory) or as a decorator, @register_space({name!r})"
+        )
     if name in _FACTORIES and not replace:
         raise ValueError(
             f"register_space: {name!r} is registered already ({_FACTORIES[name].__module__}."
