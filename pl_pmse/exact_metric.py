@@ -20,12 +20,13 @@ torchmetrics internals overridden (tested against the torchmetrics version the p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import os
 import warnings
+import weakref
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,24 @@ from torchmetrics.utilities.distributed import gather_all_tensors  # noqa: E402
 # the keyword options of torchmetrics' Metric that ExactSumMetric's subclasses pass on (the others are their own)
 TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
                         "distributed_available_fn", "sync_on_compute", "compute_with_cache")  # fmt: skip
+
+
+# process group -> {id(metric): weak reference} of the metrics whose configuration was compared across its ranks.
+# Keyed by the group object itself (weakly): a process group destroyed and initialised again is a new object and is
+# checked again, and a process started by ddp_spawn starts with none checked. (A Metric's hash follows its state
+# tensors, so metrics are found by id and confirmed by their weak reference.)
+_CHECKED: weakref.WeakKeyDictionary[Any, dict[int, weakref.ref]] = weakref.WeakKeyDictionary()
+
+
+def _dead() -> None:
+    return None
+
+
+def _process_group(group: Any) -> Any:
+    """The process group object ``group`` names (None: the default one), or None outside torch.distributed."""
+    if group is not None:
+        return group
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
 @dataclass
@@ -72,7 +91,6 @@ class ExactSumMetric(Metric):
     def __init__(self, num_sums: int, num_counts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._num_sums, self._num_counts = num_sums, num_counts
-        self._checked_groups: set[tuple[int, int]] = set()
         self._result_dtype = torch.get_default_dtype()  # as torchmetrics' metrics return; set_dtype changes it
         self.add_state("totals", torch.zeros(num_sums * NUM_BINS + num_counts, dtype=torch.int64), "sum")
 
@@ -256,8 +274,9 @@ class ExactSumMetric(Metric):
         configuration of the same size would sum unlike numbers; :func:`~pl_pmse.distributed.check_same_everywhere`
         (a hash of :meth:`configuration`, which includes the state size) turns both into a clear error on every rank.
         """
-        key = (os.getpid(), id(group))
-        if key not in self._checked_groups:
+        resolved = _process_group(group)
+        checked = _CHECKED.get(resolved, {}) if resolved is not None else {}
+        if checked.get(id(self), _dead)() is not self:
             state = {"state dtype": str(self.totals.dtype)}  # a float state on one rank raises on every rank
             check_same_everywhere({**self.configuration(), **state}, type(self).__name__, group, self.totals.device)
             self.configuration_checked(group)
@@ -265,7 +284,9 @@ class ExactSumMetric(Metric):
     def configuration_checked(self, group: Any = None) -> None:
         """Record that :meth:`configuration` was compared across the ranks of ``group`` by the caller (the
         callback checks its metrics with its own options, once per fit), so the first sync skips its own check."""
-        self._checked_groups.add((os.getpid(), id(group or self.process_group)))
+        resolved = _process_group(group or self.process_group)
+        if resolved is not None:
+            _CHECKED.setdefault(resolved, {})[id(self)] = weakref.ref(self)
 
     def padding_left_out_by_caller(self) -> ExactSumMetric:
         """Say that whoever updates this metric leaves the ``DistributedSampler``'s padding out itself (slices it off
@@ -273,7 +294,20 @@ class ExactSumMetric(Metric):
         self.__dict__["_padding_warned"] = True
         return self
 
-    def _padding_mask(self, rows: int, mask: Tensor | None, device: torch.device) -> Tensor | None:
+    @contextlib.contextmanager
+    def _padded(self, rows: int, mask: Tensor | None, device: torch.device | None) -> Iterator[Tensor | None]:
+        """:meth:`_padding_mask` for an update that may still refuse its batch: the padding bookkeeping it advanced
+        goes back if the block raises, so a rejected batch leaves it as it was."""
+        padding = self.__dict__.get("_padding")
+        saved = (self.__dict__.get("_padding_rows"), padding.rows if padding is not None else None)
+        try:
+            yield self._padding_mask(rows, mask, device)
+        except BaseException:
+            if padding is not None:
+                self.__dict__["_padding_rows"], padding.rows = saved
+            raise
+
+    def _padding_mask(self, rows: int, mask: Tensor | None, device: torch.device | None) -> Tensor | None:
         """The mask of an update of ``rows`` samples: the caller's; else, in a pass that
         :class:`~pl_pmse.callback.ExactEvaluation` follows, False for the ``DistributedSampler``'s padding repeats
         (None when there are none in this batch); else None, with one warning under ``torch.distributed`` that the
@@ -343,12 +377,12 @@ class SampleFiguresMetric(ExactSumMetric):
         :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
         self.check(preds, target)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
-        mask = self._padding_mask(preds.shape[0], mask, preds.device)
-        if mask is not None:
-            checks.check_mask(mask, preds)
-            preds, target = preds[mask], target[mask]
-        if preds.shape[0]:
-            self._accumulate(self.sample_values(preds, target))
+        with self._padded(preds.shape[0], mask, preds.device) as mask:
+            if mask is not None:
+                checks.check_mask(mask, preds)
+                preds, target = preds[mask], target[mask]
+            if preds.shape[0]:
+                self._accumulate(self.sample_values(preds, target))
 
     def accumulate(self, values: Mapping[str, Tensor]) -> None:
         """Add the samples of :meth:`sample_values` (those with a non-finite value are left out): the same state as

@@ -127,9 +127,9 @@ class PerceptionMSE(ExactSumMetric):
         e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. To see
         the batch's per-sample results too, call :meth:`batch_stats` then :meth:`accumulate` instead.
         """
-        if isinstance(preds, Tensor) and preds.dim():
-            mask = self._padding_mask(preds.shape[0], mask, preds.device)
-        self._accumulate(self.batch_stats(preds, target, mask))
+        rows = preds.shape[0] if isinstance(preds, Tensor) and preds.dim() else 0
+        with self._padded(rows, mask, getattr(preds, "device", None)) as mask:
+            self._accumulate(self.batch_stats(preds, target, mask))
 
     def batch_stats(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> BatchStats:
         """Measure a batch without accumulating it: its per-sample results, for :meth:`accumulate`.
@@ -184,10 +184,10 @@ class PerceptionMSE(ExactSumMetric):
             return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
-        if isinstance(preds, Tensor) and preds.dim():
-            mask = self._padding_mask(preds.shape[0], mask, preds.device)
-        batch = self.batch_stats(preds, target, mask)
-        self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
+        rows = preds.shape[0] if isinstance(preds, Tensor) and preds.dim() else 0
+        with self._padded(rows, mask, getattr(preds, "device", None)) as mask:
+            batch = self.batch_stats(preds, target, mask)
+            self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
         self._update_count += 1
         self._computed = None
         total = reduce_samples(batch.stats.total(self.space.component_weights), batch.stats.valid, "mean")

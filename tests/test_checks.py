@@ -261,3 +261,24 @@ def test_predictions_outside_the_range_are_measured_and_warned_once_targets_are_
     with pytest.raises(ValueError, match=rf"target: space '{space}' expects values in {bounds} .*found target values"):
         metric.update(target, target * 255)
     assert torch.equal(metric.totals, before) and metric.update_count == 2
+
+
+def test_a_rejected_batch_leaves_the_padding_bookkeeping_as_it_was() -> None:
+    """Under ExactEvaluation an update takes its rows from the batch's position in the rank's pass; a batch that is
+    refused must not take any (else the next one would be cut as if it were padding)."""
+    from pl_pmse import ErrorProfile
+    from pl_pmse.exact_metric import Padding
+
+    for metric, bad in (
+        (PerceptionMSE("pyramid", data_range=1.0), (torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32) * 255)),
+        (PerceptionMSE("pixel"), (torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 9))),
+        (ErrorProfile("image", 1.0), (torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)[:, :2])),
+    ):
+        padding = Padding(own=4)  # this rank's own samples: 4; what follows is the sampler's padding
+        metric.__dict__.update(_padding=padding, _padding_rows=0)
+        with pytest.raises((ValueError, TypeError)):
+            metric.update(*bad)
+        assert metric.__dict__["_padding_rows"] == 0 and padding.rows == 0, type(metric).__name__
+        good = torch.rand(3, 3, 32, 32)
+        metric.update(good, good.clone())  # all 3 rows are the rank's own: none cut
+        assert metric.__dict__["_padding_rows"] == 3

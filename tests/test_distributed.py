@@ -308,3 +308,23 @@ def test_the_worst_k_gather_sends_the_chosen_samples_once_whatever_the_world_siz
     # what a rank sends is bounded by k scores and its chosen samples: the same bound for 2 and 3 ranks
     bound = 16 * k + 8 + k * (2 * 3 * 64 * 64 * 4 + 1024)
     assert all(results[rank][size][0] <= bound for size in (2, 3) for rank in range(size))
+
+
+def test_a_process_group_initialised_again_is_checked_again(tmp_path, monkeypatch) -> None:
+    """The cross-rank configuration check runs once per metric and process group: a default group destroyed and
+    initialised again (another world, perhaps) is a new group and is checked again."""
+    import pl_pmse.exact_metric as exact_metric
+
+    checked = []
+    monkeypatch.setattr(exact_metric, "check_same_everywhere", lambda *args, **kwargs: checked.append(args[2]))
+    metric = PerceptionMSE()
+    try:
+        for attempt in ("first", "second"):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / attempt}", rank=0, world_size=1)
+            metric._check_same_configuration(None)
+            metric._check_same_configuration(None)  # the same group: checked once
+            dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(checked) == 2

@@ -120,9 +120,10 @@ class ErrorProfile(ExactSumMetric):
         checks.check_tensor_pair(preds, target, self.data_range)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
         self.analysis.check(preds)
-        mask = self._padding_mask(preds.shape[0], mask, preds.device)
+        with self._padded(preds.shape[0], mask, preds.device) as mask:
+            if mask is not None:
+                checks.check_mask(mask, preds)
         if mask is not None:
-            checks.check_mask(mask, preds)
             preds, target = preds[mask], target[mask]
         if preds.shape[0] == 0:
             return
