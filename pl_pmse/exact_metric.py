@@ -130,9 +130,16 @@ class ExactSumMetric(Metric):
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> ExactSumMetric:
-        """``nn.Module.to``; a device that cannot hold the measurement (meta, MPS) is refused before anything moves."""
+        """``nn.Module.to``; the device is checked from the arguments first, so that a device this torch cannot
+        reach (MPS off a Mac) gets the reason it cannot measure there rather than torch's own error."""
         checks.check_move(f"{type(self).__name__}.to", *args, **kwargs)
         return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> ExactSumMetric:
+        """Every move and cast of ``nn.Module`` (``.to``, ``.cuda``, a parent's ``.to`` or ``.half``) comes here: a
+        device that cannot hold the measurement (meta, MPS) is refused before anything moves."""
+        checks.check_measuring_device(fn(torch.zeros(())).device, f"{type(self).__name__}.to")
+        return super()._apply(fn, *args, **kwargs)
 
     def configuration(self) -> dict[str, str]:
         """Every setting that decides what the state means, as text: compared across ranks before the first sync,

@@ -389,8 +389,7 @@ class PerceptionMSE(ExactSumMetric):
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         """Moves the space with the metric; the space keeps its dtype (see :class:`~pl_pmse.spaces.Space`), as
-        torchmetrics keeps its states' dtype. The meta device is refused before anything moves."""
-        checks.check_measuring_device(fn(torch.zeros(())).device, "PerceptionMSE.to")
+        torchmetrics keeps its states' dtype. The meta device is refused before anything moves (by the base)."""
         this = super()._apply(fn, *args, **kwargs)
         this.space._apply(fn)
         return this

@@ -282,3 +282,19 @@ def test_a_rejected_batch_leaves_the_padding_bookkeeping_as_it_was() -> None:
         good = torch.rand(3, 3, 32, 32)
         metric.update(good, good.clone())  # all 3 rows are the rank's own: none cut
         assert metric.__dict__["_padding_rows"] == 3
+
+
+@pytest.mark.parametrize("name", ["PerceptionMSE", "ImageFidelity", "ErrorProfile", "MelCepstralDistortion"])
+def test_a_parent_moving_a_metric_to_the_meta_device_is_refused_and_the_state_kept(name: str) -> None:
+    """Lightning and users move metrics through their parent module (``nn.Module._apply``), not ``metric.to``."""
+    import pl_pmse
+
+    options = {"ErrorProfile": ("image", 1.0), "MelCepstralDistortion": (16000,)}.get(name, ())
+    metric = getattr(pl_pmse, name)(*options)
+    holder = torch.nn.ModuleDict({"m": metric})
+    before = metric.totals.clone()
+    with pytest.raises(ValueError, match=rf"{name}\.to: the meta device holds no values"):
+        holder.to("meta")
+    with pytest.raises(ValueError, match=rf"{name}\.to: the meta device holds no values"):
+        metric.to(torch.device("meta"))
+    assert metric.totals.device.type == "cpu" and torch.equal(metric.totals, before)
