@@ -33,6 +33,8 @@ from .precision import own_precision
 from .spaces.image import BLOCK_ELEMENTS
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # torchmetrics' (and Wang et al.'s) defaults
+# data ranges measured as given (the bits of torchmetrics' SSIM); wider or narrower ones are scaled to span 1 first
+SAFE_SPANS = (1e-12, 1e12)
 SHARPNESS_CUTOFF = 0.25  # cycles per pixel
 # pixels per side: SSIM's reflect padding of 5 pixels needs 6; fewer than 8 leave sharpness a handful of frequencies
 MIN_SIZES = {"ssim": SSIM_WINDOW // 2 + 1, "sharpness": 8}
@@ -117,10 +119,16 @@ class ImageFidelity(SampleFiguresMetric):
         (sharpness of one image: their ratio). No checks (see :meth:`check`), no gradients."""
         dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
         preds, target = preds.detach().to(dtype), target.detach().to(dtype)
+        data_range = self.data_range
+        if data_range is not None and not SAFE_SPANS[0] <= data_range[1] - data_range[0] <= SAFE_SPANS[1]:
+            # SSIM and sharpness do not change when the data and the range are scaled together: measured at span 1,
+            # where neither SSIM's constants (k * span) ** 2 nor the squares and powers overflow or vanish
+            span = data_range[1] - data_range[0]
+            preds, target, data_range = preds / span, target / span, (data_range[0] / span, data_range[1] / span)
         with own_precision(preds.device, inner_products=False):
             values = {}
             if "ssim" in self.figures:
-                values["ssim"] = ssim_per_image(preds, target, self.data_range, self.clamps)
+                values["ssim"] = ssim_per_image(preds, target, data_range, self.clamps)
             if "sharpness" in self.figures:
                 powers = high_frequency_power(torch.cat([preds, target]), self.cutoff)
                 values["preds_power"], values["target_power"] = powers.chunk(2)

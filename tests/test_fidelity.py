@@ -150,3 +150,20 @@ def test_sample_values_read_no_tensor_back_on_an_accelerator() -> None:
         "preds_power": (4,),
         "target_power": (4,),
     }
+
+
+@pytest.mark.parametrize("span", [1e160, 1e-160, 1e20])
+def test_every_data_range_perception_mse_takes_gives_finite_ssim_and_sharpness(span: float) -> None:
+    """SSIM and sharpness do not change when the data and the range are scaled together: at 1e160 SSIM's constant
+    (0.01 * span) ** 2 overflowed (OverflowError, a fit ended), at 1e-160 it vanished; float32 data at 1e20 overflowed
+    in the squares. Each equals the value at range 1."""
+    preds, target = (x.double() for x in pairs((3, 3, 32, 32)))
+    reference = ImageFidelity(data_range=1.0)
+    reference.update(preds, target)
+    scaled = ImageFidelity(data_range=span)
+    data = (preds * span, target * span) if span != 1e20 else ((preds * span).float(), (target * span).float())
+    scaled.update(*data)
+    for name, value in scaled.compute().items():
+        assert torch.isfinite(value), name
+        rtol = 1e-5 if span == 1e20 else 1e-12
+        torch.testing.assert_close(value, reference.compute()[name], rtol=rtol, atol=0)
