@@ -207,7 +207,16 @@ class ExactSumMetric(Metric):
         elif isinstance(incoming_state, Mapping) and "totals" in incoming_state:
             self._refuse_untrusted_state("merge_state", incoming_state["totals"])
             self._refuse_other_configuration("merge_state", None, incoming_state["totals"].numel())
-            incoming_state = {"configuration_checksum": self.configuration_checksum, **incoming_state}
+            checksum = incoming_state.get("configuration_checksum")  # metric_state carries it: compare, never mix
+            if checksum is not None and not torch.equal(
+                torch.as_tensor(checksum).cpu(), self.configuration_checksum.cpu()
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}.merge_state: the state comes from another configuration (its "
+                    f"configuration checksum differs: another space, data_range or option); merge states of metrics "
+                    f"built alike"
+                )
+            incoming_state = {**incoming_state, "configuration_checksum": self.configuration_checksum}
         super().merge_state(incoming_state)
 
     def _add(

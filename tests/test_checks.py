@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torchmetrics import Metric
 
 from pl_pmse import PerceptionMSE, perception_mse
 
@@ -298,3 +299,35 @@ def test_a_parent_moving_a_metric_to_the_meta_device_is_refused_and_the_state_ke
     with pytest.raises(ValueError, match=rf"{name}\.to: the meta device holds no values"):
         metric.to(torch.device("meta"))
     assert metric.totals.device.type == "cpu" and torch.equal(metric.totals, before)
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "data"),
+    [
+        ("pixel", {"data_range": 255}, (torch.full((1, 3, 4, 4), 200.0), torch.zeros(1, 3, 4, 4))),
+        ("mel", {"sample_rate": 16000, "hop_length": 128}, (torch.rand(1, 4000) - 0.5, torch.rand(1, 4000) - 0.5)),
+        ("ImageFidelity", {"data_range": 255.0}, (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))),
+    ],
+    ids=["pixel data_range", "mel hop_length", "ImageFidelity data_range"],
+)
+def test_merging_the_metric_state_dict_of_another_configuration_is_refused(mine, theirs, data) -> None:
+    """``merge_state(other.metric_state)`` (torchmetrics' dict form) checks the configuration as ``merge_state(other)``
+    does: a data_range=255 state merged into a data_range=1 metric gave 40000.0."""
+    from pl_pmse import ImageFidelity
+
+    def build(options: dict) -> Metric:
+        if mine == "ImageFidelity":
+            return ImageFidelity(**options)
+        defaults = {"sample_rate": 16000} if mine == "mel" else {"data_range": 1.0}
+        return PerceptionMSE(mine, **{**defaults, **options})
+
+    receiver, other = build({}), build(theirs)
+    other.update(*data)
+    before = {key: value.clone() for key, value in receiver.metric_state.items()}
+    with pytest.raises(ValueError, match=r"merge_state: the state comes from another configuration"):
+        receiver.merge_state(other.metric_state)
+    assert all(torch.equal(receiver.metric_state[key], value) for key, value in before.items())
+    alike = build({})
+    alike.update(*data)
+    receiver.merge_state(alike.metric_state)  # the same configuration merges
+    assert torch.equal(receiver.totals, alike.totals)
