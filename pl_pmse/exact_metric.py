@@ -187,6 +187,11 @@ class ExactSumMetric(Metric):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         saved, totals = state_dict.get(prefix + "configuration"), state_dict.get(prefix + "totals")
+        if saved is not None and not (isinstance(saved, Mapping) and all(isinstance(k, str) for k in saved)):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved 'configuration' must be the dict of settings "
+                f"state_dict() wrote, got {saved!r:.80}"
+            )
         if totals is not None:  # a state saved before 0.2 has no configuration: its size is checked
             self._refuse_untrusted_state("load_state_dict", totals)
             self._refuse_other_configuration("load_state_dict", saved, totals.numel())

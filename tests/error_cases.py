@@ -85,6 +85,12 @@ def _callback(**options: object) -> None:
     PerceptionMSECallback(**options)
 
 
+def _callback_state(state: object) -> None:
+    from pl_pmse import PerceptionMSECallback
+
+    PerceptionMSECallback().load_state_dict(state)
+
+
 def _register_sink(name: str) -> None:
     from pl_pmse.sinks import register_sink
 
@@ -195,6 +201,8 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("metric.update", "CUDA inputs to a metric on the CPU", lambda: _update_with_cuda_inputs()),
     ("metric.load_state_dict", "a pyramid state into a pixel metric", lambda: _load(PerceptionMSE("pyramid"), PerceptionMSE())),
     ("metric.load_state_dict", "a state of the same size from another space", lambda: _load(PerceptionMSE("pyramid", levels=3), PerceptionMSE("mrstft"))),
+    ("metric.load_state_dict", "a saved configuration that is not a dict", lambda: PerceptionMSE().load_state_dict({"totals": PerceptionMSE().totals, "configuration": "garbage"})),
+    ("PerceptionMSECallback.load_state_dict", "None for the callback's state", lambda: _callback_state(None)),
     ("metric.merge_state", "pixel with waveform", lambda: _merge(PerceptionMSE(), PerceptionMSE("waveform"))),
     ("metric.merge_state", "data_range 1 with 255", lambda: _merge(PerceptionMSE(data_range=1.0), PerceptionMSE(data_range=255))),
     ("metric.merge_state", "a metric with itself", lambda: _merge(PerceptionMSE())),

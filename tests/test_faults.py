@@ -272,7 +272,8 @@ def test_keys_cannot_leave_the_panel_folder(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("state", "warned"),
     [({"fixed_positions": None}, "not valid"), ({"fixed_positions": [[0, "a"]]}, "not valid"),
-     ({"fixed_positions": [[50, 0], [0, 1]], "fixed_frozen": True}, "1 of the 2 fixed panel samples")],
+     ({"fixed_positions": [[50, 0], [0, 1]], "fixed_frozen": True}, "1 of the 2 fixed panel samples"),
+     ({"fixed_positions": [[0, 0], [0, 1], [0, 2], [1, 0]], "fixed_frozen": True}, "the first 2 are kept")],
 )  # fmt: skip
 def test_restored_fixed_samples_are_validated(tmp_path, state: dict, warned: str) -> None:
     callback = PerceptionMSECallback("pixel", data_range=1.0, num_panel_samples=2, profile=False)

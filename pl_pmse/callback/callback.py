@@ -287,6 +287,11 @@ class PerceptionMSECallback(*CALLBACK_BASES):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"PerceptionMSECallback.load_state_dict: expected the dict that state_dict() returned, got "
+                f"{type(state_dict).__name__}"
+            )
         self._fixed.load_state_dict(state_dict)
         scales = state_dict.get("error_scales", {})
         if isinstance(scales, Mapping) and all(

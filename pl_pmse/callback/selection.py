@@ -75,6 +75,14 @@ class FixedSamples:
                 stacklevel=5,
             )
             positions, frozen = [], False
+        if len(positions) > self.count:  # saved with a larger num_panel_samples: the first ones, as many as drawn now
+            rank_zero_warn(
+                f"PerceptionMSECallback: the checkpoint holds {len(positions)} fixed panel samples, "
+                f"num_panel_samples={self.count}: the first {self.count} are kept",
+                category=UserWarning,
+                stacklevel=5,
+            )
+            positions = positions[: self.count]
         self.positions = [tuple(p) for p in positions]
         self.frozen = bool(self.positions) if frozen is None else frozen
 
