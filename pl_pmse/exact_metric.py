@@ -381,6 +381,29 @@ class SampleFiguresMetric(ExactSumMetric):
 
     figures: tuple[str, ...] = ()
 
+    def __init__(self, num_sums: int, nan_strategy: str = "error", **options: Any) -> None:
+        nan_strategy = checks.check_choice("nan_strategy", nan_strategy, checks.NAN_STRATEGIES)
+        super().__init__(num_sums=num_sums, num_counts=2, **options)  # counts: the samples measured, and skipped
+        self.nan_strategy = nan_strategy
+
+    def configuration(self) -> dict[str, str]:
+        return {**super().configuration(), "nan_strategy": repr(self.nan_strategy)}
+
+    def compute_skipped(self) -> Tensor:
+        """How many samples were left out for NaN or Inf values (synced across processes), as a 0-dim int64 tensor.
+
+        Example:
+            >>> from pl_pmse import ImageFidelity
+            >>> fidelity = ImageFidelity(nan_strategy="ignore")
+            >>> images = torch.rand(2, 3, 16, 16)
+            >>> fidelity.update(images.clone().index_fill_(0, torch.tensor([0]), float("nan")), images)
+            >>> fidelity.compute_skipped()
+            tensor(1)
+        """
+        with self.synced():
+            skipped = self._counts()[1]
+        return torch.tensor(skipped, device=self.device)
+
     def check(self, preds: Tensor, target: Tensor) -> None:
         """Raise on a pair that cannot be measured, naming what was expected."""
         raise NotImplementedError
@@ -394,8 +417,9 @@ class SampleFiguresMetric(ExactSumMetric):
         raise NotImplementedError
 
     def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Accumulate a batch; samples with NaN/Inf are left out, and those ``mask`` (bool ``[N]``) leaves out (as in
-        :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
+        """Accumulate a batch; samples with NaN/Inf follow ``nan_strategy`` (``"error"`` raises naming them and adds
+        nothing, ``"warn"`` / ``"ignore"`` leave them out and count them: :meth:`compute_skipped`), and those ``mask``
+        (bool ``[N]``) leaves out (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
         self.check(preds, target)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
         with self._padded(preds.shape[0], mask, preds.device) as mask:
@@ -403,7 +427,12 @@ class SampleFiguresMetric(ExactSumMetric):
                 checks.check_mask(mask, preds)
                 preds, target = preds[mask], target[mask]
             if preds.shape[0]:
-                self._accumulate(self.sample_values(preds, target))
+                values = self.sample_values(preds, target)
+                if self.nan_strategy != "ignore":  # a host read: "ignore" counts them on the device
+                    bad = (~self.rows(values).isfinite().all(0)).nonzero().flatten()
+                    if bad.numel():
+                        checks.report_nonfinite(preds, target, bad, self.nan_strategy, "/".join(self.figures), False)
+                self._accumulate(values)
 
     def accumulate(self, values: Mapping[str, Tensor]) -> None:
         """Add the samples of :meth:`sample_values` (those with a non-finite value are left out): the same state as
@@ -417,4 +446,4 @@ class SampleFiguresMetric(ExactSumMetric):
     def _accumulate(self, values: Mapping[str, Tensor]) -> None:
         rows = self.rows(values)
         finite = rows.isfinite().all(0)  # no data-dependent shape: no host synchronisation on an accelerator
-        self._add(torch.where(finite, rows, 0.0), finite.sum().reshape(1))
+        self._add(torch.where(finite, rows, 0.0), torch.stack([finite.sum(), (~finite).sum()]))

@@ -67,6 +67,7 @@ class ImageFidelity(SampleFiguresMetric):
         ssim: bool = True,
         sharpness: bool = True,
         cutoff: float = SHARPNESS_CUTOFF,
+        nan_strategy: str = "error",
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - set(TORCHMETRICS_OPTIONS))
@@ -83,7 +84,7 @@ class ImageFidelity(SampleFiguresMetric):
         if ssim and bounds is None:
             raise ValueError("data_range: SSIM needs the images' range (e.g. data_range=1.0 or data_range=255)")
         # sums: SSIM's positive and negative parts, the prediction's and the target's power above the cutoff
-        super().__init__(num_sums=4, num_counts=1, **options)
+        super().__init__(4, nan_strategy, **options)
         self.data_range, self.clamps = bounds, isinstance(data_range, (tuple, list))
         self.figures = tuple(name for name, on in zip(FIGURES, (ssim, sharpness), strict=True) if on)
         self.cutoff = float(cutoff)
@@ -144,7 +145,7 @@ class ImageFidelity(SampleFiguresMetric):
     def compute(self) -> dict[str, Tensor]:
         """``{"ssim": mean SSIM, "sharpness": power ratio}`` over everything accumulated (synced across processes),
         0-dim tensors of the result dtype (torch's default; see :meth:`set_dtype`); NaN before any image."""
-        sums, (images,) = exact_sums(self.totals[: 4 * NUM_BINS].view(4, NUM_BINS)), self._counts()
+        sums, (images, _) = exact_sums(self.totals[: 4 * NUM_BINS].view(4, NUM_BINS)), self._counts()
         values = {
             "ssim": float(Fraction(sums[0] - sums[1]) / images) if images else float("nan"),
             "sharpness": float(sums[2] / sums[3]) if sums[3] else float("nan"),

@@ -48,14 +48,14 @@ class MelCepstralDistortion(SampleFiguresMetric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, sample_rate: int | None = None, **options: Any) -> None:
+    def __init__(self, sample_rate: int | None = None, nan_strategy: str = "error", **options: Any) -> None:
         analysis = {name: options.pop(name, default) for name, default in CEPSTRUM_DEFAULTS.items()}
         unknown = sorted(set(options) - set(TORCHMETRICS_OPTIONS))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not an option of MelCepstralDistortion")
         checks.check_sample_rate(sample_rate, "MelCepstralDistortion")
         cepstrum = MelCepstrum(sample_rate, **analysis)  # checks its options
-        super().__init__(num_sums=1, num_counts=1, **options)
+        super().__init__(1, nan_strategy, **options)
         self.__dict__["cepstrum"] = cepstrum  # outside the module tree: moved with the metric, never cast (_apply)
         self.min_length = analysis["n_fft"] // 2 + 1
         self._add_configuration_checksum()
@@ -100,7 +100,7 @@ class MelCepstralDistortion(SampleFiguresMetric):
 
     def compute(self) -> Tensor:
         """The mean MCD in dB over the clips accumulated (synced across processes); NaN before any clip."""
-        (clips,) = self._counts()
+        clips, _ = self._counts()
         (value,) = self._sums([clips])
         return torch.tensor(value, dtype=self._result_dtype, device=self.device)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from skimage import data as photographs
@@ -91,15 +93,36 @@ def test_high_frequency_power_counts_every_frequency_once() -> None:
     assert torch.allclose(high_frequency_power(x, 1e-9) + spectrum[:, 0, 0], planes.square().sum((1, 2)))
 
 
-def test_images_with_nan_and_masked_images_are_left_out() -> None:
+@pytest.mark.parametrize("nan_strategy", ["ignore", "warn"])
+def test_images_with_nan_and_masked_images_are_left_out_and_counted(nan_strategy: str) -> None:
     preds, target = pairs((4, 3, 16, 16), seed=4)
     reference = ImageFidelity()
     reference.update(preds[[0, 2]], target[[0, 2]])
     poisoned = preds.clone()
     poisoned[1, 0, 3, 3] = float("nan")
-    fidelity = ImageFidelity()
-    fidelity.update(poisoned, target, mask=torch.tensor([True, True, True, False]))
+    fidelity = ImageFidelity(nan_strategy=nan_strategy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fidelity.update(poisoned, target, mask=torch.tensor([True, True, True, False]))
     assert fidelity.compute() == reference.compute()
+    assert fidelity.compute_skipped() == 1 and reference.compute_skipped() == 0  # counted, not silent
+    warned = [str(w.message) for w in caught if "contains NaN or Inf in samples [1]" in str(w.message)]
+    assert len(warned) == (nan_strategy == "warn")
+
+
+def test_figures_of_samples_with_nan_are_refused_by_default_naming_them() -> None:
+    """PerceptionMSE's default and meaning: NaN in image 0 of 2 gave an SSIM over 1 image without a word."""
+    from pl_pmse import MelCepstralDistortion
+
+    preds, target = pairs((2, 3, 16, 16))
+    preds[0, 1, 2, 2] = float("nan")
+    clips = torch.rand(2, 4000) - 0.5
+    noisy = clips.clone()
+    noisy[1, 100] = float("inf")
+    for metric, pair, bad in ((ImageFidelity(), (preds, target), 0), (MelCepstralDistortion(16000), (noisy, clips), 1)):
+        with pytest.raises(ValueError, match=rf"preds: contains NaN or Inf in samples \[{bad}\]; clean the inputs"):
+            metric.update(*pair)
+        assert metric.update_count == 0 and not metric.totals.any()
 
 
 @pytest.mark.parametrize(

@@ -453,9 +453,13 @@ class PerceptionMSECallback(*CALLBACK_BASES):
         figures = self._fidelity_figures
         if figures == ("mcd",):
             options = self.space.cepstrum.options if isinstance(self.space, AudioAspects) else {}
-            metric = MelCepstralDistortion(**{"sample_rate": self.sample_rate, **options})
+            metric = MelCepstralDistortion(
+                **{"sample_rate": self.sample_rate, **options}, nan_strategy=self.nan_strategy
+            )
         else:
-            metric = ImageFidelity(self._metric_data_range, "ssim" in figures, "sharpness" in figures)
+            metric = ImageFidelity(
+                self._metric_data_range, "ssim" in figures, "sharpness" in figures, nan_strategy=self.nan_strategy
+            )
         return metric.set_dtype(torch.float64)
 
     @property
