@@ -18,6 +18,7 @@ processes, and one ``all_reduce`` per compute.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
@@ -150,6 +151,13 @@ class ImageFidelity(SampleFiguresMetric):
             "ssim": float(Fraction(sums[0] - sums[1]) / images) if images else float("nan"),
             "sharpness": float(sums[2] / sums[3]) if sums[3] else float("nan"),
         }
+        if "sharpness" in self.figures and images and not sums[3]:
+            warnings.warn(
+                f"ImageFidelity: sharpness is undefined (NaN): the {images} target image(s) have no power above "
+                f"{self.cutoff:g} cycles per pixel (constant or smooth images), so there is no detail to compare with",
+                UserWarning,
+                stacklevel=2,
+            )
         return {name: torch.tensor(values[name], dtype=self._result_dtype, device=self.device) for name in self.figures}
 
     def figure_values(self) -> dict[str, Tensor]:

@@ -190,3 +190,12 @@ def test_every_data_range_perception_mse_takes_gives_finite_ssim_and_sharpness(s
         assert torch.isfinite(value), name
         rtol = 1e-5 if span == 1e20 else 1e-12
         torch.testing.assert_close(value, reference.compute()[name], rtol=rtol, atol=0)
+
+
+def test_sharpness_of_constant_targets_is_nan_with_a_word() -> None:
+    fidelity = ImageFidelity()
+    flat = torch.full((2, 3, 16, 16), 0.5)
+    fidelity.update(flat + 0.1 * torch.rand(flat.shape), flat)
+    with pytest.warns(UserWarning, match=r"sharpness is undefined \(NaN\): the 2 target image\(s\) have no power"):
+        values = fidelity.compute()
+    assert values["sharpness"].isnan() and values["ssim"].isfinite()

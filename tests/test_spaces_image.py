@@ -248,7 +248,11 @@ def test_lpips_calibration_from_a_path_and_its_checks(tmp_path, backbone_weights
     state["lin1.model.1.weight"] = -state["lin1.model.1.weight"]
     del state["lin4.model.1.weight"]
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"lacks lin4.model.1.weight"):
+    with pytest.raises(ValueError, match=r"needs lin4.model.1.weight of shape \[1, 256, 1, 1\] .*found none"):
+        get_space("lpips-alex", weights=backbone_weights["alexnet"], calibration=path)
+    vgg = torch.load(lpips.__path__[0] + "/weights/v0.1/vgg.pth", map_location="cpu")
+    torch.save(vgg, path)  # another network's calibration: refused when loaded, not a size mismatch at first use
+    with pytest.raises(ValueError, match=r"needs lin1.model.1.weight of shape \[1, 192, 1, 1\] .*found shape \[1, 128"):
         get_space("lpips-alex", weights=backbone_weights["alexnet"], calibration=path)
 
 

@@ -41,6 +41,7 @@ class Architecture:
     layers: dict[str, str]
     min_size: int
     lpips_name: str = ""
+    lpips_channels: tuple[int, ...] = ()  # the channels of LPIPS' layers, which its calibration weights must have
     defaults: tuple[str, ...] = ()
     before_inplace: frozenset[str] = frozenset()
 
@@ -71,6 +72,7 @@ ARCHITECTURES = {
          "relu5_3": "features.29"},
         min_size=16,
         lpips_name="vgg",
+        lpips_channels=(64, 128, 256, 512, 512),
     ),
     "alexnet": Architecture(
         "alexnet",
@@ -78,6 +80,7 @@ ARCHITECTURES = {
          "relu5": "features.11"},
         min_size=31,
         lpips_name="alex",
+        lpips_channels=(64, 192, 384, 256, 256),
     ),
     "squeezenet": Architecture(
         "squeezenet1_1",
@@ -85,6 +88,7 @@ ARCHITECTURES = {
          "fire7": "features.10", "fire8": "features.11", "fire9": "features.12"},
         min_size=17,
         lpips_name="squeeze",
+        lpips_channels=(64, 128, 256, 384, 384, 512, 512),
     ),
     # Real-ESRGAN's perceptual layers (ESRGAN uses conv5_4 alone): before the activation, as in BasicSR
     "vgg19": Architecture(
@@ -406,10 +410,14 @@ def lpips_calibration(architecture: str, calibration: str | os.PathLike = "lpips
         path = calibration
     state = _state_from_file(path, f"LPIPS {arch.lpips_name}", "calibration", "'lpips'")
     weights = {}
-    for index, name in enumerate(arch.layers):
+    for index, (name, channels) in enumerate(zip(arch.layers, arch.lpips_channels, strict=True)):
         weight = state.get(f"lin{index}.model.1.weight")
-        if weight is None or weight.dim() != 4 or weight.shape[0] != 1:
-            raise ValueError(f"calibration: {path} lacks lin{index}.model.1.weight of shape [1, C, 1, 1]")
+        if weight is None or tuple(weight.shape) != (1, channels, 1, 1):
+            found = "none" if weight is None else f"shape {list(weight.shape)}"
+            raise ValueError(
+                f"calibration: {path} needs lin{index}.model.1.weight of shape [1, {channels}, 1, 1] for LPIPS "
+                f"{arch.lpips_name}'s layer {name}, found {found} (a calibration file of another network?)"
+            )
         if (weight < 0).any():
             raise ValueError(f"calibration: {path} has negative weights in lin{index}; LPIPS weights are >= 0")
         weights[name] = weight.float()
