@@ -206,6 +206,16 @@ class ExactSumMetric(Metric):
                 f"{type(self).__name__}.merge_state: a metric merged with itself would count its samples twice; "
                 f"merge a copy (copy.deepcopy(metric)) if that is what you mean"
             )
+        incoming = incoming_state.totals if isinstance(incoming_state, ExactSumMetric) else None
+        if isinstance(incoming_state, Mapping):
+            incoming = incoming_state.get("totals")
+        if isinstance(incoming, Tensor) and incoming.shape == self.totals.shape and incoming.dtype == torch.int64:
+            room = torch.iinfo(torch.int64).max - self.totals  # the sum of two legitimate states stays far below
+            if bool((incoming.to(self.totals.device) > room).any()):
+                raise ValueError(
+                    f"{type(self).__name__}.merge_state: the sum would overflow the int64 accumulators (entries "
+                    f"near 2**63: states that no run of updates writes); nothing was merged"
+                )
         if isinstance(incoming_state, ExactSumMetric):
             self._refuse_untrusted_state("merge_state", incoming_state.totals)
             self._refuse_other_configuration("merge_state", incoming_state.configuration(), None)

@@ -331,3 +331,15 @@ def test_merging_the_metric_state_dict_of_another_configuration_is_refused(mine,
     alike.update(*data)
     receiver.merge_state(alike.metric_state)  # the same configuration merges
     assert torch.equal(receiver.totals, alike.totals)
+
+
+def test_merging_states_whose_sum_overflows_int64_is_refused_and_changes_nothing() -> None:
+    """Two tampered states of 2**62 per bin wrapped to negative entries on merging and compute gave inf."""
+    receiver, other = PerceptionMSE(), PerceptionMSE()
+    tampered = torch.full_like(receiver.totals, 2**62)
+    receiver.load_state_dict({"totals": tampered.clone()}, strict=False)
+    other.load_state_dict({"totals": tampered.clone()}, strict=False)
+    for incoming in (other, other.metric_state):
+        with pytest.raises(ValueError, match=r"merge_state: the sum would overflow the int64 accumulators"):
+            receiver.merge_state(incoming)
+        assert torch.equal(receiver.totals, tampered)
