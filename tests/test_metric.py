@@ -421,3 +421,24 @@ def test_accumulate_refuses_what_this_metric_did_not_measure() -> None:
         with pytest.raises(ValueError, match=r"batch: expected the result of batch_stats\(\) of this PerceptionMSE"):
             metric.accumulate(wrong)
     assert metric.totals.count_nonzero() == 0 and metric._update_count == 0
+
+
+def test_the_configuration_hashes_a_network_once_per_state_of_its_weights(monkeypatch, backbone_weights) -> None:
+    """Building metrics on one space, or checking them again, hashes the weights once (a wav2vec2 large took 1.4 s
+    per metric); any change of the weights (in place, a cast, a load) is seen."""
+    import zlib
+
+    from pl_pmse.spaces import base, get_space
+
+    hashed, crc32 = [], zlib.crc32
+    monkeypatch.setattr(base.zlib, "crc32", lambda data, start=0: hashed.append(len(data)) or crc32(data, start))
+    space = get_space("squeezenet", weights=backbone_weights["squeezenet"])
+    first = [PerceptionMSE(space).configuration() for _ in range(3)]
+    weights = len(space.tensors())
+    assert len(hashed) == weights + 3 and first[0] == first[1] == first[2]  # + each metric's own checksum text
+    with torch.no_grad():
+        space.tensors()[0][0].add_(1.0)  # in place: the version counter moves
+    changed = PerceptionMSE(space).configuration()
+    assert len(hashed) == 2 * weights + 4 and changed["tensors"] != first[0]["tensors"]
+    space.set_dtype(torch.float64)  # a cast: new storage
+    assert PerceptionMSE(space).configuration()["tensors"] not in (first[0]["tensors"], changed["tensors"])
