@@ -122,9 +122,9 @@ class Space(nn.Module):
         except RuntimeError:  # an inference tensor keeps no version counter: hashed every time
             states = None
         cached = self.__dict__.get("_checksum_of")
-        if states is not None and cached is not None and cached[1] == states:
-            if all(a is b for a, b in zip(cached[0], tensors, strict=True)):
-                return cached[2]
+        same = cached is not None and states is not None and cached[1] == states
+        if same and all(a is b for a, b in zip(cached[0], tensors, strict=True)):
+            return cached[2]
         checksum = 0
         for tensor in tensors:
             checksum = zlib.crc32(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes(), checksum)
