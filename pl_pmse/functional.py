@@ -169,6 +169,14 @@ def _drop_nonfinite(
     bad = (~valid).nonzero().flatten()
     column = int((~torch.isfinite(sums[bad].detach())).any(0).nonzero()[0])
     name = space.component_names[column]
+    if name != space.raw_name:  # features not finite: the weights themselves, before blaming the inputs' scale
+        tensors = space.tensors()
+        broken = sum(1 for t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if broken:
+            raise ValueError(
+                f"space {space.name!r}: {broken} of its {len(tensors)} weight tensors hold NaN or Inf, so its "
+                f"features cannot be finite (component {name!r}); load or re-initialise the weights"
+            )
     checks.report_nonfinite(preds, target, bad, nan_strategy, name, raw=name == space.raw_name)
     keep = valid.nonzero().flatten()
     kept = sums[keep]

@@ -343,3 +343,14 @@ def test_merging_states_whose_sum_overflows_int64_is_refused_and_changes_nothing
         with pytest.raises(ValueError, match=r"merge_state: the sum would overflow the int64 accumulators"):
             receiver.merge_state(incoming)
         assert torch.equal(receiver.totals, tampered)
+
+
+def test_network_weights_with_nan_are_named_as_the_cause(backbone_weights) -> None:
+    """NaN weights (a diverged fine-tune, a corrupt file) were reported as 'check the inputs' scale'."""
+    metric = PerceptionMSE("squeezenet", weights=backbone_weights["squeezenet"])
+    with torch.no_grad():
+        metric.space.tensors()[3].view(-1)[0] = float("nan")
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"space 'squeezenet': 1 of its \d+ weight tensors hold NaN or Inf"):
+        metric.update(images, images.flip(-1))
+    assert metric.update_count == 0 and not metric.totals.any()
