@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class ExactEvaluation(*CALLBACK_BASES):
         super().__init__()
         self._passes: dict[int, Padding] = {}
         self._metrics: list[ExactSumMetric] = []  # the module's, found once per pass
+        self._warned = False
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,7 +93,18 @@ class ExactEvaluation(*CALLBACK_BASES):
 
     def _advance(self, pl_module: pl.LightningModule, batch: Any, index: int) -> None:
         padding = self._passes[index]
-        padding.seen += _rows_of(batch) or padding.rows
+        rows = _rows_of(batch)
+        if rows and padding.rows > rows and not self._warned:  # a metric took more rows than the batch holds
+            self._warned = True
+            warnings.warn(
+                f"ExactEvaluation: a metric was updated with {padding.rows} rows in a batch of {rows} (updated twice "
+                f"per batch, or the batch's first tensor is not batch-major): the DistributedSampler's padding "
+                f"cannot be told apart, so the value may differ between 1 and N processes; update each metric once "
+                f"per batch with the batch's samples in order",
+                UserWarning,
+                stacklevel=2,
+            )
+        padding.seen += rows or padding.rows
         for metric in self._metrics:
             metric.__dict__["_padding"] = None
 
