@@ -270,11 +270,11 @@ def check_value_range(
             f"found target values in [{found[0]:g}, {found[1]:g}]; pass the data_range your data uses, {range_hint}"
         )
     low, high = bounds
-    outside = ((preds < low) | (preds > high)).sum()
-    if not int(outside):
+    lo, hi = _finite_range(preds.detach())  # one pass, as the target's: the fraction only when something is outside
+    if low <= lo and hi <= high:
         return None
-    lo, hi = _finite_range(preds.detach())
-    return Overshoot(lo, hi, int(outside) / preds.numel())
+    outside = int(((preds < low) | (preds > high)).sum())
+    return Overshoot(lo, hi, outside / preds.numel()) if outside else None
 
 
 @dataclass(frozen=True)
