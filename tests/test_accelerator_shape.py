@@ -70,12 +70,14 @@ def test_launches_per_update_do_not_grow_with_the_input(name, options, sizes, al
 @pytest.mark.parametrize("figure", ["mcd", "image fidelity"])
 def test_the_set_figures_update_reads_nothing_back_on_an_accelerator(figure) -> None:
     """MelCepstralDistortion's and ImageFidelity's updates under fake CUDA (a host read or a data-dependent shape would
-    raise there), the same launches at both sizes."""
+    raise there), the same launches at both sizes. With ``nan_strategy="ignore"`` (the callback's ``accumulate`` path
+    too): ``"error"`` and ``"warn"`` read back whether a sample is non-finite, as PerceptionMSE's checks do."""
     from pl_pmse import ImageFidelity, MelCepstralDistortion
 
     warnings.filterwarnings("ignore", message=".*data_ptr.*")
-    build, shapes = {"mcd": (lambda: MelCepstralDistortion(sample_rate=16000), ((4, 16000), (4, 64000))),
-                     "image fidelity": (ImageFidelity, ((4, 3, 32, 32), (4, 3, 128, 128)))}[figure]  # fmt: skip
+    build, shapes = {"mcd": (lambda: MelCepstralDistortion(16000, "ignore"), ((4, 16000), (4, 64000))),
+                     "image fidelity": (lambda: ImageFidelity(nan_strategy="ignore"),
+                                        ((4, 3, 32, 32), (4, 3, 128, 128)))}[figure]  # fmt: skip
     counts = [benchmark_common.fake_cuda_launches(build(), shape, lambda m, p, t: m.update(p, t)) for shape in shapes]
     assert counts[0] == counts[1] > 0, counts
 
