@@ -21,7 +21,7 @@ demo-audio: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The whole suite against the oldest release of every dependency pyproject.toml allows (.ci/floors.in: torch 2.4,
+# The suite against the oldest release of every dependency pyproject.toml allows (.ci/floors.in: torch 2.4,
 # torchaudio 2.4, torchvision 0.19, torchmetrics 1.6, Lightning 2.5.3, wandb 0.19.11, ...), in a venv of its own
 # installed from .ci/floors.txt (those floors with everything they bring pinned). Tests that need a newer torch say so
 # in their skip reason (pytest -rs).
