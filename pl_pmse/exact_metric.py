@@ -326,13 +326,15 @@ class ExactSumMetric(Metric):
         return self
 
     @contextlib.contextmanager
-    def _padded(self, rows: int, mask: Tensor | None, device: torch.device | None) -> Iterator[Tensor | None]:
-        """:meth:`_padding_mask` for an update that may still refuse its batch: the padding bookkeeping it advanced
-        goes back if the block raises, so a rejected batch leaves it as it was."""
+    def _padded(self, preds: Any, mask: Tensor | None) -> Iterator[Tensor | None]:
+        """:meth:`_padding_mask` of the batch ``preds`` (not checked yet: anything but a batch tensor has no rows) for
+        an update that may still refuse it: the padding bookkeeping it advanced goes back if the block raises, so a
+        rejected batch leaves it as it was."""
+        rows = preds.shape[0] if isinstance(preds, Tensor) and preds.dim() else 0
         padding = self.__dict__.get("_padding")
         saved = (self.__dict__.get("_padding_rows"), padding.rows if padding is not None else None)
         try:
-            yield self._padding_mask(rows, mask, device)
+            yield self._padding_mask(rows, mask, preds.device if rows else None)
         except BaseException:
             if padding is not None:
                 self.__dict__["_padding_rows"], padding.rows = saved
@@ -432,7 +434,7 @@ class SampleFiguresMetric(ExactSumMetric):
         (bool ``[N]``) leaves out (as in :meth:`PerceptionMSE.update <pl_pmse.PerceptionMSE.update>`)."""
         self.check(preds, target)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
-        with self._padded(preds.shape[0], mask, preds.device) as mask:
+        with self._padded(preds, mask) as mask:
             if mask is not None:
                 checks.check_mask(mask, preds)
                 preds, target = preds[mask], target[mask]

@@ -127,8 +127,7 @@ class PerceptionMSE(ExactSumMetric):
         e.g. the padding repeats of a ``DistributedSampler``: see :func:`pl_pmse.distributed.sample_mask`. To see
         the batch's per-sample results too, call :meth:`batch_stats` then :meth:`accumulate` instead.
         """
-        rows = preds.shape[0] if isinstance(preds, Tensor) and preds.dim() else 0
-        with self._padded(rows, mask, getattr(preds, "device", None)) as mask:
+        with self._padded(preds, mask) as mask:
             self._accumulate(self.batch_stats(preds, target, mask))
 
     def batch_stats(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> BatchStats:
@@ -184,8 +183,7 @@ class PerceptionMSE(ExactSumMetric):
             return super().forward(preds, target, mask)
         if self._is_synced:
             raise RuntimeError("PerceptionMSE: forward called while the state is synced; call unsync() first")
-        rows = preds.shape[0] if isinstance(preds, Tensor) and preds.dim() else 0
-        with self._padded(rows, mask, getattr(preds, "device", None)) as mask:
+        with self._padded(preds, mask) as mask:
             batch = self.batch_stats(preds, target, mask)
             self._accumulate(batch)  # as accumulate(batch), one frame less: warnings point at the caller
         self._update_count += 1

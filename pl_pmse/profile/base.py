@@ -120,7 +120,7 @@ class ErrorProfile(ExactSumMetric):
         checks.check_tensor_pair(preds, target, self.data_range)
         checks.check_state_device(preds, type(self).__name__, self.totals.device)
         self.analysis.check(preds)
-        with self._padded(preds.shape[0], mask, preds.device) as mask:
+        with self._padded(preds, mask) as mask:
             if mask is not None:
                 checks.check_mask(mask, preds)
         if mask is not None:
